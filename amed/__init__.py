@@ -1,0 +1,47 @@
+"""amed: run AntAngelMed (BailingMoeV2) on your own CPU.
+
+Public API:
+    model = amed.load(path)          # a Hugging Face checkpoint dir or an amed store
+    model.logits(ids)                # float32 [len, vocab], fresh context
+    model.reset(); model.forward(ids)  # incremental: returns last-position logits
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+__version__ = "0.1.0"
+
+
+def _setup_environment() -> None:
+    # Numba's OpenMP pool must be the only parallel runtime in the decode loop: a spinning
+    # OpenBLAS pool next to it costs ms-long stalls (docs: kernels-and-tooling.md §2).
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    # Compiled kernels are cached on disk so the second start is fast; the package dir may
+    # be read-only (site-packages), so point Numba at a user cache dir we can write.
+    if "NUMBA_CACHE_DIR" not in os.environ:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = os.path.join(base, "amed", "numba")
+        try:
+            os.makedirs(path, exist_ok=True)
+            if not os.access(path, os.W_OK):
+                raise OSError
+        except OSError:
+            path = os.path.join(tempfile.gettempdir(), "amed-numba-cache")
+            os.makedirs(path, exist_ok=True)
+        os.environ["NUMBA_CACHE_DIR"] = path
+
+
+_setup_environment()
+
+
+def load(path, **kwargs):
+    """Open a model directory (HF checkpoint or amed store) for inference."""
+    from .model import load as _load
+
+    return _load(path, **kwargs)
+
+
+__all__ = ["load", "__version__"]
