@@ -6,7 +6,17 @@ come in from disk only when a kernel touches them. Every header is treated as ho
 
 from __future__ import annotations
 
+import json
+import math
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
 from .config import ModelConfig
+from .errors import AmedError
 
 # ---- the tensor table: every tensor a BailingMoeV2 checkpoint must hold ---------------------
 # HF name -> (shape, dtype).  dtype is the safetensors name; expert_bias is stored F32.
@@ -53,3 +63,227 @@ def hf_tensor_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     specs["model.norm.weight"] = ((H,), "BF16")
     specs["lm_head.weight"] = ((V, H), "BF16")
     return specs
+
+
+# ---- safetensors files ----------------------------------------------------------------------
+
+
+DTYPES = {
+    "BF16": np.uint16,  # kept as raw bits; widened to float32 in the kernels
+    "F16": np.float16, "F32": np.float32, "F64": np.float64,
+    "I8": np.int8, "U8": np.uint8, "I16": np.int16, "U16": np.uint16,
+    "I32": np.int32, "U32": np.uint32, "I64": np.int64, "U64": np.uint64, "BOOL": np.bool_,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the real 24k-tensor index header is ~2 MB
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate one safetensors header; never trusts a number before checking it."""
+    name = path.name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise AmedError(f"{name} is truncated (only {size} bytes); delete it and download it again.")
+            n = int.from_bytes(head, "little")
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise AmedError(f"{name} has a header length ({n} bytes) past the end of the file "
+                                f"({size} bytes): the file is truncated or not a safetensors file.")
+            raw = f.read(n)
+    except OSError as e:
+        raise AmedError(f"cannot read {path}: {e.strerror}.") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AmedError(f"{name} has a corrupt header (not valid JSON): the file is damaged.") from None
+    if not isinstance(header, dict):
+        raise AmedError(f"{name} has a corrupt header (not a JSON object).")
+    data_start = 8 + n
+    data_size = size - data_start
+    out: dict[str, TensorInfo] = {}
+    for key, ent in header.items():
+        if key == "__metadata__":
+            continue
+        where = f"tensor '{key}' in {name}"
+        if not isinstance(ent, dict):
+            raise AmedError(f"{where} has a malformed header entry.")
+        dtype, shape, offs = ent.get("dtype"), ent.get("shape"), ent.get("data_offsets")
+        if dtype not in DTYPES:
+            raise AmedError(f"{where} has unsupported dtype {dtype!r}.")
+        if (not isinstance(shape, list) or len(shape) > 8
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+            raise AmedError(f"{where} has an invalid shape {shape!r}.")
+        if (not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+            raise AmedError(f"{where} has invalid data_offsets {offs!r}.")
+        a, b = offs
+        if not 0 <= a <= b:
+            raise AmedError(f"{where} has invalid data_offsets {offs!r}.")
+        if b > data_size:
+            raise AmedError(f"{where} ends at byte {data_start + b} but {name} has only {size} bytes: "
+                            f"the file is truncated; delete it and download it again.")
+        want = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+        if b - a != want:
+            raise AmedError(f"{where} occupies {b - a} bytes but dtype {dtype} and shape {shape} "
+                            f"need {want}: the header is corrupt.")
+        out[key] = TensorInfo(key, path, dtype, tuple(shape), data_start + a, data_start + b)
+    spans = sorted((t.start, t.end, t.name) for t in out.values() if t.end > t.start)
+    for (a0, b0, n0), (a1, b1, n1) in zip(spans, spans[1:]):
+        if a1 < b0:
+            raise AmedError(f"tensors '{n0}' and '{n1}' overlap in {name}: the header is corrupt.")
+    return out
+
+
+class Checkpoint:
+    """A Hugging Face BailingMoeV2 checkpoint: config plus lazily mapped tensors.
+
+    `get(name)` returns a read-only NumPy view into the shard's memory map (BF16 as uint16).
+    Opening validates every header and the full tensor table but reads no tensor data.
+    """
+
+    def __init__(self, path: str | os.PathLike, config=None):
+        from .config import ModelConfig
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise AmedError(f"{self.path} is not a directory.")
+        self.config = config or ModelConfig.from_file(self.path)
+        self.tensors = self._read_tables()
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._validate()
+
+    # -- index and headers
+    def _read_tables(self) -> dict[str, TensorInfo]:
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                assert isinstance(weight_map, dict)
+            except (json.JSONDecodeError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
+                raise AmedError(f"{index} is not a valid safetensors index (no weight_map).") from None
+            files = sorted(set(weight_map.values()))
+        elif (self.path / "model.safetensors").exists():
+            weight_map, files = None, ["model.safetensors"]
+        else:
+            raise AmedError(f"{self.path} holds no model.safetensors.index.json or model.safetensors: "
+                            f"not a checkpoint directory (run `amed download` to fetch one).")
+        tensors: dict[str, TensorInfo] = {}
+        for fname in files:
+            fpath = self.path / fname
+            if os.sep in fname or fname.startswith(".") or fpath.resolve().parent != self.path.resolve():
+                raise AmedError(f"the index names a shard outside the model directory: {fname!r}.")
+            if not fpath.exists():
+                raise AmedError(f"shard {fname} is missing from {self.path} (listed in "
+                                f"model.safetensors.index.json); run `amed download` again to fetch it.")
+            for key, info in read_safetensors_header(fpath).items():
+                if weight_map is not None and weight_map.get(key) != fname:
+                    continue  # the index is authoritative about where a tensor lives
+                tensors[key] = info
+        if weight_map is not None:
+            for key, fname in weight_map.items():
+                if key not in tensors and not self._is_mtp(key):
+                    raise AmedError(f"tensor '{key}' is listed in the index under {fname} "
+                                    f"but that shard does not contain it: the shard is damaged.")
+        return tensors
+
+    def _is_mtp(self, name: str) -> bool:
+        # Multi-token-prediction layers sit after the main stack and are skipped (architecture §2f).
+        parts = name.split(".")
+        return (len(parts) > 2 and parts[0] == "model" and parts[1] == "layers"
+                and parts[2].isdigit() and int(parts[2]) >= self.config.num_hidden_layers)
+
+    def _validate(self) -> None:
+        for name, (shape, dtype) in hf_tensor_specs(self.config).items():
+            t = self.tensors.get(name)
+            if t is None:
+                raise AmedError(f"tensor '{name}' is missing from the checkpoint in {self.path}.")
+            if t.shape != shape:
+                raise AmedError(f"tensor '{name}' in {t.path.name} has shape {list(t.shape)}, "
+                                f"but config.json implies {list(shape)}.")
+            if t.dtype not in (dtype, "F32", "BF16"):
+                raise AmedError(f"tensor '{name}' in {t.path.name} has dtype {t.dtype}; expected {dtype}.")
+
+    # -- data access
+    def _map(self, path: Path) -> mmap.mmap:
+        m = self._maps.get(path)
+        if m is None:
+            with open(path, "rb") as f:
+                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[path] = m
+        return m
+
+    def get(self, name: str) -> np.ndarray:
+        """Zero-copy read-only view of a tensor (no data is read until it is touched)."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise AmedError(f"tensor '{name}' is not in the checkpoint.")
+        m = self._map(t.path)
+        if len(m) < t.end:
+            raise AmedError(f"{t.path.name} shrank while open: it is truncated.")
+        dt = np.dtype(DTYPES[t.dtype])
+        return np.frombuffer(m, dtype=dt, count=t.nbytes // dt.itemsize, offset=t.start).reshape(t.shape)
+
+    def get_f32(self, name: str) -> np.ndarray:
+        """A small tensor as a float32 copy (norm weights, biases)."""
+        a = self.get(name)
+        if self.tensors[name].dtype == "BF16":
+            return (a.astype(np.uint32) << 16).view(np.float32)
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+    def weight(self, name: str):
+        """A matrix as a `Dense` weight for the kernels (bf16 or f32, zero-copy)."""
+        from .weights import Dense
+
+        return Dense(self.get(name))
+
+
+def load_weights(ckpt: Checkpoint):
+    """Map a checkpoint's HF names onto `Weights` (views only; experts stay lazy)."""
+    from .weights import Layer, Weights
+
+    cfg = ckpt.config
+    W, V = ckpt.weight, ckpt.get_f32
+    layers = []
+    for L in range(cfg.num_hidden_layers):
+        p = f"model.layers.{L}."
+        lw = Layer(
+            attn_norm=V(p + "input_layernorm.weight"),
+            qkv=W(p + "attention.query_key_value.weight"),
+            attn_out=W(p + "attention.dense.weight"),
+            ffn_norm=V(p + "post_attention_layernorm.weight"),
+        )
+        if cfg.use_qk_norm:
+            lw.q_norm = V(p + "attention.query_layernorm.weight")
+            lw.k_norm = V(p + "attention.key_layernorm.weight")
+        if not cfg.is_moe_layer(L):
+            lw.gate, lw.up, lw.down = (W(p + f"mlp.{m}_proj.weight") for m in ("gate", "up", "down"))
+        else:
+            # the router runs in fp32 (architecture §2d): bf16 weights widen exactly in the kernel
+            lw.router = W(p + "mlp.gate.weight")
+            lw.expert_bias = (V(p + "mlp.gate.expert_bias") if cfg.moe_router_enable_expert_bias
+                              else np.zeros(cfg.num_experts, np.float32))
+            if cfg.num_shared_experts:
+                lw.shared = tuple(W(p + f"mlp.shared_experts.{m}_proj.weight") for m in ("gate", "up", "down"))
+        layers.append(lw)
+
+    def fetch_expert(L, e):
+        q = f"model.layers.{L}.mlp.experts.{e}."
+        return tuple(W(q + f"{m}_proj.weight") for m in ("gate", "up", "down"))
+
+    return Weights(W("model.word_embeddings.weight"), layers, V("model.norm.weight"),
+                   W("lm_head.weight"), fetch_expert)

@@ -1,0 +1,240 @@
+"""Float kernels of the forward pass, in Numba: norms, RoPE, attention, routing, bf16/f32 matmul.
+
+Kernels know nothing about the model: they take arrays and ints. Quantized matmuls live in
+`qkernels.py`. Conventions (see kernels-and-tooling.md):
+  * activations are float32, C-contiguous; weights are read-only views of a memory map;
+  * bf16 weights stay bf16 (uint16) and are widened in the inner loop by a bit shift;
+  * `fastmath={"reassoc", "contract"}` lets LLVM vectorize reductions and keeps NaN/Inf semantics;
+  * `cache=True`: the second start loads machine code from NUMBA_CACHE_DIR instead of compiling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+F32 = np.float32
+FM = {"reassoc", "contract"}
+JIT = dict(fastmath=FM, cache=True, nogil=True)
+
+
+@intrinsic
+def bf16_to_f32(typingctx, u):
+    """float32 whose upper 16 bits are the bf16 pattern `u` (exact widening)."""
+    if u == types.uint16:
+        def codegen(context, builder, sig, args):
+            v = builder.zext(args[0], ir.IntType(32))
+            v = builder.shl(v, ir.Constant(ir.IntType(32), 16))
+            return builder.bitcast(v, ir.FloatType())
+        return types.float32(u), codegen
+
+
+# ---- matrix products: out[T, N] = x[T, K] @ W[N, K].T ------------------------------------------
+# One thread per block of output rows; each weight row is read once from memory and reused for
+# every token while it sits in L1 (the "loop of GEMVs" shape that measured best for small T).
+
+@njit(parallel=True, **JIT)
+def matmul_bf16(x, w, out):
+    T, K = x.shape
+    N = w.shape[0]
+    for n in prange(N):
+        for t in range(T):
+            acc = F32(0.0)
+            for k in range(K):
+                acc += x[t, k] * bf16_to_f32(w[n, k])
+            out[t, n] = acc
+
+
+@njit(parallel=True, **JIT)
+def matmul_f32(x, w, out):
+    T, K = x.shape
+    N = w.shape[0]
+    for n in prange(N):
+        for t in range(T):
+            acc = F32(0.0)
+            for k in range(K):
+                acc += x[t, k] * w[n, k]
+            out[t, n] = acc
+
+
+@njit(**JIT)
+def bf16_rows_to_f32(w, rows, out):
+    """Gather rows of a bf16 matrix as float32 (embedding lookup)."""
+    K = w.shape[1]
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        for k in range(K):
+            out[i, k] = bf16_to_f32(w[r, k])
+
+
+# ---- normalization ---------------------------------------------------------------------------
+
+@njit(parallel=True, **JIT)
+def rmsnorm(x, w, eps, out):
+    """out[t] = w * x[t] / sqrt(mean(x[t]^2) + eps), reduction in float32 (architecture §2a)."""
+    T, H = x.shape
+    for t in prange(T):
+        ss = F32(0.0)
+        for i in range(H):
+            ss += x[t, i] * x[t, i]
+        r = F32(1.0) / np.sqrt(ss / F32(H) + F32(eps))
+        for i in range(H):
+            out[t, i] = w[i] * (x[t, i] * r)
+
+
+# ---- attention -------------------------------------------------------------------------------
+
+@njit(parallel=True, **JIT)
+def qk_norm_rope_store(qkv, nh, nkv, d, rot, qn, kn, use_qk_norm, eps, cos, sin, pos,
+                       q_out, k_cache, v_cache):
+    """Split fused QKV, per-head RMSNorm on q and k, partial NeoX RoPE, append k/v to the cache.
+
+    qkv [T, (nh + 2 nkv) d] holds [q heads | k heads | v heads] (architecture §2b.2).
+    QK-norm comes BEFORE RoPE (§2b.3); RoPE rotates pairs (j, j + rot/2) for j < rot/2 on the
+    first `rot` dims only, with cos/sin rows indexed by absolute position (§2b.4).
+    q_out [T, nh, d]; k_cache / v_cache [nkv, S, d], written at positions pos..pos+T-1.
+    """
+    T = qkv.shape[0]
+    half = rot // 2
+    for job in prange(T * (nh + nkv)):
+        t = job // (nh + nkv)
+        h = job % (nh + nkv)
+        p = pos + t
+        base = h * d
+        buf = np.empty(d, dtype=np.float32)
+        for i in range(d):
+            buf[i] = qkv[t, base + i]
+        if use_qk_norm:
+            wn = qn if h < nh else kn
+            ss = F32(0.0)
+            for i in range(d):
+                ss += buf[i] * buf[i]
+            r = F32(1.0) / np.sqrt(ss / F32(d) + F32(eps))
+            for i in range(d):
+                buf[i] = wn[i] * (buf[i] * r)
+        for j in range(half):
+            a = buf[j]
+            b = buf[j + half]
+            c = cos[p, j]
+            s = sin[p, j]
+            buf[j] = a * c - b * s
+            buf[j + half] = b * c + a * s
+        if h < nh:
+            for i in range(d):
+                q_out[t, h, i] = buf[i]
+        else:
+            kh = h - nh
+            for i in range(d):
+                k_cache[kh, p, i] = buf[i]
+                v_cache[kh, p, i] = qkv[t, (nh + nkv + kh) * d + i]
+
+
+@njit(parallel=True, **JIT)
+def attention(q, k_cache, v_cache, pos, out):
+    """Causal GQA attention for T new queries at positions pos..pos+T-1 over the cache.
+
+    q [T, nh, d]; caches [nkv, S, d]; out [T, nh * d]. Query head h reads kv head h // (nh/nkv).
+    Softmax in float32 with the max subtracted.
+    """
+    T, nh, d = q.shape
+    group = nh // k_cache.shape[0]
+    scale = F32(1.0 / np.sqrt(d))
+    for job in prange(T * nh):
+        t = job // nh
+        h = job % nh
+        kh = h // group
+        n = pos + t + 1  # keys visible to this query
+        scores = np.empty(n, dtype=np.float32)
+        m = F32(-np.inf)
+        for s in range(n):
+            acc = F32(0.0)
+            for i in range(d):
+                acc += q[t, h, i] * k_cache[kh, s, i]
+            acc *= scale
+            scores[s] = acc
+            if acc > m:
+                m = acc
+        total = F32(0.0)
+        for s in range(n):
+            e = np.exp(scores[s] - m)
+            scores[s] = e
+            total += e
+        inv = F32(1.0) / total
+        o = h * d
+        for i in range(d):
+            out[t, o + i] = F32(0.0)
+        for s in range(n):
+            p = scores[s] * inv
+            for i in range(d):
+                out[t, o + i] += p * v_cache[kh, s, i]
+
+
+# ---- feed-forward ----------------------------------------------------------------------------
+
+@njit(parallel=True, **JIT)
+def silu_mul(gate, up, out):
+    """out = silu(gate) * up, silu(z) = z * sigmoid(z)."""
+    T, N = gate.shape
+    for t in prange(T):
+        for i in range(N):
+            g = gate[t, i]
+            out[t, i] = g / (F32(1.0) + np.exp(-g)) * up[t, i]
+
+
+# ---- MoE routing (architecture §2d) ------------------------------------------------------------
+
+@njit(**JIT)
+def route(logits, bias, n_group, topk_group, k, scaling, idx_out, w_out):
+    """Sigmoid router with expert bias and group-limited top-k.
+
+    logits [T, E] float32 (router matmul in fp32); bias [E] float32 (selection only).
+    Groups are contiguous blocks of E / n_group experts; a group's score is the sum of its two
+    largest biased scores; the `topk_group` best groups stay eligible; the `k` best eligible
+    experts by biased score are chosen; their UNBIASED sigmoid scores are renormalized to sum 1
+    and multiplied by `scaling`. Writes idx_out [T, k] (int64) and w_out [T, k] (float32).
+    """
+    T, E = logits.shape
+    per = E // n_group
+    s = np.empty(E, dtype=np.float32)
+    b = np.empty(E, dtype=np.float32)
+    gscore = np.empty(n_group, dtype=np.float32)
+    keep = np.empty(n_group, dtype=np.bool_)
+    for t in range(T):
+        for e in range(E):
+            s[e] = F32(1.0) / (F32(1.0) + np.exp(-logits[t, e]))
+            b[e] = s[e] + bias[e]
+        # group score: top-2 sum of biased scores
+        for g in range(n_group):
+            m1 = F32(-np.inf)
+            m2 = F32(-np.inf)
+            for e in range(g * per, (g + 1) * per):
+                v = b[e]
+                if v > m1:
+                    m2 = m1
+                    m1 = v
+                elif v > m2:
+                    m2 = v
+            gscore[g] = m1 + m2 if per > 1 else m1
+            keep[g] = False
+        for _ in range(topk_group):
+            best = -1
+            for g in range(n_group):
+                if not keep[g] and (best < 0 or gscore[g] > gscore[best]):
+                    best = g
+            keep[best] = True
+        # top-k experts among kept groups by biased score (ties -> lower index)
+        total = F32(0.0)
+        for j in range(k):
+            best = -1
+            for e in range(E):
+                if keep[e // per] and (best < 0 or b[e] > b[best]):
+                    best = e
+            idx_out[t, j] = best
+            w_out[t, j] = s[best]
+            total += s[best]
+            b[best] = -np.inf  # taken
+        inv = F32(scaling) / (total + F32(1e-20))
+        for j in range(k):
+            w_out[t, j] *= inv

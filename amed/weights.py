@@ -1,0 +1,74 @@
+"""Weight matrices as the forward pass sees them: one `matmul(x, out)` verb, whatever the format.
+
+`Dense` wraps a bf16 (uint16 bits) or float32 matrix [N, K]; quantized matrices (`QTensor` from
+quants.py) are wrapped by `Quant`. The model never branches on the format.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import kernels
+
+
+class Dense:
+    __slots__ = ("w", "shape", "_kernel")
+
+    def __init__(self, w: np.ndarray):
+        if w.dtype not in (np.uint16, np.float32) or w.ndim != 2:
+            raise TypeError(f"Dense needs a 2-D bf16 (uint16) or float32 matrix, got {w.dtype} {w.shape}")
+        self.w = w
+        self.shape = w.shape
+        self._kernel = kernels.matmul_bf16 if w.dtype == np.uint16 else kernels.matmul_f32
+
+    def matmul(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """out[T, N] = x[T, K] @ W.T"""
+        self._kernel(x, self.w, out)
+        return out
+
+    def rows_f32(self, rows: np.ndarray) -> np.ndarray:
+        """Selected rows as float32 (embedding lookup)."""
+        if self.w.dtype == np.float32:
+            return np.ascontiguousarray(self.w[rows])
+        out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
+        kernels.bf16_rows_to_f32(self.w, rows, out)
+        return out
+
+    def to_f32(self) -> np.ndarray:
+        return self.rows_f32(np.arange(self.shape[0]))
+
+
+class Layer:
+    """One decoder layer's weights. Dense-MLP layers set gate/up/down; MoE layers set router,
+    expert_bias and shared; routed experts are fetched lazily through `Weights.expert`."""
+
+    def __init__(self, **kw):
+        self.attn_norm = self.qkv = self.q_norm = self.k_norm = self.attn_out = self.ffn_norm = None
+        self.gate = self.up = self.down = None          # dense SwiGLU (first_k_dense_replace layers)
+        self.router = self.expert_bias = self.shared = None  # MoE layers
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+class Weights:
+    """All weights of a model. Routed experts are not materialized: `expert(layer, e)` asks the
+    source for that expert's (gate, up, down) matrices on first use and remembers the views.
+    `touched` records every (layer, expert) ever fetched, so tests can prove laziness."""
+
+    def __init__(self, embed, layers, norm, lm_head, fetch_expert):
+        self.embed = embed
+        self.layers = layers
+        self.norm = norm
+        self.lm_head = lm_head
+        self._fetch_expert = fetch_expert
+        self._experts: dict[tuple[int, int], tuple] = {}
+        self.touched: set[tuple[int, int]] = set()
+
+    def expert(self, layer: int, e: int):
+        key = (layer, e)
+        w = self._experts.get(key)
+        if w is None:
+            w = self._fetch_expert(layer, e)
+            self._experts[key] = w
+            self.touched.add(key)
+        return w

@@ -1,0 +1,165 @@
+"""The checkpoint reader: zero-copy views, and one clear sentence for every kind of bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import helpers
+from amed.checkpoint import Checkpoint, read_safetensors_header
+from amed.config import ModelConfig
+from amed.errors import AmedError
+
+
+@pytest.fixture
+def ckpt_copy(tiny_ckpt, tmp_path):
+    path, tensors = tiny_ckpt
+    dst = tmp_path / "ckpt"
+    shutil.copytree(path, dst)
+    return dst, tensors
+
+
+def raw_file(path, header: dict, data: bytes, pad_len=None):
+    h = json.dumps(header).encode()
+    n = len(h) if pad_len is None else pad_len
+    path.write_bytes(n.to_bytes(8, "little") + h + data)
+    return path
+
+
+def test_views_are_zero_copy_and_exact(tiny_ckpt):
+    path, tensors = tiny_ckpt
+    ck = Checkpoint(path)
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    v = ck.get(name)
+    assert v.dtype == np.uint16 and not v.flags.writeable and not v.flags.owndata
+    assert np.array_equal((v.astype(np.uint32) << 16).view(np.float32), tensors[name])
+    assert ck.get("model.layers.1.mlp.gate.expert_bias").dtype == np.float32
+
+
+def test_single_file_checkpoint(tiny_ckpt, tmp_path):
+    path, tensors = tiny_ckpt
+    helpers.write_checkpoint(tmp_path / "one", helpers.TINY, tensors, shards=1)
+    (tmp_path / "one" / "model.safetensors.index.json").unlink()
+    (tmp_path / "one" / "model-00001-of-00001.safetensors").rename(tmp_path / "one" / "model.safetensors")
+    ck = Checkpoint(tmp_path / "one")
+    assert len(ck.tensors) == len(tensors)
+
+
+def test_missing_shard(ckpt_copy):
+    path, _ = ckpt_copy
+    (path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(AmedError, match=r"shard model-00002-of-00002.safetensors is missing.*amed download"):
+        Checkpoint(path)
+
+
+def test_missing_tensor(tiny_ckpt, tmp_path):
+    _, tensors = tiny_ckpt
+    t = dict(tensors)
+    del t["model.layers.2.mlp.experts.7.down_proj.weight"]
+    helpers.write_checkpoint(tmp_path / "m", helpers.TINY, t)
+    with pytest.raises(AmedError, match=r"'model.layers.2.mlp.experts.7.down_proj.weight' is missing"):
+        Checkpoint(tmp_path / "m")
+
+
+def test_index_lists_tensor_the_shard_lacks(ckpt_copy):
+    path, _ = ckpt_copy
+    idx = json.loads((path / "model.safetensors.index.json").read_text())
+    idx["weight_map"]["model.layers.1.extra.weight"] = "model-00001-of-00002.safetensors"
+    (path / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(AmedError, match="listed in the index.*does not contain it"):
+        Checkpoint(path)
+
+
+def test_wrong_shape(tiny_ckpt, tmp_path):
+    _, tensors = tiny_ckpt
+    t = dict(tensors)
+    t["model.layers.0.attention.dense.weight"] = t["model.layers.0.attention.dense.weight"][:, :-1]
+    helpers.write_checkpoint(tmp_path / "m", helpers.TINY, t)
+    with pytest.raises(AmedError, match=r"'model.layers.0.attention.dense.weight'.*shape \[48, 71\].*\[48, 72\]"):
+        Checkpoint(tmp_path / "m")
+
+
+def test_wrong_dtype(tmp_path):
+    raw_file(tmp_path / "a.safetensors", {"x": {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8))
+    assert read_safetensors_header(tmp_path / "a.safetensors")["x"].dtype == "I32"
+    cfg = ModelConfig.from_dict(helpers.TINY)
+    from amed.checkpoint import hf_tensor_specs
+    specs = hf_tensor_specs(cfg)
+    header, data, off = {}, b"", 0
+    for name, (shape, dt) in specs.items():
+        dt = "I16" if name == "model.norm.weight" else dt
+        n = int(np.prod(shape)) * (4 if dt == "F32" else 2)
+        header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(helpers.TINY))
+    raw_file(d / "model.safetensors", header, bytes(off))
+    with pytest.raises(AmedError, match=r"'model.norm.weight'.*dtype I16; expected BF16"):
+        Checkpoint(d)
+
+
+@pytest.mark.parametrize("header,data,pad,match", [
+    ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(16), 10**6, "header length"),
+    ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(12), None, "truncated"),
+    ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+      "y": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, bytes(24), None, "overlap"),
+    ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}}, bytes(16), None, "invalid data_offsets"),
+    ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, bytes(16), None, "need 16"),
+    ({"x": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, bytes(16), None, "invalid shape"),
+    ({"x": {"dtype": "Q99", "shape": [4], "data_offsets": [0, 16]}}, bytes(16), None, "unsupported dtype"),
+    ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, "16"]}}, bytes(16), None, "invalid data_offsets"),
+    ({"x": "hello"}, bytes(16), None, "malformed"),
+])
+def test_hostile_headers(tmp_path, header, data, pad, match):
+    p = raw_file(tmp_path / "bad.safetensors", header, data, pad)
+    with pytest.raises(AmedError, match=match):
+        read_safetensors_header(p)
+
+
+def test_not_json_and_tiny_files(tmp_path):
+    p = tmp_path / "a.safetensors"
+    p.write_bytes((5).to_bytes(8, "little") + b"{{{{{")
+    with pytest.raises(AmedError, match="not valid JSON"):
+        read_safetensors_header(p)
+    p.write_bytes(b"abc")
+    with pytest.raises(AmedError, match="truncated"):
+        read_safetensors_header(p)
+
+
+def test_truncated_shard(ckpt_copy):
+    path, _ = ckpt_copy
+    shard = path / "model-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(AmedError, match="model-00001-of-00002.safetensors.*truncated"):
+        Checkpoint(path)
+
+
+def test_shard_outside_directory(ckpt_copy):
+    path, _ = ckpt_copy
+    idx = json.loads((path / "model.safetensors.index.json").read_text())
+    idx["weight_map"]["model.norm.weight"] = "../evil.safetensors"
+    (path / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(AmedError, match="outside the model directory"):
+        Checkpoint(path)
+
+
+def test_mtp_layers_are_skipped(tiny_ckpt, tmp_path):
+    _, tensors = tiny_ckpt
+    t = dict(tensors)
+    t["model.layers.3.eh_proj.weight"] = np.zeros((48, 96), np.float32)
+    t["model.layers.3.enorm.weight"] = np.ones(48, np.float32)
+    cfg = {**helpers.TINY, "num_nextn_predict_layers": 1}
+    helpers.write_checkpoint(tmp_path / "m", cfg, t)
+    ck = Checkpoint(tmp_path / "m")
+    import amed
+    m = amed.load(tmp_path / "m")
+    assert len(m.weights.layers) == 3
+    assert "model.layers.3.eh_proj.weight" in ck.tensors  # present, but never used
+
+
+def test_no_checkpoint_here(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(helpers.TINY))
+    with pytest.raises(AmedError, match="not a checkpoint directory"):
+        Checkpoint(tmp_path)

@@ -1,0 +1,88 @@
+import json
+
+import numpy as np
+import pytest
+
+import amed
+import helpers
+import reference
+from conftest import DATA
+
+
+def golden():
+    ids = json.loads((DATA / "bailing-tiny-tokens.json").read_text())["token_ids"]
+    return ids, np.load(DATA / "bailing-tiny-logits.npy")
+
+
+def test_golden_logits(golden_dir):
+    ids, ref = golden()
+    out = amed.load(golden_dir).logits(ids)
+    assert out.shape == ref.shape and out.dtype == np.float32
+    assert np.abs(out - ref).max() <= 1e-4
+    assert (out.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_prefill_then_decode_equals_full_forward(golden_dir):
+    ids, _ = golden()
+    m = amed.load(golden_dir)
+    full = m.logits(ids)
+    m.reset()
+    first = m.forward(ids[:17], all_logits=True)
+    rest = [m.forward([t]) for t in ids[17:30]]
+    chunk = m.forward(ids[30:], all_logits=True)                # a second prefill chunk
+    got = np.concatenate([first, np.stack(rest), chunk])
+    assert np.abs(got - full).max() <= 1e-4
+    assert m.pos == len(ids)
+
+
+def test_forward_returns_last_logits_and_reset(golden_dir):
+    ids, ref = golden()
+    m = amed.load(golden_dir)
+    last = m.forward(ids)
+    assert np.abs(last - ref[-1]).max() <= 1e-4
+    m.reset()
+    assert np.abs(m.forward(ids[:5]) - ref[4]).max() <= 1e-4
+
+
+def test_matches_numpy_reference_long_sequence(tiny_ckpt):
+    """Another shape (6 q-heads over 2 kv-heads, 16 experts, top-3), 300 positions."""
+    path, tensors = tiny_ckpt
+    ids = np.random.default_rng(7).integers(0, helpers.TINY["vocab_size"], 300)
+    out = amed.load(path, ctx_size=64).logits(ids)              # also exercises cache growth
+    ref = reference.forward(tensors, helpers.TINY, ids)
+    assert np.abs(out - ref).max() <= 1e-4
+    assert (out.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("variant", [
+    dict(rotary_dim=12, partial_rotary_factor=None, head_dim=None, hidden_size=72),  # full rotary
+    dict(use_qk_norm=False, num_shared_experts=0, first_k_dense_replace=0),
+    dict(n_group=1, topk_group=1, moe_router_enable_expert_bias=False, num_key_value_heads=6),
+])
+def test_config_variants_match_reference(tmp_path, variant):
+    cfg = {**helpers.TINY, **variant}
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    tensors = helpers.random_tensors(cfg, seed=3)
+    path = helpers.write_checkpoint(tmp_path / "m", cfg, tensors, shards=1)
+    ids = np.random.default_rng(0).integers(0, cfg["vocab_size"], 40)
+    out = amed.load(path).logits(ids)
+    assert np.abs(out - reference.forward(tensors, cfg, ids)).max() <= 1e-4
+
+
+def test_only_routed_experts_are_read(tiny_ckpt):
+    path, _ = tiny_ckpt
+    m = amed.load(path)
+    assert m.weights.touched == set()                           # loading touches no expert
+    m.forward([5])
+    # one token: exactly top-k experts in each MoE layer
+    k = helpers.TINY["num_experts_per_tok"]
+    moe_layers = range(helpers.TINY["first_k_dense_replace"], helpers.TINY["num_hidden_layers"])
+    assert sorted({L for L, _ in m.weights.touched}) == list(moe_layers)
+    for L in moe_layers:
+        assert len([e for LL, e in m.weights.touched if LL == L]) == k
+
+
+def test_token_out_of_range_is_a_clear_error(golden_dir):
+    m = amed.load(golden_dir)
+    with pytest.raises(amed.errors.AmedError, match="out of range"):
+        m.forward([10_000])
