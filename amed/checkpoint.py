@@ -19,50 +19,67 @@ from .config import ModelConfig
 from .errors import AmedError
 
 # ---- the tensor table: every tensor a BailingMoeV2 checkpoint must hold ---------------------
-# HF name -> (shape, dtype).  dtype is the safetensors name; expert_bias is stored F32.
+# This is the one bridge between the two naming schemes: Hugging Face names (the checkpoint) and
+# short GGUF-style names (the amed store and the model code). `kind` feeds the quantization policy.
 
 
-def hf_tensor_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-    """All tensors (excluding MTP layers) with their shapes, in a stable order."""
+@dataclass(frozen=True)
+class TensorSpec:
+    hf: str              # name in the Hugging Face checkpoint
+    name: str            # name in amed (store, weights)
+    shape: tuple
+    dtype: str           # safetensors dtype in the checkpoint
+    kind: str            # embed | norm | attn | ffn | router | bias | expert | shared | output
+    layer: int = -1
+    expert: int = -1
+
+
+def tensor_table(cfg: ModelConfig) -> list[TensorSpec]:
+    """All tensors (excluding MTP layers) in checkpoint order: globals, then layer by layer."""
     H, V = cfg.hidden_size, cfg.vocab_size
     qkv = cfg.q_dim + 2 * cfg.kv_dim
     d = cfg.head_size
-    specs: dict[str, tuple[tuple[int, ...], str]] = {
-        "model.word_embeddings.weight": ((V, H), "BF16"),
-    }
+    t = [TensorSpec("model.word_embeddings.weight", "token_embd", (V, H), "BF16", "embed")]
     for L in range(cfg.num_hidden_layers):
-        p = f"model.layers.{L}."
-        specs[p + "input_layernorm.weight"] = ((H,), "BF16")
-        specs[p + "attention.query_key_value.weight"] = ((qkv, H), "BF16")
+        p, b = f"model.layers.{L}.", f"blk.{L}."
+
+        def add(hf, name, shape, kind, dtype="BF16", e=-1):
+            t.append(TensorSpec(p + hf, b + name, shape, dtype, kind, L, e))
+
+        add("input_layernorm.weight", "attn_norm", (H,), "norm")
+        add("attention.query_key_value.weight", "attn_qkv", (qkv, H), "attn")
         if cfg.use_qk_norm:
-            specs[p + "attention.query_layernorm.weight"] = ((d,), "BF16")
-            specs[p + "attention.key_layernorm.weight"] = ((d,), "BF16")
-        specs[p + "attention.dense.weight"] = ((H, cfg.q_dim), "BF16")
-        specs[p + "post_attention_layernorm.weight"] = ((H,), "BF16")
+            add("attention.query_layernorm.weight", "attn_q_norm", (d,), "norm")
+            add("attention.key_layernorm.weight", "attn_k_norm", (d,), "norm")
+        add("attention.dense.weight", "attn_output", (H, cfg.q_dim), "attn")
+        add("post_attention_layernorm.weight", "ffn_norm", (H,), "norm")
         if not cfg.is_moe_layer(L):
             I = cfg.intermediate_size
-            specs[p + "mlp.gate_proj.weight"] = ((I, H), "BF16")
-            specs[p + "mlp.up_proj.weight"] = ((I, H), "BF16")
-            specs[p + "mlp.down_proj.weight"] = ((H, I), "BF16")
+            add("mlp.gate_proj.weight", "ffn_gate", (I, H), "ffn")
+            add("mlp.up_proj.weight", "ffn_up", (I, H), "ffn")
+            add("mlp.down_proj.weight", "ffn_down", (H, I), "ffn")
             continue
         E, I = cfg.num_experts, cfg.moe_intermediate_size
-        specs[p + "mlp.gate.weight"] = ((E, H), "BF16")
+        add("mlp.gate.weight", "ffn_gate_inp", (E, H), "router")
         if cfg.moe_router_enable_expert_bias:
-            specs[p + "mlp.gate.expert_bias"] = ((E,), "F32")
+            add("mlp.gate.expert_bias", "exp_probs_b", (E,), "bias", dtype="F32")
         for e in range(E):
-            q = f"{p}mlp.experts.{e}."
-            specs[q + "gate_proj.weight"] = ((I, H), "BF16")
-            specs[q + "up_proj.weight"] = ((I, H), "BF16")
-            specs[q + "down_proj.weight"] = ((H, I), "BF16")
+            add(f"mlp.experts.{e}.gate_proj.weight", f"ffn_gate_exps.{e}", (I, H), "expert", e=e)
+            add(f"mlp.experts.{e}.up_proj.weight", f"ffn_up_exps.{e}", (I, H), "expert", e=e)
+            add(f"mlp.experts.{e}.down_proj.weight", f"ffn_down_exps.{e}", (H, I), "expert", e=e)
         if cfg.num_shared_experts:
             S = cfg.shared_intermediate_size
-            q = p + "mlp.shared_experts."
-            specs[q + "gate_proj.weight"] = ((S, H), "BF16")
-            specs[q + "up_proj.weight"] = ((S, H), "BF16")
-            specs[q + "down_proj.weight"] = ((H, S), "BF16")
-    specs["model.norm.weight"] = ((H,), "BF16")
-    specs["lm_head.weight"] = ((V, H), "BF16")
-    return specs
+            add("mlp.shared_experts.gate_proj.weight", "ffn_gate_shexp", (S, H), "shared")
+            add("mlp.shared_experts.up_proj.weight", "ffn_up_shexp", (S, H), "shared")
+            add("mlp.shared_experts.down_proj.weight", "ffn_down_shexp", (H, S), "shared")
+    t.append(TensorSpec("model.norm.weight", "output_norm", (H,), "BF16", "norm"))
+    t.append(TensorSpec("lm_head.weight", "output", (V, H), "BF16", "output"))
+    return t
+
+
+def hf_tensor_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """HF name -> (shape, dtype) for every tensor a checkpoint must hold."""
+    return {s.hf: (s.shape, s.dtype) for s in tensor_table(cfg)}
 
 
 # ---- safetensors files ----------------------------------------------------------------------
@@ -245,45 +262,13 @@ class Checkpoint:
             return (a.astype(np.uint32) << 16).view(np.float32)
         return np.ascontiguousarray(a, dtype=np.float32)
 
-    def weight(self, name: str):
-        """A matrix as a `Dense` weight for the kernels (bf16 or f32, zero-copy)."""
-        from .weights import Dense
-
-        return Dense(self.get(name))
 
 
 def load_weights(ckpt: Checkpoint):
-    """Map a checkpoint's HF names onto `Weights` (views only; experts stay lazy)."""
-    from .weights import Layer, Weights
+    """The checkpoint's tensors as `Weights` (views only; experts stay lazy)."""
+    from .weights import Dense, build_weights
 
-    cfg = ckpt.config
-    W, V = ckpt.weight, ckpt.get_f32
-    layers = []
-    for L in range(cfg.num_hidden_layers):
-        p = f"model.layers.{L}."
-        lw = Layer(
-            attn_norm=V(p + "input_layernorm.weight"),
-            qkv=W(p + "attention.query_key_value.weight"),
-            attn_out=W(p + "attention.dense.weight"),
-            ffn_norm=V(p + "post_attention_layernorm.weight"),
-        )
-        if cfg.use_qk_norm:
-            lw.q_norm = V(p + "attention.query_layernorm.weight")
-            lw.k_norm = V(p + "attention.key_layernorm.weight")
-        if not cfg.is_moe_layer(L):
-            lw.gate, lw.up, lw.down = (W(p + f"mlp.{m}_proj.weight") for m in ("gate", "up", "down"))
-        else:
-            # the router runs in fp32 (architecture §2d): bf16 weights widen exactly in the kernel
-            lw.router = W(p + "mlp.gate.weight")
-            lw.expert_bias = (V(p + "mlp.gate.expert_bias") if cfg.moe_router_enable_expert_bias
-                              else np.zeros(cfg.num_experts, np.float32))
-            if cfg.num_shared_experts:
-                lw.shared = tuple(W(p + f"mlp.shared_experts.{m}_proj.weight") for m in ("gate", "up", "down"))
-        layers.append(lw)
-
-    def fetch_expert(L, e):
-        q = f"model.layers.{L}.mlp.experts.{e}."
-        return tuple(W(q + f"{m}_proj.weight") for m in ("gate", "up", "down"))
-
-    return Weights(W("model.word_embeddings.weight"), layers, V("model.norm.weight"),
-                   W("lm_head.weight"), fetch_expert)
+    hf = {spec.name: spec.hf for spec in tensor_table(ckpt.config)}
+    return build_weights(ckpt.config,
+                         matrix=lambda name: Dense(ckpt.get(hf[name])),
+                         vector=lambda name: ckpt.get_f32(hf[name]))

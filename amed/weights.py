@@ -72,3 +72,30 @@ class Weights:
             self._experts[key] = w
             self.touched.add(key)
         return w
+
+
+def build_weights(cfg, matrix, vector) -> Weights:
+    """Assemble `Weights` from two lookups by amed tensor name (see checkpoint.tensor_table):
+    `matrix(name)` gives a matmul-able weight, `vector(name)` a float32 array. Routed experts
+    are looked up only when the router first picks them."""
+    layers = []
+    for L in range(cfg.num_hidden_layers):
+        b = f"blk.{L}."
+        lw = Layer(attn_norm=vector(b + "attn_norm"), qkv=matrix(b + "attn_qkv"),
+                   attn_out=matrix(b + "attn_output"), ffn_norm=vector(b + "ffn_norm"))
+        if cfg.use_qk_norm:
+            lw.q_norm, lw.k_norm = vector(b + "attn_q_norm"), vector(b + "attn_k_norm")
+        if not cfg.is_moe_layer(L):
+            lw.gate, lw.up, lw.down = (matrix(b + f"ffn_{m}") for m in ("gate", "up", "down"))
+        else:
+            lw.router = matrix(b + "ffn_gate_inp")   # bf16/f32 only: the router runs in fp32 (§2d)
+            lw.expert_bias = (vector(b + "exp_probs_b") if cfg.moe_router_enable_expert_bias
+                              else np.zeros(cfg.num_experts, np.float32))
+            if cfg.num_shared_experts:
+                lw.shared = tuple(matrix(b + f"ffn_{m}_shexp") for m in ("gate", "up", "down"))
+        layers.append(lw)
+
+    def fetch_expert(L, e):
+        return tuple(matrix(f"blk.{L}.ffn_{m}_exps.{e}") for m in ("gate", "up", "down"))
+
+    return Weights(matrix("token_embd"), layers, vector("output_norm"), matrix("output"), fetch_expert)

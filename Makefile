@@ -1,0 +1,21 @@
+PY ?= python3
+
+# install amed and its development dependencies (editable)
+install:
+	$(PY) -m pip install -q -e ".[dev]"
+
+# run the test suite (the command CI runs)
+test: install
+	$(PY) -m pytest
+
+# the main job on a built-in default: a small random model, quantized, chatted with, benchmarked
+demo: install
+	bash bench/demo.sh
+
+# remove build leftovers and the compiled-kernel cache
+clean:
+	rm -rf build dist *.egg-info .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	rm -rf "$${XDG_CACHE_HOME:-$$HOME/.cache}/amed/numba"
+
+.PHONY: install test demo clean
