@@ -182,6 +182,7 @@ class Checkpoint:
         self.config = config or ModelConfig.from_file(self.path)
         self.tensors = self._read_tables()
         self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
         self._validate()
 
     # -- index and headers
@@ -236,6 +237,12 @@ class Checkpoint:
                 raise AmedError(f"tensor '{name}' in {t.path.name} has dtype {t.dtype}; expected {dtype}.")
 
     # -- data access
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
     def _map(self, path: Path) -> mmap.mmap:
         m = self._maps.get(path)
         if m is None:
@@ -254,6 +261,35 @@ class Checkpoint:
             raise AmedError(f"{t.path.name} shrank while open: it is truncated.")
         dt = np.dtype(DTYPES[t.dtype])
         return np.frombuffer(m, dtype=dt, count=t.nbytes // dt.itemsize, offset=t.start).reshape(t.shape)
+
+    def read_raw(self, name: str, row0: int = 0, nrows: int | None = None) -> np.ndarray:
+        """Rows of a tensor read with pread into fresh memory (no mapping grows the RSS)."""
+        t = self.tensors[name]
+        dt = np.dtype(DTYPES[t.dtype])
+        rows = t.shape[0] if t.shape else 1
+        nrows = rows - row0 if nrows is None else nrows
+        row_bytes = t.nbytes // max(rows, 1)
+        buf = np.empty(nrows * row_bytes, np.uint8)
+        fd = self._fd(t.path)
+        mv, pos = memoryview(buf), t.start + row0 * row_bytes
+        while mv:
+            n = os.preadv(fd, [mv], pos)
+            if n <= 0:
+                raise AmedError(f"{t.path.name} ended early while reading '{name}': the file is truncated.")
+            mv, pos = mv[n:], pos + n
+        return buf.view(dt).reshape((nrows,) + t.shape[1:])
+
+    def read_rows_f32(self, name: str, chunk_elems: int):
+        """Yield (row0, float32 rows) chunks of a tensor of about `chunk_elems` elements each."""
+        t = self.tensors[name]
+        rows = t.shape[0] if t.shape else 1
+        per_row = max(1, math.prod(t.shape[1:]))
+        step = max(1, chunk_elems // per_row)
+        for r in range(0, rows, step):
+            a = self.read_raw(name, r, min(step, rows - r))
+            if t.dtype == "BF16":
+                a = (a.astype(np.uint32) << 16).view(np.float32)
+            yield r, np.ascontiguousarray(a, dtype=np.float32).reshape((-1,) + t.shape[1:]) if t.shape else a
 
     def get_f32(self, name: str) -> np.ndarray:
         """A small tensor as a float32 copy (norm weights, biases)."""

@@ -1,0 +1,319 @@
+"""The model's tokenizer: tokenizer.json through the `tokenizers` library, the chat template
+rendered in a Jinja2 sandbox, stop ids, and an incremental UTF-8-safe detokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.sandbox
+import tokenizers
+
+from .errors import AmedError
+
+# The Ling chat format (architecture.md §4), used when tokenizer_config.json has no template.
+# No newlines between turns; a leading system message goes into the always-present SYSTEM block;
+# past assistant turns lose their <think> block (only turns after the last real user query keep it).
+FALLBACK_CHAT_TEMPLATE = r"""
+{%- set ns = namespace(last_query=messages|length - 1, found=false) -%}
+{%- for m in messages|reverse -%}
+  {%- if not ns.found and m.role == 'user' and m.content is string
+        and not (m.content.startswith('<tool_response>') and m.content.endswith('</tool_response>')) -%}
+    {%- set ns.found = true -%}
+    {%- set ns.last_query = messages|length - 1 - loop.index0 -%}
+  {%- endif -%}
+{%- endfor -%}
+{{- '<role>SYSTEM</role>' -}}
+{%- if messages and messages[0].role == 'system' -%}
+  {{- (messages[0].content if messages[0].content is string else '') + '\n' -}}
+{%- endif -%}
+{{- 'detailed thinking off<|role_end|>' -}}
+{%- for m in messages -%}
+  {%- set content = m.content if m.content is string else '' -%}
+  {%- if m.role == 'user' -%}
+    {{- '<role>HUMAN</role>' + content + '<|role_end|>' -}}
+  {%- elif m.role == 'system' -%}
+    {%- if not loop.first -%}{{- '<role>SYSTEM</role>' + content + '<|role_end|>' -}}{%- endif -%}
+  {%- elif m.role == 'assistant' -%}
+    {%- set reasoning = '' -%}
+    {%- if m.reasoning_content is string -%}
+      {%- set reasoning = m.reasoning_content -%}
+    {%- elif '</think>' in content -%}
+      {%- set reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') -%}
+      {%- set content = content.split('</think>')[-1].lstrip('\n') -%}
+    {%- endif -%}
+    {%- if loop.index0 > ns.last_query and reasoning -%}
+      {{- '<role>ASSISTANT</role>\n<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') -}}
+    {%- else -%}
+      {{- '<role>ASSISTANT</role>' + content -}}
+    {%- endif -%}
+    {%- for call in (m.tool_calls or []) -%}
+      {%- if not loop.first or content -%}{{- '\n' -}}{%- endif -%}
+      {%- set f = call.function if call.function else call -%}
+      {{- '<tool_call>\n{"name": "' + f.name + '", "arguments": ' -}}
+      {{- f.arguments if f.arguments is string else f.arguments|tojson -}}
+      {{- '}\n</tool_call>' -}}
+    {%- endfor -%}
+    {{- '<|role_end|>' -}}
+  {%- elif m.role == 'tool' -%}
+    {%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}{{- '<role>OBSERVATION</role>' -}}{%- endif -%}
+    {{- '\n<tool_response>\n' + content + '\n</tool_response>' -}}
+    {%- if loop.last or messages[loop.index0 + 1].role != 'tool' -%}{{- '<|role_end|>' -}}{%- endif -%}
+  {%- else -%}
+    {{- raise_exception('unsupported chat message role ' ~ m.role|tojson) -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<role>ASSISTANT</role>' -}}{%- endif -%}
+"""
+
+STOP_TOKENS = ("<|role_end|>", "<|endoftext|>")
+
+
+def _read_json(path: Path, *, required: bool) -> dict:
+    if not path.is_file():
+        if required:
+            raise AmedError(f"{path} is missing; the model directory needs its tokenizer files.")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AmedError(f"{path} is not valid JSON ({_one_line(e)}); re-download it.") from None
+    if not isinstance(data, dict):
+        raise AmedError(f"{path} should hold a JSON object; re-download it.")
+    return data
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _token_str(v: Any) -> str | None:
+    """tokenizer_config stores special tokens as a string or as an AddedToken dict."""
+    if isinstance(v, dict):
+        v = v.get("content")
+    return v if isinstance(v, str) else None
+
+
+# ---- chat template sandbox ----------------------------------------------------------------
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+def _unsafe_names(ast: jinja2.nodes.Template) -> list[str]:
+    """Dunder attribute names a template spells out (`x.__class__`, `x['__globals__']`, `attr(...)`)."""
+    names = [n.attr for n in ast.find_all(jinja2.nodes.Getattr)]
+    names += [n.arg.value for n in ast.find_all(jinja2.nodes.Getitem) if isinstance(n.arg, jinja2.nodes.Const)]
+    for f in ast.find_all(jinja2.nodes.Filter):
+        if f.name == "attr":
+            names += [a.value for a in f.args if isinstance(a, jinja2.nodes.Const)]
+    return [n for n in names if isinstance(n, str) and n.startswith("__")]
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    """Compile a chat template the way transformers does, in an immutable sandbox."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        bad = _unsafe_names(env.parse(source))
+        if bad:
+            raise AmedError(
+                f"refusing the model's chat template: it reaches for Python internals ({bad[0]})."
+            )
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise AmedError(f"the model's chat template does not compile: {_one_line(e)} (line {e.lineno}).") from None
+
+
+def render_chat_template(template: jinja2.Template, messages: Sequence[dict], **context: Any) -> str:
+    """Render a compiled chat template; any failure becomes a one-line AmedError."""
+    if not isinstance(messages, (list, tuple)) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
+    ):
+        raise AmedError("chat messages must be a list of {'role': ..., 'content': ...} dicts.")
+    try:
+        return template.render(messages=list(messages), **context)
+    except jinja2.exceptions.SecurityError as e:
+        raise AmedError(f"refusing the model's chat template: {_one_line(e).rstrip('.')}.") from None
+    except jinja2.exceptions.TemplateError as e:
+        raise AmedError(f"chat template error: {_one_line(e)}") from None
+    except Exception as e:  # a template can raise anything Python can (TypeError, KeyError, ...)
+        raise AmedError(f"chat template error: {type(e).__name__}: {_one_line(e)}") from None
+
+
+# ---- incremental detokenizer ---------------------------------------------------------------
+
+
+class StreamDecoder:
+    """Turns token ids into text one at a time, never splitting a UTF-8 character.
+
+    `step(id)` returns only newly completed text ('' while a character is still incomplete);
+    the concatenation of all steps plus `flush()` equals `Tokenizer.decode(all_ids)`.
+    """
+
+    def __init__(self, tok: tokenizers.Tokenizer, skip_special_tokens: bool = False):
+        self._tok = tok
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix = 0  # ids[prefix:read] is the last emitted window (starts on a char boundary)
+        self._read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=self._skip)
+
+    def step(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        prev = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        # U+FFFD at the end means the bytes may still be an unfinished character: wait for more.
+        if len(text) > len(prev) and not text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return text[len(prev) :]
+        return ""
+
+    def flush(self) -> str:
+        """Emit whatever is still held back (an unfinished character decodes to U+FFFD)."""
+        prev = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return text[len(prev) :]
+
+
+# ---- the tokenizer -------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """A model's tokenizer.json plus its chat template, special tokens and stop ids."""
+
+    def __init__(
+        self,
+        tok: tokenizers.Tokenizer,
+        *,
+        chat_template: str | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        add_bos_token: bool = False,
+        eos_token_id: int | Iterable[int] | None = None,
+    ):
+        self._tok = tok
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.bos_token_id = tok.token_to_id(bos_token) if bos_token else None
+        self.eos_token_id = tok.token_to_id(eos_token) if eos_token else None
+        self.add_bos_token = bool(add_bos_token) and self.bos_token_id is not None
+        self.template_is_fallback = not chat_template
+        self.chat_template = chat_template or FALLBACK_CHAT_TEMPLATE
+        self._template = compile_chat_template(self.chat_template)
+
+        if eos_token_id is None:
+            eos = [] if self.eos_token_id is None else [self.eos_token_id]
+        elif isinstance(eos_token_id, int):
+            eos = [eos_token_id]
+        else:
+            eos = [int(i) for i in eos_token_id]
+        eos += [i for i in map(tok.token_to_id, STOP_TOKENS) if i is not None]
+        self.stop_ids: frozenset[int] = frozenset(eos)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "Tokenizer":
+        """Load tokenizer.json, tokenizer_config.json and generation_config.json from a model folder."""
+        d = Path(model_dir)
+        path = d / "tokenizer.json"
+        if not path.is_file():
+            raise AmedError(f"{path} is missing; the model directory needs its tokenizer files.")
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise AmedError(f"{path} could not be read as a tokenizer ({_one_line(e)}); re-download it.") from None
+        cfg = _read_json(d / "tokenizer_config.json", required=False)
+        gen = _read_json(d / "generation_config.json", required=False)
+
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        jinja_file = d / "chat_template.jinja"  # newer transformers save it next to the config
+        if jinja_file.is_file():
+            template = jinja_file.read_text(encoding="utf-8")
+        if template is not None and not isinstance(template, str):
+            raise AmedError(f"{d / 'tokenizer_config.json'} has a chat_template that is not a string.")
+
+        eos_id = gen.get("eos_token_id")
+        if eos_id is not None and not (
+            isinstance(eos_id, int) or (isinstance(eos_id, list) and all(isinstance(i, int) for i in eos_id))
+        ):
+            raise AmedError(f"{d / 'generation_config.json'} has an eos_token_id that is not an id or a list of ids.")
+        return cls(
+            tok,
+            chat_template=template or None,
+            bos_token=_token_str(cfg.get("bos_token")),
+            eos_token=_token_str(cfg.get("eos_token")),
+            pad_token=_token_str(cfg.get("pad_token")),
+            add_bos_token=bool(cfg.get("add_bos_token", False)),
+            eos_token_id=eos_id,
+        )
+
+    # ---- text <-> ids ----
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(int(token_id))
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Text to ids; special tokens written in the text (`<role>`) become their single ids.
+
+        BOS is prepended only when tokenizer_config's add_bos_token says so (or add_bos=True).
+        """
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if (self.add_bos_token if add_bos is None else add_bos) and self.bos_token_id is not None:
+            ids.insert(0, self.bos_token_id)
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def stream(self, skip_special_tokens: bool = False) -> StreamDecoder:
+        """A fresh incremental detokenizer (one per generated reply)."""
+        return StreamDecoder(self._tok, skip_special_tokens)
+
+    # ---- chat ----
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """Render [{'role': 'system'|'user'|'assistant'|'tool', 'content': str}, ...] to the prompt text."""
+        return render_chat_template(
+            self._template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            pad_token=self.pad_token or "",
+            tools=None,
+            documents=None,
+        )
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The rendered chat prompt as ids (no extra BOS: the template writes it if it wants one)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
