@@ -166,6 +166,11 @@ def repl(session: ChatSession, verbose: bool = False) -> None:
         except AmedError as e:
             err.print(f"[red]{e}[/]")
             continue
+        except KeyboardInterrupt:       # before the first token: nothing was said
+            if session.conv.turns and session.conv.turns[-1]["role"] == "user":
+                session.conv.turns.pop()
+            err.print("\n[yellow](stopped)[/]")
+            continue
         sys.stdout.write("\n")
         sys.stdout.flush()
         if step.finish_reason == "interrupted":
