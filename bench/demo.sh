@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The main job end to end on a built-in default: a small RANDOM-WEIGHT model (no download),
+# quantized to int4, one chat answer, and a benchmark. Reuses what an earlier run built.
+set -euo pipefail
+DIR="${AMED_DEMO_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/amed/demo}"
+CKPT="$DIR/tiny-bf16"
+STORE="$DIR/tiny-q4"
+mkdir -p "$DIR"
+if [ ! -f "$CKPT/model.safetensors.index.json" ]; then
+  amed synth "$CKPT" --preset tiny --force
+fi
+if ! python3 -c "import json,sys; sys.exit(0 if json.load(open('$STORE/amed-manifest.json'))['complete'] else 1)" 2>/dev/null; then
+  amed quantize "$CKPT" -o "$STORE" --bits 4
+fi
+echo "--- one-shot chat (random weights: the answer is noise) ---" >&2
+amed chat -m "$STORE" -p "What are the warning signs of a stroke?" -n 40 --seed 0 -v
+echo "--- benchmark ---" >&2
+amed bench -m "$STORE" -p 64 -n 32 -r 3
