@@ -238,3 +238,12 @@ def route(logits, bias, n_group, topk_group, k, scaling, idx_out, w_out):
         inv = F32(scaling) / (total + F32(1e-20))
         for j in range(k):
             w_out[t, j] *= inv
+
+
+@njit(parallel=True, **JIT)
+def sum_f32(a):
+    """Parallel sum (the memory-bandwidth probe of `amed bench`)."""
+    acc = F32(0.0)
+    for i in prange(a.shape[0]):
+        acc += a[i]
+    return acc

@@ -1,0 +1,246 @@
+"""`amed bench`: prefill (ppN) and decode (tgN) speed in the style of llama-bench, plus what
+llama-bench does not show: time to first token, peak RSS, bytes read per decoded token, the
+effective GB/s and its share of this machine's measured memory bandwidth, and the fraction of
+expert bytes resident in RAM after the run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_TEXT = (
+    "A 58-year-old man presents to the emergency department with crushing substernal chest pain "
+    "radiating to the left arm, diaphoresis and nausea that began two hours ago. He has a history of "
+    "hypertension, type 2 diabetes mellitus and hyperlipidaemia, and smokes a pack a day. "
+    "Electrocardiography shows ST-segment elevation in leads II, III and aVF. What is the most likely "
+    "diagnosis, which artery is most likely occluded, and what are the immediate steps in management? "
+    "Discuss reperfusion options, antiplatelet therapy, anticoagulation and the contraindications to "
+    "thrombolysis, then outline secondary prevention after discharge, including statins, beta-blockers, "
+    "ACE inhibitors, cardiac rehabilitation and smoking cessation. "
+)
+
+
+@dataclass
+class Result:
+    test: str                     # pp512 / tg128
+    n_tokens: int
+    seconds: list = field(default_factory=list)
+
+    @property
+    def tps(self) -> list[float]:
+        return [self.n_tokens / s for s in self.seconds]
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.tps)
+
+    @property
+    def sd(self) -> float:
+        return statistics.stdev(self.tps) if len(self.tps) > 1 else 0.0
+
+
+def prompt_ids(tokenizer, n: int, vocab: int, random_ids: bool, seed: int = 0) -> list[int]:
+    """n prompt tokens: real text through the tokenizer (realistic routing) or random ids."""
+    if random_ids or tokenizer is None:
+        return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += tokenizer.encode(SAMPLE_TEXT)
+    return ids[:n]
+
+
+def reset_peak_rss() -> None:
+    """Restart the peak-RSS high-water mark (Linux), so probes before a run do not count."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set since the last reset (VmHWM), falling back to getrusage."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+# ---- page residency (mincore) ----------------------------------------------------------------
+
+_libc = None
+
+
+def resident_fraction(m: mmap.mmap, offset: int, length: int) -> float:
+    """Fraction of pages of m[offset:offset+length] resident in RAM (page cache), via mincore."""
+    global _libc
+    if length <= 0:
+        return 0.0
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    page = mmap.PAGESIZE
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m)) if not m.closed else 0
+    start = (base + offset) // page * page
+    end = base + offset + length
+    npages = -(-(end - start) // page)
+    vec = (ctypes.c_ubyte * npages)()
+    if _libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(end - start), vec) != 0:
+        return float("nan")
+    return sum(v & 1 for v in vec) / npages
+
+
+def expert_residency(source) -> float | None:
+    """Resident fraction of all routed-expert bytes of a store (None for checkpoints)."""
+    info = getattr(source, "experts_info", None)
+    if not info:
+        return None
+    got = total = 0
+    for e in info.values():
+        n = e["stride"] * e["count"]
+        got += resident_fraction(source._maps[e["file"]], e["offset"], n) * n
+        total += n
+    return got / total if total else None
+
+
+# ---- memory bandwidth probe ------------------------------------------------------------------
+
+def memory_bandwidth_gbs(cache_file: Path | None = None, refresh: bool = False) -> float:
+    """Read bandwidth of this machine (GB/s): a parallel sum over 1 GiB, best of 5. Cached."""
+    if cache_file and cache_file.exists() and not refresh:
+        try:
+            return float(json.loads(cache_file.read_text())["read_gbs"])
+        except (ValueError, KeyError, OSError):
+            pass
+    from .kernels import sum_f32
+
+    a = np.ones(1 << 28, np.float32)   # 1 GiB
+    sum_f32(a[:1024])
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        sum_f32(a)
+        best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
+    del a
+    if cache_file:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps({"read_gbs": best}))
+    return best
+
+
+# ---- bytes per token -------------------------------------------------------------------------
+
+def bytes_per_token(model) -> int:
+    """Weight bytes one decoded token reads: every dense weight, k experts per MoE layer, lm_head,
+    one embedding row."""
+    c, w = model.config, model.weights
+
+    def nb(m):
+        return weight_nbytes(m)
+
+    total = nb(w.lm_head) + nb(w.embed) // c.vocab_size
+    for L, lw in enumerate(w.layers):
+        total += nb(lw.qkv) + nb(lw.attn_out)
+        if lw.router is None:
+            total += nb(lw.gate) + nb(lw.up) + nb(lw.down)
+        else:
+            total += nb(lw.router)
+            if lw.shared:
+                total += sum(nb(m) for m in lw.shared)
+            total += c.num_experts_per_tok * sum(nb(m) for m in w.expert(L, 0))
+    return total
+
+
+def weight_nbytes(m) -> int:
+    if hasattr(m, "qt"):
+        qt = m.qt
+        return sum(a.nbytes for a in (qt.q, qt.scale, getattr(qt, "zero", None)) if a is not None)
+    return m.w.nbytes
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+def run_bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, reps: int = 5,
+              random_ids: bool = False, log=None) -> dict:
+    """Time ppN and tgN `reps` times after a warm-up; returns a record of everything measured."""
+    vocab = model.config.vocab_size
+    ids = prompt_ids(tokenizer, max(n_prompt, 1), vocab, random_ids)
+
+    reset_peak_rss()
+    # warm-up: compiles (or loads from cache) every kernel shape we time below
+    t0 = time.perf_counter()
+    model.reset()
+    model.forward(ids[: min(8, len(ids))])
+    model.forward([ids[0]])
+    compile_s = time.perf_counter() - t0
+
+    pp = Result(f"pp{n_prompt}", n_prompt)
+    tg = Result(f"tg{n_gen}", n_gen)
+    for r in range(reps):
+        if n_prompt:
+            model.reset()
+            t = time.perf_counter()
+            model.forward(ids[:n_prompt])
+            pp.seconds.append(time.perf_counter() - t)
+        if n_gen:
+            model.reset()
+            logits = model.forward([ids[0]])
+            t = time.perf_counter()
+            for _ in range(n_gen):
+                logits = model.forward([int(logits.argmax())])
+            tg.seconds.append(time.perf_counter() - t)
+        if log:
+            log(r + 1, reps)
+    return {"pp": pp if n_prompt else None, "tg": tg if n_gen else None, "compile_s": compile_s,
+            "peak_rss": peak_rss_bytes(), "bytes_per_token": bytes_per_token(model),
+            "expert_resident": expert_residency(model.source)}
+
+
+def format_rows(rows: list[dict], fmt: str) -> str:
+    """Results as a Markdown table (llama-bench style), JSON or CSV."""
+    if fmt == "json":
+        return json.dumps(rows, indent=1)
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=sorted({k for r in rows for k in r}))
+        w.writeheader()
+        w.writerows(rows)
+        return buf.getvalue().rstrip("\n")
+    lines = ["| model | size | quant | threads | test | t/s | TTFT | peak RSS | B/token | GB/s | % mem BW | experts in RAM |",
+             "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        decode = "bytes_per_token" in r
+        er = r.get("experts_resident")
+        cells = [r["model"], f"{r['size_gb']:.2f} GB", r["quant"], str(r["threads"]), r["test"],
+                 f"{r['tps_mean']:.2f} ± {r['tps_sd']:.2f}",
+                 "" if decode else f"{r['ttft_s']:.3f} s", f"{r['peak_rss_gb']:.2f} GB",
+                 f"{r['bytes_per_token'] / 1e6:.1f} MB" if decode else "",
+                 f"{r['gbs']:.1f}" if decode else "", f"{r['pct_bw']:.0f}%" if decode else "",
+                 f"{100 * er:.1f}%" if decode and er is not None else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
