@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = 1):
@@ -30,46 +30,390 @@ def fail(message: str, code: int = 1):
 # ---------------------------------------------------------------------------------------------
 # download
 # ---------------------------------------------------------------------------------------------
+from enum import Enum  # noqa: E402  (kept inside the download block)
+
+
+class Source(str, Enum):
+    hf = "hf"
+    modelscope = "modelscope"
+
+
 @app.command()
-def download():
-    """Download the AntAngelMed checkpoint from the Hugging Face hub (resumable, verified)."""
-    fail("`amed download` is not built yet.")
+def download(
+    repo_id: Annotated[str, typer.Argument(help="Repository id on the hub.")] = "MedAIBase/AntAngelMed",
+    revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit (default: main).")] = None,
+    local_dir: Annotated[Optional[Path], typer.Option(
+        "--local-dir", metavar="DIR", help="Where the files go (default: ~/.cache/amed/models/ORG--NAME, or "
+                                           "$AMED_HOME/models/ORG--NAME).")] = None,
+    include: Annotated[Optional[list[str]], typer.Option(
+        "--include", metavar="GLOB", help="Glob of repo files to fetch; repeatable; replaces the default "
+                          "(*.json *.safetensors *.jinja tokenizer* LICENSE* README.md).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(
+        "--exclude", metavar="GLOB", help="Glob of repo files to skip; repeatable. *.py and pickle formats "
+                          "(*.bin *.pt *.pth *.pkl *.ckpt) are never fetched.")] = None,
+    token: Annotated[Optional[str], typer.Option(
+        help="Hub token for gated/private repos (default: $HF_TOKEN or the `hf auth login` token).")] = None,
+    source: Annotated[Source, typer.Option(
+        help="hf: Hugging Face hub ($HF_ENDPOINT honoured). modelscope: needs `pip install 'amed\\[modelscope]'`.")
+    ] = Source.hf,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files and disk needs; fetch nothing.")] = False,
+    max_workers: Annotated[int, typer.Option(help="Files downloaded in parallel.", min=1, max=32)] = 4,
+):
+    """Download the AntAngelMed checkpoint from the Hugging Face hub (resumable, verified).
+
+    Lists the files and checks free disk space first.
+    Interrupted (network drop, Ctrl-C, kill)? Run it again: it resumes from the bytes on disk.
+    Every file is checked against the hub's SHA-256; verified files are skipped next time.
+    """
+    import shlex
+
+    from . import hub
+
+    dest = local_dir or hub.default_local_dir(repo_id)
+    q = shlex.quote
+
+    def finished(path: Path) -> None:
+        print(f"Downloaded {repo_id} to {path}")
+        print(f"Next: amed quantize {q(str(path))} -o {q(str(path) + '-q4')} --bits 4")
+
+    if source == Source.modelscope:
+        if dry_run:
+            fail("--dry-run is only supported with --source hf")
+        finished(hub.download_modelscope(repo_id, dest, revision=revision, include=include, exclude=exclude,
+                                         token=token, max_workers=max_workers))
+        return
+
+    try:
+        plan = hub.list_files(repo_id, revision=revision, include=include, exclude=exclude, token=token)
+    except hub.HubUnreachable as e:
+        if not (have := hub.offline_snapshot(repo_id, dest, include, exclude)):
+            raise
+        err.print(f"{e}; using the verified files already in {have} (not checked for updates)", markup=False)
+        finished(have)
+        return
+    hub.check_access(plan, token)
+    needed = hub.bytes_needed(plan, dest)
+    fmt = hub.fmt_bytes
+
+    if dry_run:
+        state = hub.load_state(dest)
+        for f in plan.files:
+            have = hub.bytes_on_disk(f, dest, state)
+            status = ("verified" if hub.is_verified(f, dest, state) else "on disk, to verify" if have == f.size
+                      else f"partial {100 * have // max(f.size, 1)}%" if have else "to fetch")
+            print(f"{fmt(f.size):>10}  {status:<18}  {f.path}")
+        free = hub.free_bytes(dest)
+        print(f"{len(plan.files)} files, {fmt(plan.total_bytes)} in {repo_id}@{plan.commit[:12]}; "
+              f"{fmt(needed)} to fetch into {dest}; {fmt(free)} free"
+              + ("" if needed + hub.DISK_HEADROOM <= free else " (NOT ENOUGH)"))
+        return
+
+    hub.check_disk_space(needed, dest)
+    err.print(f"{repo_id}@{plan.commit[:12]}: {len(plan.files)} files, {fmt(plan.total_bytes)}, "
+              f"{fmt(needed)} to fetch into {dest}", markup=False)
+    try:
+        hub.download(plan, dest, token=token, max_workers=max_workers, progress=hub.DownloadProgress(err))
+    except KeyboardInterrupt:
+        err.print("[yellow]stopped: run the same command again to resume[/]")
+        raise
+    finished(dest)
 
 
 # ---------------------------------------------------------------------------------------------
 # quantize
 # ---------------------------------------------------------------------------------------------
 @app.command()
-def quantize():
-    """Convert a checkpoint into an int4/int8 amed store (streaming, resumable)."""
-    fail("`amed quantize` is not built yet.")
+def quantize(
+    src: Annotated[Path, typer.Argument(help="Hugging Face checkpoint directory (from `amed download`).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Store directory to write.")],
+    bits: Annotated[int, typer.Option("--bits", "-b", help="Routed experts: 4 (int4) or 8 (int8).")] = 4,
+    group_size: Annotated[int, typer.Option("--group-size", "-g", help="Weights per scale: 32, 64 or 128.")] = 64,
+    dense: Annotated[str, typer.Option(help="Attention, shared expert, dense MLP, embeddings, lm_head: q8, q4 or bf16.")] = "q8",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing store or unfinished job.")] = False,
+):
+    """Convert a checkpoint into an int4/int8 amed store (streaming, resumable: rerun to continue)."""
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    from .quantize import Settings, quantize_model
+
+    columns = (TextColumn("[bold]quantize"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TextColumn("{task.fields[tensors]} tensors"), TimeRemainingColumn())
+    bar = Progress(*columns, console=err)
+    task = None
+
+    def progress(done, ntensors, total):   # the bar appears once validation has passed
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("quantize", total=total, tensors=0)
+        bar.update(task, completed=done, tensors=ntensors)
+
+    try:
+        summary = quantize_model(src, output, Settings(bits=bits, group_size=group_size, dense=dense),
+                                 force=force, progress=progress)
+    finally:
+        bar.stop()
+    print_quantize_summary(summary)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+
+
+def print_quantize_summary(s: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"store written to {s['path']}", title_justify="left")
+    for col in ("tensors", "format", "params", "size", "bits/weight"):
+        t.add_column(col, justify="right" if col != "tensors" else "left")
+    for kind, c in sorted(s["classes"].items(), key=lambda kv: -kv[1]["bytes"]):
+        t.add_row(kind, c["format"], f"{c['params'] / 1e6:,.2f} M", human(c["bytes"]),
+                  f"{8 * c['bytes'] / max(c['params'], 1):.2f}")
+    t.add_row("total", "", f"{s['params'] / 1e6:,.2f} M", human(s["store_bytes"]),
+              f"{8 * s['store_bytes'] / max(s['params'], 1):.2f}", style="bold")
+    err.print(t)
+    err.print(f"{human(s['source_bytes'])} read in {s['seconds']:.1f} s "
+              f"({human(s['source_bytes'] / max(s['seconds'], 1e-9))}/s). Next: [bold]amed chat -m {s['path']}[/]")
+
+
+@app.command()
+def verify(
+    store: Annotated[Path, typer.Argument(help="Store directory to check.")],
+):
+    """Hash every file of a store against its manifest (a full read; loading checks only sizes)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from .store import open_store
+
+    st = open_store(store)
+    total = sum(m["bytes"] for m in st.manifest["files"].values())
+    with Progress("verify", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=err) as bar:
+        task = bar.add_task("verify", total=total)
+        bad = st.verify(progress=lambda n: bar.advance(task, n))
+    if bad:
+        fail(f"{len(bad)} file(s) of {store} do not match their checksums ({', '.join(bad)}): the store is "
+             f"damaged; re-create it with `amed quantize ... --force`.")
+    err.print(f"[green]ok[/]: all {len(st.manifest['files'])} files of {store} match their SHA-256.")
 
 
 # ---------------------------------------------------------------------------------------------
 # chat
 # ---------------------------------------------------------------------------------------------
+def default_store_dir() -> Path:
+    import os
+
+    home = os.environ.get("AMED_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "amed")
+    return Path(home) / "stores" / "AntAngelMed-q4"
+
+
+def resolve_model(model: Optional[Path]) -> Path:
+    """-m, else $AMED_MODEL, else the default store; a clear error naming the fix otherwise."""
+    import os
+
+    if model is not None:
+        if not model.exists():
+            fail(f"{model} does not exist.")
+        return model
+    if os.environ.get("AMED_MODEL"):
+        return Path(os.environ["AMED_MODEL"])
+    d = default_store_dir()
+    if (d / "amed-manifest.json").exists():
+        return d
+    fail(f"no model given and none at the default location {d}. Pass -m DIR, set AMED_MODEL, or "
+         f"create it with: amed download && amed quantize <download dir> -o {d} --bits 4")
+
+
+def set_threads(threads: Optional[int]) -> None:
+    if threads:
+        import numba
+
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+
+
+ModelOpt = Annotated[Optional[Path], typer.Option("-m", "--model", help="Store or checkpoint directory "
+                                                  "(default: $AMED_MODEL, then the default store).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads (default: all cores).")]
+
+
 @app.command()
-def chat():
-    """Talk to the model, with tokens streaming as they are generated."""
-    fail("`amed chat` is not built yet.")
+def chat(
+    model: ModelOpt = None,
+    prompt: Annotated[Optional[str], typer.Option("-p", "--prompt", help="One-shot: answer this and exit.")] = None,
+    system_prompt: Annotated[Optional[str], typer.Option("--system-prompt", "-sys", help="System prompt.")] = None,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens per answer.")] = 1024,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context length in tokens.")] = 4096,
+    temp: Annotated[Optional[float], typer.Option("--temp", help="Temperature; 0 = greedy.", rich_help_panel="Sampling")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", rich_help_panel="Sampling")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", rich_help_panel="Sampling")] = None,
+    min_p: Annotated[Optional[float], typer.Option("--min-p", rich_help_panel="Sampling")] = None,
+    repeat_penalty: Annotated[Optional[float], typer.Option("--repeat-penalty", rich_help_panel="Sampling")] = None,
+    seed: Annotated[Optional[int], typer.Option("-s", "--seed", rich_help_panel="Sampling")] = None,
+    threads: ThreadsOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print settings and per-answer stats.")] = False,
+):
+    """Talk to the model, with tokens streaming as they are generated.
+
+    Interactive by default; with -p, or a prompt piped on stdin, prints only the answer on stdout."""
+    path = resolve_model(model)
+    one_shot = prompt is not None or not sys.stdin.isatty()
+    if one_shot and prompt is None:
+        prompt = sys.stdin.read()
+        if not prompt.strip():
+            fail("no prompt: pass -p TEXT or pipe a question on stdin.")
+    err.print(f"[dim]{__import__('amed.chat', fromlist=['NOTICE']).NOTICE}[/]")
+    set_threads(threads)
+
+    import time
+
+    from . import load
+    from .chat import ChatSession, repl
+    from .sampling import SamplingParams, make_sampler
+    from .tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    m = load(path, ctx_size=ctx_size)
+    tok = Tokenizer.from_dir(path)
+    if tok.template_is_fallback:
+        err.print("[yellow]no chat template in the model directory: using the built-in Ling format.[/]")
+    params = SamplingParams.from_generation_config(path, temperature=temp, top_p=top_p, top_k=top_k,
+                                                   min_p=min_p, repetition_penalty=repeat_penalty, seed=seed)
+    if verbose:
+        err.print(f"[dim]model {path} loaded in {time.perf_counter() - t0:.2f} s; sampling: "
+                  f"temp {params.temperature}, top-p {params.top_p}, top-k {params.top_k}, "
+                  f"min-p {params.min_p}, repeat-penalty {params.repetition_penalty}, seed {params.seed}[/]")
+    session = ChatSession(m, tok, make_sampler(params), max_tokens, ctx_size, system_prompt, err)
+    if one_shot:
+        step = session.ask(prompt.strip())
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if verbose:
+            err.print(f"[dim]{session.stats_line(step)}[/]")
+        return
+    repl(session, verbose)
 
 
 # ---------------------------------------------------------------------------------------------
 # bench
 # ---------------------------------------------------------------------------------------------
 @app.command()
-def bench():
+def bench(
+    model: ModelOpt = None,
+    n_prompt: Annotated[int, typer.Option("-p", "--n-prompt", help="Prompt tokens for the ppN test (0 skips it).")] = 512,
+    n_gen: Annotated[int, typer.Option("-n", "--n-gen", help="Generated tokens for the tgN test (0 skips it).")] = 128,
+    reps: Annotated[int, typer.Option("-r", "--repetitions", help="Timed repetitions after a warm-up.")] = 5,
+    threads: Annotated[str, typer.Option("-t", "--threads", help="Thread counts to sweep, comma-separated (default: all cores).")] = "",
+    output: Annotated[str, typer.Option("-o", "--output", help="md, json or csv (on stdout).")] = "md",
+    random_ids: Annotated[bool, typer.Option("--random-ids", help="Random token ids instead of real text.")] = False,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size")] = 4096,
+):
     """Measure prefill and decode speed, memory, and how close that is to the hardware."""
-    fail("`amed bench` is not built yet.")
+    if output not in ("md", "json", "csv"):
+        fail(f"-o must be md, json or csv, not {output!r}.")
+    path = resolve_model(model)
+    import os
+
+    import numba
+
+    from . import load
+    from .bench import format_rows, memory_bandwidth_gbs, run_bench
+    from .tokenizer import Tokenizer
+
+    try:
+        counts = [int(t) for t in threads.split(",") if t.strip()] or [numba.config.NUMBA_NUM_THREADS]
+    except ValueError:
+        fail(f"-t takes comma-separated integers, not {threads!r}.")
+    m = load(path, ctx_size=max(ctx_size, n_prompt + n_gen + 16))
+    tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+    home = Path(os.environ.get("AMED_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "amed")
+    err.print("[dim]measuring memory bandwidth (cached after the first run)...[/]")
+    bw = memory_bandwidth_gbs(home / "membw.json")
+    src = m.source
+    size = sum((path / f).stat().st_size for f in getattr(src, "manifest", {}).get("files", {})) or \
+        sum(t.nbytes for t in src.tensors.values())
+    quant = getattr(src, "manifest", {}).get("quantization", {})
+    qdesc = f"q{quant['bits']}/g{quant['group_size']}" if quant else "bf16"
+    rows = []
+    for n in counts:
+        set_threads(n)
+        err.print(f"[dim]{path.name}: {n} threads, pp{n_prompt} tg{n_gen} x {reps}...[/]")
+        rec = run_bench(m, tok, n_prompt, n_gen, reps, random_ids)
+        for res in (rec["pp"], rec["tg"]):
+            if res is None:
+                continue
+            row = {"model": path.name, "size_gb": size / 1e9, "quant": qdesc, "threads": n, "test": res.test,
+                   "tps_mean": res.mean, "tps_sd": res.sd, "peak_rss_gb": rec["peak_rss"] / 1e9,
+                   "compile_s": rec["compile_s"], "mem_bw_gbs": bw}
+            if res.test.startswith("pp"):
+                row["ttft_s"] = min(res.seconds)
+            else:
+                bpt = rec["bytes_per_token"]
+                row.update(bytes_per_token=bpt, gbs=bpt * res.mean / 1e9, pct_bw=100 * bpt * res.mean / 1e9 / bw,
+                           experts_resident=rec["expert_resident"])
+            rows.append(row)
+    print(format_rows(rows, output))
+    if rows:
+        err.print(f"[dim]kernel compile/load before timing: {rows[0]['compile_s']:.2f} s; "
+                  f"memory bandwidth {bw:.1f} GB/s[/]")
 
 
 # ---------------------------------------------------------------------------------------------
 # synth
 # ---------------------------------------------------------------------------------------------
 @app.command()
-def synth():
+def synth(
+    out: Annotated[Path, typer.Argument(help="Directory to write the checkpoint into.")],
+    preset: Annotated[str, typer.Option(
+        "--preset", "-p", help="Model shape: tiny (a few MB), flash (real Ling-flash-2.0 / "
+        "AntAngelMed widths; ~6.4 GB per MoE layer) or mini (Ling-mini-2.0 widths).")] = "tiny",
+    layers: Annotated[Optional[int], typer.Option(
+        "--layers", "-n", min=1, help="Number of layers (default: the preset's).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
+    force: Annotated[bool, typer.Option(
+        "--force", "-f", help="Write into OUT even if it is a non-empty directory.")] = False,
+):
     """Write a random BailingMoeV2 checkpoint (for tests and benchmarks; no download needed)."""
-    fail("`amed synth` is not built yet.")
+    import time
+
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+
+    from .errors import AmedError
+    from .synth import PRESETS, write_synthetic_checkpoint
+
+    out = out.expanduser()
+    if preset not in PRESETS:
+        fail(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}.")
+    if out.exists() and not out.is_dir():
+        fail(f"{out} exists and is not a directory.")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        fail(f"{out} is not empty; pass --force to write the checkpoint into it anyway.")
+    t0 = time.perf_counter()
+    with Progress(TextColumn("synth {task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True,
+                  disable=not err.is_terminal) as bar:
+        task = bar.add_task(preset, total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        try:
+            path = write_synthetic_checkpoint(out, preset=preset, layers=layers, seed=seed,
+                                              progress=progress)
+        except AmedError as e:
+            bar.stop()
+            fail(str(e))
+    dt = time.perf_counter() - t0
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    shards = len(list(path.glob("model-*-of-*.safetensors")))
+    nl = layers or PRESETS[preset]["num_hidden_layers"]
+    human = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    err.print(f"wrote a random {preset} checkpoint ({nl} layers, {shards} shards, {human}) "
+              f"to {path} in {dt:.1f} s")
 
 
 def main() -> None:

@@ -99,3 +99,33 @@ def build_weights(cfg, matrix, vector) -> Weights:
         return tuple(matrix(f"blk.{L}.ffn_{m}_exps.{e}") for m in ("gate", "up", "down"))
 
     return Weights(matrix("token_embd"), layers, vector("output_norm"), matrix("output"), fetch_expert)
+
+
+class Quant:
+    """A quantized matrix (see quants.py for the formats); matmul dequantizes inside the kernel."""
+    __slots__ = ("qt", "shape")
+
+    def __init__(self, qt):
+        self.qt = qt
+        self.shape = tuple(qt.shape)
+
+    def matmul(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        from .qkernels import qmatmul
+
+        qmatmul(x, self.qt, out)
+        return out
+
+    def rows_f32(self, rows: np.ndarray) -> np.ndarray:
+        from .quants import dequantize_rows
+
+        return dequantize_rows(self.qt, rows)
+
+
+def as_matrix(fmt: str, parts: dict, shape: tuple, group: int | None):
+    """A store weight (its component arrays) as a matmul-able object."""
+    if fmt in ("f32", "bf16"):
+        return Dense(parts["w"])
+    from .quants import QTensor
+
+    return Quant(QTensor(fmt=fmt, shape=shape, group=group, q=parts["q"], scale=parts["s"],
+                         zero=parts.get("m")))

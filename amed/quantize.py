@@ -1,0 +1,287 @@
+"""`amed quantize`: a Hugging Face checkpoint -> an amed store, streaming and resumable.
+
+The pipeline validates the whole source, plans every output file (so sizes and offsets are known
+before a byte is written), checks free disk space, then writes one file at a time: globals, then
+one file per layer. Each file is written as `.partial`, fsynced, hashed and renamed, and only then
+recorded in the manifest; the manifest says `complete` only after the last file. Rerunning the
+same command skips recorded files, so an interrupted run (Ctrl-C, kill -9, power loss) resumes
+and ends byte-identical to an uninterrupted one. Memory stays bounded: tensors are read with
+pread in row chunks, never through a growing memory map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint, TensorSpec, tensor_table
+from .container import PAGE, ContainerWriter, Entry, plan, write_json_atomic
+from .errors import AmedError
+from .store import COPIED_FILES, FORMAT, MANIFEST, VERSION, component_specs, read_manifest
+
+# ---- the quantization policy: which tensor gets which format -----------------------------------
+# "experts" and "dense" are the command's --bits and --dense choices. The router, expert bias and
+# norms are tiny and precision-critical (routing decisions), so they stay float32.
+POLICY = {
+    "expert": "experts",   # routed experts (97% of the weights)
+    "shared": "dense",     # shared expert, runs for every token
+    "attn": "dense",       # fused QKV and output projection
+    "ffn": "dense",        # the dense SwiGLU of the first layer(s)
+    "embed": "dense",      # token embeddings (only looked up by row)
+    "output": "dense",     # lm_head
+    "router": "f32",
+    "bias": "f32",
+    "norm": "f32",
+}
+ROW_CHUNK_ELEMS = 8 << 20  # quantize big matrices in row chunks of ~8M weights (32 MiB as f32)
+
+
+@dataclass(frozen=True)
+class Settings:
+    bits: int = 4           # routed experts: 4 -> q4, 8 -> q8
+    group_size: int = 64
+    dense: str = "q8"       # attention, shared expert, dense MLP, embeddings, lm_head: q8 | bf16 | q4
+
+    def fmt(self, kind: str) -> str:
+        p = POLICY[kind]
+        if p == "experts":
+            return f"q{self.bits}"
+        if p == "dense":
+            return self.dense
+        return p
+
+    def choose(self, spec: TensorSpec) -> tuple[str, int | None]:
+        """(format, group size) for one tensor. A width the group size does not divide takes the
+        next smaller group that does; a width no group divides stays bf16."""
+        fmt = self.fmt(spec.kind)
+        if fmt not in ("q4", "q8"):
+            return fmt, None
+        K = spec.shape[-1]
+        for g in [self.group_size] + [g for g in (128, 64, 32) if g < self.group_size]:
+            if K % g == 0:
+                return fmt, g
+        return "bf16", None
+
+    def validate(self) -> None:
+        if self.bits not in (4, 8):
+            raise AmedError(f"--bits must be 4 or 8, not {self.bits}.")
+        if self.group_size not in (32, 64, 128):
+            raise AmedError(f"--group-size must be 32, 64 or 128, not {self.group_size}.")
+        if self.dense not in ("q8", "q4", "bf16"):
+            raise AmedError(f"--dense must be q8, q4 or bf16, not {self.dense!r}.")
+
+
+# ---- planning ---------------------------------------------------------------------------------
+
+@dataclass
+class FilePlan:
+    name: str
+    specs: list[TensorSpec]
+    entries: list[Entry]
+    size: int = 0
+    data_start: int = 0
+
+
+def plan_store(cfg, settings: Settings) -> list[FilePlan]:
+    """Every output file with its tensors and byte offsets: globals, then one file per layer."""
+    table = tensor_table(cfg)
+    groups: dict[str, list[TensorSpec]] = {"globals.safetensors": []}
+    for spec in table:
+        fname = "globals.safetensors" if spec.layer < 0 else f"layer-{spec.layer:03d}.safetensors"
+        groups.setdefault(fname, []).append(spec)
+    plans = []
+    for fname, specs in groups.items():
+        # dense tensors first, then the routed experts, each expert starting on a fresh page
+        specs = sorted(specs, key=lambda s: (s.expert >= 0, s.expert))
+        entries, last_expert = [], -1
+        for s in specs:
+            fmt, group = settings.choose(s)
+            for i, (suffix, dtype, shape) in enumerate(component_specs(fmt, s.shape, group)):
+                new_expert = s.expert >= 0 and s.expert != last_expert and i == 0
+                entries.append(Entry(s.name + suffix, dtype, tuple(shape), PAGE if new_expert else 64))
+            last_expert = s.expert if s.expert >= 0 else last_expert
+        _, data_start, size = plan(entries, {"format": "amed"})
+        plans.append(FilePlan(fname, specs, entries, size, data_start))
+    return plans
+
+
+def manifest_skeleton(cfg, settings: Settings, plans: list[FilePlan], source: dict) -> dict:
+    weights, experts = {}, {}
+    for fp in plans:
+        starts = {e.name: e.start for e in fp.entries}
+        for s in fp.specs:
+            fmt, group = settings.choose(s)
+            if s.expert < 0:
+                weights[s.name] = {"format": fmt, "shape": list(s.shape), "group": group, "file": fp.name}
+                continue
+            base = s.name.rsplit(".", 1)[0]                 # blk.L.ffn_gate_exps
+            which = base.split(".")[-1]
+            first = component_specs(fmt, s.shape, group)[0][0]
+            info = experts.setdefault(str(s.layer), {"file": fp.name, "count": cfg.num_experts,
+                                                     "matrices": {}})
+            info["matrices"][which] = {"format": fmt, "group": group, "shape": list(s.shape)}
+            if s.expert == 0 and which == "ffn_gate_exps":
+                # experts are laid out back to back with a fixed page-aligned stride
+                e0 = starts[s.name + first]
+                e1 = starts.get(f"{base}.1{first}")
+                data_end = fp.size - fp.data_start
+                info["offset"] = fp.data_start + e0
+                info["stride"] = (e1 - e0) if e1 is not None else data_end - e0
+    return {
+        "format": FORMAT, "version": VERSION, "complete": False,
+        "config": cfg.to_dict(), "source": source,
+        "quantization": {**asdict(settings), "policy": {k: settings.fmt(k) for k in POLICY}},
+        "weights": weights, "experts": experts, "files": {},
+    }
+
+
+def source_fingerprint(src: Path) -> dict:
+    """What identifies the source: hashes of its config and index, and the hub commit if known."""
+    from .hub import load_state
+
+    def h(p):
+        return hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else None
+
+    fp = {"config_sha256": h(src / "config.json"), "index_sha256": h(src / "model.safetensors.index.json")}
+    state = load_state(src)                        # written by `amed download`
+    if state.get("commit"):
+        fp.update(repo_id=state.get("repo_id"), revision=state["commit"])
+    return fp
+
+
+# ---- the pipeline -----------------------------------------------------------------------------
+
+def quantize_model(src, dst, settings: Settings = Settings(), force: bool = False, progress=None,
+                   log=print) -> dict:
+    """Quantize checkpoint `src` into store `dst`. `progress(bytes_done, tensors_done)` is called
+    as source bytes are consumed. Returns a summary dict."""
+    t0 = time.perf_counter()
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    ckpt = Checkpoint(src)                       # validates config, headers, every tensor's shape
+    cfg = ckpt.config
+    settings.validate()
+    plans = plan_store(cfg, settings)
+    source = source_fingerprint(src)
+    man = manifest_skeleton(cfg, settings, plans, source)
+
+    # What is already there: a finished store, an interrupted run of this job, or something else.
+    if dst.exists() and any(dst.iterdir()):
+        if (dst / MANIFEST).exists():
+            try:
+                old = read_manifest(dst)
+            except AmedError:
+                old = None
+            same_job = old is not None and all(old.get(k) == man[k] for k in ("config", "source", "quantization"))
+            if old is not None and old.get("complete") and not force:
+                raise AmedError(f"{dst} already holds a complete store; pass --force to overwrite it.")
+            if not same_job and not force:
+                raise AmedError(f"{dst} holds an unfinished store made with other settings or another "
+                                f"source; pass --force to start over, or choose another -o.")
+            if force:
+                _clear_store(dst)
+            else:
+                man["files"] = {f: m for f, m in old["files"].items()
+                                if (dst / f).exists() and (dst / f).stat().st_size == m["bytes"]}
+        elif not force:
+            raise AmedError(f"{dst} is not empty and is not an amed store; choose another -o or pass --force.")
+        else:
+            _clear_store(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+
+    todo = [fp for fp in plans if fp.name not in man["files"]]
+    need = sum(fp.size for fp in todo) + (64 << 20)
+    free = shutil.disk_usage(dst).free
+    if free < need:
+        raise AmedError(f"not enough disk space in {dst}: the store needs {need / 1e9:.1f} GB more but "
+                        f"only {free / 1e9:.1f} GB is free; free some space or choose another -o "
+                        f"(--bits 4 and --dense q8 give the smallest store).")
+    write_json_atomic(dst / MANIFEST, man)
+
+    total_src = sum(ckpt.tensors[s.hf].nbytes for fp in plans for s in fp.specs)
+    done_src = sum(ckpt.tensors[s.hf].nbytes for fp in plans if fp.name in man["files"] for s in fp.specs)
+    ntensors = sum(len(fp.specs) for fp in plans if fp.name in man["files"])
+    if progress:
+        progress(done_src, ntensors, total_src)
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    with ThreadPoolExecutor(workers) as pool:   # NumPy releases the GIL: tensors quantize in parallel
+        for fp in todo:
+            writer = ContainerWriter(dst / fp.name, fp.entries, {"format": "amed"})
+            try:
+                jobs = [pool.submit(_convert, ckpt, writer, s, settings) for s in fp.specs]
+                for s, job in zip(fp.specs, jobs):
+                    job.result()
+                    done_src += ckpt.tensors[s.hf].nbytes
+                    ntensors += 1
+                    if progress:
+                        progress(done_src, ntensors, total_src)
+                sha = writer.finish()
+            except BaseException:
+                for job in jobs:
+                    job.cancel()
+                wait(jobs)
+                writer.abort()
+                raise
+            man["files"][fp.name] = {"bytes": fp.size, "sha256": sha}
+            write_json_atomic(dst / MANIFEST, man)
+
+    for name in COPIED_FILES:
+        if (src / name).exists():
+            shutil.copyfile(src / name, dst / name)
+    man["files"] = {fp.name: man["files"][fp.name] for fp in plans}   # canonical order
+    man["complete"] = True
+    write_json_atomic(dst / MANIFEST, man)
+    return summarize(cfg, settings, plans, ckpt, time.perf_counter() - t0, dst)
+
+
+def _convert(ckpt: Checkpoint, writer: ContainerWriter, s: TensorSpec, settings: Settings) -> None:
+    """Read one source tensor in row chunks, convert it to its policy format, write it."""
+    from . import quants
+
+    fmt, group = settings.choose(s)
+    for row0, w in ckpt.read_rows_f32(s.hf, ROW_CHUNK_ELEMS):
+        if fmt == "f32":
+            writer.write(s.name, w, row0)
+        elif fmt == "bf16":
+            writer.write(s.name, ckpt.read_raw(s.hf, row0, len(w)), row0)
+        else:
+            qt = quants.quantize(w, fmt, group)
+            for suffix, arr in quant_parts(qt, fmt):
+                writer.write(s.name + suffix, arr, row0)
+
+
+def quant_parts(qt, fmt: str):
+    """(suffix, array) pairs of a QTensor in the store's component order."""
+    if fmt == "q8":
+        return [(".q", qt.q), (".s", qt.scale)]
+    return [(".q", qt.q), (".s", qt.scale), (".m", qt.zero)]
+
+
+def _clear_store(dst: Path) -> None:
+    for p in dst.iterdir():
+        if p.name == MANIFEST or p.suffix in (".safetensors", ".partial") or p.name in COPIED_FILES:
+            p.unlink()
+
+
+def summarize(cfg, settings, plans, ckpt, seconds, dst) -> dict:
+    classes: dict[str, dict] = {}
+    for fp in plans:
+        sizes = {e.name: e.nbytes for e in fp.entries}
+        for s in fp.specs:
+            fmt, group = settings.choose(s)
+            c = classes.setdefault(s.kind, {"format": fmt, "params": 0, "bytes": 0, "source_bytes": 0})
+            c["params"] += int(np.prod(s.shape))
+            c["bytes"] += sum(sizes[s.name + suf] for suf, _, _ in component_specs(fmt, s.shape, group))
+            c["source_bytes"] += ckpt.tensors[s.hf].nbytes
+    total = sum(fp.size for fp in plans)
+    src_bytes = sum(c["source_bytes"] for c in classes.values())
+    return {"path": str(dst), "classes": classes, "store_bytes": total, "source_bytes": src_bytes,
+            "seconds": seconds, "params": sum(c["params"] for c in classes.values()),
+            "source_gb_per_s": src_bytes / 1e9 / max(seconds, 1e-9)}

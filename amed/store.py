@@ -1,0 +1,177 @@
+"""The amed store: a quantized model as a directory of page-aligned safetensors files.
+
+Layout (docs/store-format.md is the full description):
+    amed-manifest.json          format, version, `complete`, config, quantization, files + SHA-256
+    globals.safetensors         token_embd, output_norm, output
+    layer-000.safetensors ...   one file per decoder layer; the layer's routed experts come last,
+                                each expert one page-aligned contiguous byte range
+    config.json, tokenizer*.json, generation_config.json   copied from the source
+
+A weight in format q4/q8 is stored as `NAME.q` (packed ints), `NAME.s` (scales) and, for q4,
+`NAME.m` (group minimums); f32/bf16 weights are stored as `NAME`. Opening a store maps the files
+and does cheap structural checks only; `verify()` hashes every byte on demand.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import DTYPES, read_safetensors_header
+from .config import ModelConfig
+from .errors import AmedError
+
+MANIFEST = "amed-manifest.json"
+FORMAT = "amed-store"
+VERSION = 1
+COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json")
+
+SCALE_DTYPE = "F16"
+
+MADV_RANDOM = getattr(mmap, "MADV_RANDOM", None)
+MADV_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)
+
+
+def read_manifest(path: Path) -> dict:
+    mpath = path / MANIFEST
+    try:
+        man = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise AmedError(f"{path} is not an amed store (no {MANIFEST}).") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AmedError(f"{mpath} is corrupt (not valid JSON); re-run `amed quantize`.") from None
+    if not isinstance(man, dict) or man.get("format") != FORMAT:
+        raise AmedError(f"{mpath} is not an amed store manifest.")
+    if man.get("version") != VERSION:
+        raise AmedError(f"{path} is an amed store of format version {man.get('version')}; this amed "
+                        f"reads version {VERSION}: re-run `amed quantize`, or use a matching amed.")
+    return man
+
+
+class Store:
+    """An open store: memory-mapped, lazy, read-only."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        man = read_manifest(self.path)
+        if not man.get("complete"):
+            raise AmedError(f"{self.path} is an incomplete store (quantization was interrupted); "
+                            f"re-run the same `amed quantize` command to finish it.")
+        self.manifest = man
+        self.config = ModelConfig.from_dict(man["config"])
+        self.weights_info: dict = man["weights"]
+        self.experts_info: dict = man["experts"]
+        self.tensors = {}
+        self._maps: dict[str, mmap.mmap] = {}
+        for fname, meta in man["files"].items():
+            fpath = self.path / fname
+            if os.sep in fname or not fname.endswith(".safetensors"):
+                raise AmedError(f"{MANIFEST} names an invalid file {fname!r}.")
+            if not fpath.exists():
+                raise AmedError(f"{fname} is missing from the store {self.path}; re-run `amed quantize`.")
+            size = fpath.stat().st_size
+            if size != meta["bytes"]:
+                raise AmedError(f"{fname} in {self.path} has {size} bytes but the manifest says "
+                                f"{meta['bytes']}: the store is damaged; re-run `amed quantize --force`.")
+            for name, info in read_safetensors_header(fpath).items():
+                self.tensors[name] = info
+            with open(fpath, "rb") as f:
+                self._maps[fname] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # Expert regions: no read-ahead into neighbours, so an unrouted expert is never read.
+        if MADV_RANDOM is not None:
+            for info in self.experts_info.values():
+                m = self._maps[info["file"]]
+                m.madvise(MADV_RANDOM, info["offset"], info["stride"] * info["count"])
+        missing = [n for n, w in self.weights_info.items() if not all(c in self.tensors for c in components(n, w["format"]))]
+        if missing:
+            raise AmedError(f"weight '{missing[0]}' is missing from the store files: the store is damaged.")
+
+    # -- raw access
+    def array(self, name: str) -> np.ndarray:
+        t = self.tensors.get(name)
+        if t is None:
+            raise AmedError(f"tensor '{name}' is missing from the store {self.path}.")
+        dt = np.dtype(DTYPES[t.dtype])
+        m = self._maps[t.path.name]
+        return np.frombuffer(m, dtype=dt, count=t.nbytes // dt.itemsize, offset=t.start).reshape(t.shape)
+
+    # -- weights for the model
+    def matrix(self, name: str):
+        from .weights import as_matrix
+
+        info = self.weights_info.get(name) or self._expert_weight_info(name)
+        fmt, shape, group = info["format"], tuple(info["shape"]), info.get("group")
+        parts = {suffix.lstrip(".") or "w": self.array(name + suffix)
+                 for suffix, _, _ in component_specs(fmt, shape, group)}
+        return as_matrix(fmt, parts, shape, group)
+
+    def vector(self, name: str) -> np.ndarray:
+        a = self.array(name)
+        if self.tensors[name].dtype == "BF16":
+            return (a.astype(np.uint32) << 16).view(np.float32)
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+    def _expert_weight_info(self, name: str) -> dict:
+        _, L, which, _ = name.split(".")                    # blk.L.ffn_{gate,up,down}_exps.E
+        return self.experts_info[L]["matrices"][which]
+
+    def weights(self):
+        from .weights import build_weights
+
+        w = build_weights(self.config, self.matrix, self.vector)
+        w.prefetch = self.prefetch_experts
+        return w
+
+    def prefetch_experts(self, layer: int, experts) -> None:
+        """Ask the kernel to start reading the chosen experts' pages (MADV_WILLNEED)."""
+        info = self.experts_info.get(str(layer))
+        if info is None or MADV_WILLNEED is None:
+            return
+        m = self._maps[info["file"]]
+        for e in experts:
+            m.madvise(MADV_WILLNEED, info["offset"] + int(e) * info["stride"], info["stride"])
+
+    def expert_region(self, layer: int, e: int) -> tuple[str, int, int]:
+        info = self.experts_info[str(layer)]
+        return info["file"], info["offset"] + e * info["stride"], info["stride"]
+
+    def verify(self, progress=None) -> list[str]:
+        """Hash every file against the manifest; returns the names of damaged files."""
+        from .container import sha256_file
+
+        bad = []
+        for fname, meta in self.manifest["files"].items():
+            if sha256_file(self.path / fname) != meta["sha256"]:
+                bad.append(fname)
+            if progress:
+                progress(meta["bytes"])
+        return bad
+
+
+def component_specs(fmt: str, shape: tuple, group: int | None) -> list[tuple[str, str, tuple]]:
+    """(suffix, safetensors dtype, shape) of the tensors that hold one weight [N, K]."""
+    if fmt == "f32":
+        return [("", "F32", shape)]
+    if fmt == "bf16":
+        return [("", "BF16", shape)]
+    N, K = shape
+    ng = K // group
+    if fmt == "q8":
+        return [(".q", "I8", (N, ng, group)), (".s", SCALE_DTYPE, (N, ng))]
+    if fmt == "q4":
+        return [(".q", "U8", (N, ng, group // 2)), (".s", SCALE_DTYPE, (N, ng)), (".m", SCALE_DTYPE, (N, ng))]
+    raise ValueError(f"unknown weight format {fmt!r}")
+
+
+def components(name: str, fmt: str) -> list[str]:
+    """Tensor names that hold one weight in the store files."""
+    return [name + suffix for suffix, _, _ in component_specs(fmt, (1, 1 if fmt in ("f32", "bf16") else 64), 64)]
+
+
+def open_store(path) -> Store:
+    return Store(path)
