@@ -102,7 +102,7 @@ def resident_fraction(m: mmap.mmap, offset: int, length: int) -> float:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     page = mmap.PAGESIZE
-    base = ctypes.addressof(ctypes.c_char.from_buffer(m)) if not m.closed else 0
+    base = np.frombuffer(m, np.uint8, count=1).ctypes.data   # address of the mapping
     start = (base + offset) // page * page
     end = base + offset + length
     npages = -(-(end - start) // page)
@@ -244,3 +244,14 @@ def format_rows(rows: list[dict], fmt: str) -> str:
                  f"{100 * er:.1f}%" if decode and er is not None else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Per-position KL(ref || test) over the full vocabulary, in nats (float64)."""
+    lp = ref_logits.astype(np.float64)
+    lq = logits.astype(np.float64)
+    lp = lp - lp.max(-1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+    lq = lq - lq.max(-1, keepdims=True)
+    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+    return (np.exp(lp) * (lp - lq)).sum(-1)

@@ -166,6 +166,12 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
+def f32_to_bf16(f: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), round to nearest even."""
+    u = np.ascontiguousarray(f, dtype=np.float32).view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+
+
 class Checkpoint:
     """A Hugging Face BailingMoeV2 checkpoint: config plus lazily mapped tensors.
 

@@ -22,14 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import Checkpoint, TensorSpec, tensor_table
+from .checkpoint import Checkpoint, TensorSpec, f32_to_bf16, tensor_table
 from .container import PAGE, ContainerWriter, Entry, plan, write_json_atomic
 from .errors import AmedError
 from .store import COPIED_FILES, FORMAT, MANIFEST, VERSION, component_specs, read_manifest
 
 # ---- the quantization policy: which tensor gets which format -----------------------------------
 # "experts" and "dense" are the command's --bits and --dense choices. The router, expert bias and
-# norms are tiny and precision-critical (routing decisions), so they stay float32.
+# norms are tiny and precision-critical (routing decisions), so they are never quantized: norms and
+# bias as float32, the router in its source precision (bf16 in the real checkpoint: lossless, and
+# half the bytes per token of float32; the kernel computes the router in fp32 either way).
 POLICY = {
     "expert": "experts",   # routed experts (97% of the weights)
     "shared": "dense",     # shared expert, runs for every token
@@ -37,7 +39,7 @@ POLICY = {
     "ffn": "dense",        # the dense SwiGLU of the first layer(s)
     "embed": "dense",      # token embeddings (only looked up by row)
     "output": "dense",     # lm_head
-    "router": "f32",
+    "router": "source",
     "bias": "f32",
     "norm": "f32",
 }
@@ -62,6 +64,8 @@ class Settings:
         """(format, group size) for one tensor. A width the group size does not divide takes the
         next smaller group that does; a width no group divides stays bf16."""
         fmt = self.fmt(spec.kind)
+        if fmt == "source":
+            return ("bf16" if spec.dtype == "BF16" else "f32"), None
         if fmt not in ("q4", "q8"):
             return fmt, None
         K = spec.shape[-1]
@@ -250,7 +254,7 @@ def _convert(ckpt: Checkpoint, writer: ContainerWriter, s: TensorSpec, settings:
         if fmt == "f32":
             writer.write(s.name, w, row0)
         elif fmt == "bf16":
-            writer.write(s.name, ckpt.read_raw(s.hf, row0, len(w)), row0)
+            writer.write(s.name, f32_to_bf16(w), row0)            # exact for a bf16 source
         else:
             qt = quants.quantize(w, fmt, group)
             for suffix, arr in quant_parts(qt, fmt):

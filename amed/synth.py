@@ -34,7 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-from .checkpoint import hf_tensor_specs
+from .checkpoint import f32_to_bf16, hf_tensor_specs
 from .config import ModelConfig
 from .errors import AmedError
 
@@ -220,12 +220,6 @@ def synthetic_config(preset: str = "tiny", layers: int | None = None, **override
 # ---- random bf16 data ------------------------------------------------------------------------
 
 CHUNK_ELEMS = 4 << 20  # elements generated per step (8 MB of bf16)
-
-
-def f32_to_bf16(f: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bits (uint16), round to nearest even."""
-    u = np.ascontiguousarray(f, dtype=np.float32).view(np.uint32)
-    return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
 
 
 @lru_cache(maxsize=1)
