@@ -86,3 +86,27 @@ def test_token_out_of_range_is_a_clear_error(golden_dir):
     m = amed.load(golden_dir)
     with pytest.raises(amed.errors.AmedError, match="out of range"):
         m.forward([10_000])
+
+
+def test_load_is_instant_and_does_not_grow_rss(tmp_path):
+    """Loading maps the files but reads no weights: RSS barely moves whatever the model size."""
+    import time
+
+    from amed.bench import current_rss_bytes
+    from amed.synth import write_synthetic_checkpoint
+
+    path = write_synthetic_checkpoint(tmp_path / "big", preset="flash", layers=2, hidden_size=1024,
+                                      num_attention_heads=8, head_dim=128, intermediate_size=2048,
+                                      moe_intermediate_size=512, moe_shared_expert_intermediate_size=512,
+                                      num_experts=64, vocab_size=8192)
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    assert size > 200e6
+    amed.load(path)                                   # warm imports
+    before = current_rss_bytes()
+    t = time.perf_counter()
+    m = amed.load(path)
+    elapsed = time.perf_counter() - t
+    grown = current_rss_bytes() - before
+    assert elapsed < 1.0
+    assert grown < 0.05 * size, f"RSS grew by {grown / 1e6:.1f} MB for a {size / 1e6:.0f} MB checkpoint"
+    assert m.weights.touched == set()
