@@ -314,3 +314,76 @@ def load_weights(ckpt: Checkpoint):
     return build_weights(ckpt.config,
                          matrix=lambda name: Dense(ckpt.get(hf[name])),
                          vector=lambda name: ckpt.get_f32(hf[name]))
+
+
+# ---- a checkpoint whose shards come and go (amed download --quantize) ------------------------
+
+def read_index(path: Path, cfg) -> dict[str, str]:
+    """The weight_map of a model.safetensors.index.json, checked as hostile input: shard names
+    stay inside the directory, and every tensor the config implies is listed."""
+    path = Path(path)
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+        assert isinstance(weight_map, dict)
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
+        raise AmedError(f"{path} is not a valid safetensors index (no weight_map).") from None
+    for fname in set(weight_map.values()):
+        if "/" in fname or os.sep in fname or fname.startswith("."):
+            raise AmedError(f"the index names a shard outside the model directory: {fname!r}.")
+        if not fname.endswith(".safetensors"):
+            raise AmedError(f"the index names a shard that is not a .safetensors file: {fname!r}.")
+    for spec in tensor_table(cfg):
+        if spec.hf not in weight_map:
+            raise AmedError(f"tensor '{spec.hf}' is missing from {path.name}: the checkpoint does not "
+                            f"match its config.json.")
+    return weight_map
+
+
+class ShardedCheckpoint(Checkpoint):
+    """A checkpoint read one shard at a time: the index is known up front, a shard is validated
+    (header, then every tensor the index puts there against the tensor table) when it is added,
+    and only the tensors of shards present can be read. `read_rows_f32` etc. work as in Checkpoint."""
+
+    def __init__(self, path: str | os.PathLike, config, weight_map: dict[str, str]):
+        self.path = Path(path)
+        self.config = config
+        self.weight_map = weight_map
+        self.tensors: dict[str, TensorInfo] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
+        self._specs = hf_tensor_specs(config)
+
+    def add_shard(self, fname: str) -> None:
+        fpath = self.path / fname
+        header = read_safetensors_header(fpath)
+        for key, where in self.weight_map.items():
+            if where != fname or self._is_mtp(key):
+                continue
+            t = header.get(key)
+            if t is None:
+                raise AmedError(f"tensor '{key}' is listed in the index under {fname} "
+                                f"but that shard does not contain it: the shard is damaged.")
+            if key in self._specs:
+                shape, dtype = self._specs[key]
+                if t.shape != shape:
+                    raise AmedError(f"tensor '{key}' in {fname} has shape {list(t.shape)}, "
+                                    f"but config.json implies {list(shape)}.")
+                if t.dtype not in (dtype, "F32", "BF16"):
+                    raise AmedError(f"tensor '{key}' in {fname} has dtype {t.dtype}; expected {dtype}.")
+                self.tensors[key] = t
+
+    def drop_shard(self, fname: str) -> None:
+        """Forget a shard's tensors and close its file (before it is deleted)."""
+        fpath = self.path / fname
+        self.tensors = {k: t for k, t in self.tensors.items() if t.path != fpath}
+        fd = self._fds.pop(fpath, None)
+        if fd is not None:
+            os.close(fd)
+        m = self._maps.pop(fpath, None)
+        if m is not None:
+            m.close()
+
+    def close(self) -> None:
+        for fname in {t.path.name for t in self.tensors.values()} | {p.name for p in self._fds}:
+            self.drop_shard(fname)

@@ -58,17 +58,39 @@ def download(
     ] = Source.hf,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files and disk needs; fetch nothing.")] = False,
     max_workers: Annotated[int, typer.Option(help="Files downloaded in parallel.", min=1, max=32)] = 4,
+    quantize_bits: Annotated[Optional[int], typer.Option(
+        "--quantize", "--bits", metavar="4|8", rich_help_panel="Quantize while downloading",
+        help="Quantize shard by shard into an amed store (routed experts int4 or int8), deleting each shard "
+             "once converted: needs the store plus ~2 shards of disk, not the whole checkpoint.")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "-o", "--output", metavar="STORE", rich_help_panel="Quantize while downloading",
+        help="Store directory (default: ~/.cache/amed/stores/NAME-qBITS). Shards go to --local-dir "
+             "(default: .STORE.download next to it), which is emptied and removed at the end.")] = None,
+    group_size: Annotated[int, typer.Option("--group-size", "-g", rich_help_panel="Quantize while downloading",
+                                            help="Weights per scale: 32, 64 or 128.")] = 64,
+    dense: Annotated[str, typer.Option(rich_help_panel="Quantize while downloading",
+                                       help="Attention, shared expert, dense MLP, embeddings, lm_head: q8, q4 or bf16.")] = "q8",
+    force: Annotated[bool, typer.Option("--force", rich_help_panel="Quantize while downloading",
+                                        help="Overwrite an existing store or unfinished job.")] = False,
 ):
     """Download the AntAngelMed checkpoint from the Hugging Face hub (resumable, verified).
 
     Lists the files and checks free disk space first.
     Interrupted (network drop, Ctrl-C, kill)? Run it again: it resumes from the bytes on disk.
     Every file is checked against the hub's SHA-256; verified files are skipped next time.
+    With --quantize 4 -o STORE it writes the quantized store directly, one shard at a time
+    (the same bytes as `amed download` then `amed quantize`; rerun the same command to resume).
     """
     import shlex
 
     from . import hub
 
+    if quantize_bits is not None:
+        _download_quantize(repo_id, revision, local_dir, include, exclude, token, source, dry_run,
+                           quantize_bits, output, group_size, dense, force)
+        return
+    if output is not None or force:
+        fail("-o/--output and --force go with --quantize 4|8 (download and quantize in one go).")
     dest = local_dir or hub.default_local_dir(repo_id)
     q = shlex.quote
 
@@ -117,6 +139,36 @@ def download(
         err.print("[yellow]stopped: run the same command again to resume[/]")
         raise
     finished(dest)
+
+
+def _download_quantize(repo_id, revision, local_dir, include, exclude, token, source, dry_run, bits, output,
+                       group_size, dense, force) -> None:
+    """`amed download --quantize`: see amed/stream.py."""
+    from . import hub
+    from .quantize import Settings
+    from .stream import RichStreamProgress, default_download_dir, download_quantize
+
+    if source != Source.hf:
+        fail("--quantize needs --source hf.")
+    if dry_run:
+        fail("--dry-run cannot be combined with --quantize.")
+    if include or exclude:
+        fail("--include/--exclude cannot be combined with --quantize (it fetches exactly what the store needs).")
+    settings = Settings(bits=bits, group_size=group_size, dense=dense)
+    settings.validate()
+    store = output or default_store_dir().parent / f"{repo_id.split('/')[-1]}-q{bits}"
+    plan = hub.list_files(repo_id, revision=revision, token=token)
+    hub.check_access(plan, token)
+    scratch = local_dir or default_download_dir(store)
+    err.print(f"{repo_id}@{plan.commit[:12]} -> {store} (q{bits}, shards pass through {scratch})", markup=False)
+    try:
+        with RichStreamProgress(err) as bars:
+            summary = download_quantize(plan, store, settings, local_dir=local_dir, token=token, force=force,
+                                        progress=bars)
+    except KeyboardInterrupt:
+        err.print("[yellow]stopped: run the same command again to resume[/]")
+        raise
+    print_quantize_summary(summary)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,12 +66,14 @@ def plan(entries: list[Entry], metadata: dict | None = None) -> tuple[bytes, int
 class ContainerWriter:
     """Positional writer for one planned safetensors file (pwrite; any order, any row chunk)."""
 
-    def __init__(self, path: Path, entries: list[Entry], metadata: dict | None = None):
+    def __init__(self, path: Path, entries: list[Entry], metadata: dict | None = None, resume: bool = False):
+        """resume=True reopens an existing `.partial` without truncating it, keeping the tensors
+        already written there (the caller knows which ones are: see amed/stream.py)."""
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.entries = {e.name: e for e in entries}
         head, self.data_start, self.size = plan(entries, metadata)
-        self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | (0 if resume else os.O_TRUNC), 0o644)
         os.ftruncate(self.fd, self.size)              # holes read as zeros: the padding
         os.pwrite(self.fd, head, 0)
 
@@ -90,6 +92,17 @@ class ContainerWriter:
         while mv:
             n = os.pwrite(self.fd, mv, pos)
             mv, pos = mv[n:], pos + n
+
+    def sync(self) -> None:
+        """Make every write so far durable (without finishing the file)."""
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        """Close, keeping the `.partial` file (to be reopened with resume=True)."""
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
 
     def finish(self) -> str:
         """fsync, hash, and move into place. Returns the file's SHA-256."""

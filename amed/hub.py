@@ -218,6 +218,17 @@ def is_verified(f: RemoteFile, local_dir: Path, state: dict | None = None) -> bo
         and rec.get("mtime_ns") == st.st_mtime_ns
 
 
+def remove_file(f: RemoteFile, local_dir: Path) -> None:
+    """Delete `f` (and any `.part` of it) from `local_dir` and forget it in the state file."""
+    local_path(f, local_dir).unlink(missing_ok=True)
+    part_path(f, local_dir).unlink(missing_ok=True)
+
+    def fn(s):
+        s["files"].pop(f.path, None)
+        s["partial"].pop(f.path, None)
+    _update_state(local_dir, fn)
+
+
 def bytes_on_disk(f: RemoteFile, local_dir: Path, state: dict | None = None) -> int:
     """Bytes of `f` that need not be fetched again: all of it if verified, else the usable part of `.part`."""
     state = load_state(local_dir) if state is None else state

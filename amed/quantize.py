@@ -176,30 +176,7 @@ def quantize_model(src, dst, settings: Settings = Settings(), force: bool = Fals
     source = source_fingerprint(src)
     man = manifest_skeleton(cfg, settings, plans, source)
 
-    # What is already there: a finished store, an interrupted run of this job, or something else.
-    if dst.exists() and any(dst.iterdir()):
-        if (dst / MANIFEST).exists():
-            try:
-                old = read_manifest(dst)
-            except AmedError:
-                old = None
-            same_job = old is not None and all(old.get(k) == man[k] for k in ("config", "source", "quantization"))
-            if old is not None and old.get("complete") and not force:
-                raise AmedError(f"{dst} already holds a complete store; pass --force to overwrite it.")
-            if not same_job and not force:
-                raise AmedError(f"{dst} holds an unfinished store made with other settings or another "
-                                f"source; pass --force to start over, or choose another -o.")
-            if force:
-                _clear_store(dst)
-            else:
-                man["files"] = {f: m for f, m in old["files"].items()
-                                if (dst / f).exists() and (dst / f).stat().st_size == m["bytes"]}
-        elif not force:
-            raise AmedError(f"{dst} is not empty and is not an amed store; choose another -o or pass --force.")
-        else:
-            _clear_store(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-
+    prepare_output(dst, man, force)
     todo = [fp for fp in plans if fp.name not in man["files"]]
     need = sum(fp.size for fp in todo) + (64 << 20)
     free = shutil.disk_usage(dst).free
@@ -243,6 +220,37 @@ def quantize_model(src, dst, settings: Settings = Settings(), force: bool = Fals
     man["complete"] = True
     write_json_atomic(dst / MANIFEST, man)
     return summarize(cfg, settings, plans, ckpt, time.perf_counter() - t0, dst)
+
+
+def prepare_output(dst: Path, man: dict, force: bool) -> dict | None:
+    """Look at what `dst` already holds: a finished store (refused without force), an interrupted
+    run of this same job (its finished files go into man["files"]; the old manifest is returned),
+    or something else (refused, or cleared with force). Creates `dst`."""
+    old = None
+    if dst.exists() and any(dst.iterdir()):
+        if (dst / MANIFEST).exists():
+            try:
+                old = read_manifest(dst)
+            except AmedError:
+                old = None
+            same_job = old is not None and all(old.get(k) == man[k] for k in ("config", "source", "quantization"))
+            if old is not None and old.get("complete") and not force:
+                raise AmedError(f"{dst} already holds a complete store; pass --force to overwrite it.")
+            if not same_job and not force:
+                raise AmedError(f"{dst} holds an unfinished store made with other settings or another "
+                                f"source; pass --force to start over, or choose another -o.")
+            if force:
+                _clear_store(dst)
+                old = None
+            else:
+                man["files"] = {f: m for f, m in old["files"].items()
+                                if (dst / f).exists() and (dst / f).stat().st_size == m["bytes"]}
+        elif not force:
+            raise AmedError(f"{dst} is not empty and is not an amed store; choose another -o or pass --force.")
+        else:
+            _clear_store(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    return old
 
 
 def _convert(ckpt: Checkpoint, writer: ContainerWriter, s: TensorSpec, settings: Settings) -> None:

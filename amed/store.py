@@ -82,14 +82,26 @@ class Store:
                 self.tensors[name] = info
             with open(fpath, "rb") as f:
                 self._maps[fname] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        # Expert regions: no read-ahead into neighbours, so an unrouted expert is never read.
+        # No read-around on faults anywhere (the kernel's default window of several MB would pull
+        # unrouted experts next to a touched page into RAM); instead, dense weights are read ahead
+        # explicitly and asynchronously (MADV_WILLNEED), and a routed expert is paged in on use or
+        # by `prefetch_experts` once the router has chosen it.
         if MADV_RANDOM is not None:
-            for info in self.experts_info.values():
-                m = self._maps[info["file"]]
-                m.madvise(MADV_RANDOM, info["offset"], info["stride"] * info["count"])
+            for m in self._maps.values():
+                m.madvise(MADV_RANDOM)
+            for name in self.weights_info:
+                if name != "token_embd":              # embeddings are read one row per token
+                    for suffix, _, _ in component_specs(self.weights_info[name]["format"], (1, 64), 64):
+                        self._willneed(self.tensors[name + suffix])
         missing = [n for n, w in self.weights_info.items() if not all(c in self.tensors for c in components(n, w["format"]))]
         if missing:
             raise AmedError(f"weight '{missing[0]}' is missing from the store files: the store is damaged.")
+
+    def _willneed(self, t) -> None:
+        if MADV_WILLNEED is None or t.end <= t.start:
+            return
+        start = t.start // mmap.PAGESIZE * mmap.PAGESIZE
+        self._maps[t.path.name].madvise(MADV_WILLNEED, start, t.end - start)
 
     # -- raw access
     def array(self, name: str) -> np.ndarray:

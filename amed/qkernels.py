@@ -1,0 +1,507 @@
+"""Numba kernels over quantized matrices (formats in quants.py): out[T, N] = x[T, K] @ W.T.
+
+Weights are dequantized inside the kernels, never into a float copy of the matrix.
+
+How a product is computed (measured on the 2-core Zen 5 VM, see bench/bench_qkernels.py):
+  * Activations are rounded to int16 once per call: for each token t and group g of G inputs,
+    xq[t, k] = round(x[t, k] / sx[t, g]) with sx[t, g] = max|x[t, group g]| / 32767, and
+    xs[t, g] = sx[t, g] * sum(xq[t, group g]) for the q4 zero term. The row dot products then run
+    on integers: `vpmaddwd`/`vpdpwssd` multiply 32 pairs of int16 per instruction and sum into
+    int32, exactly. Per group:  q4  out += (s*sx) * sum(u * xq) + zero * xs
+                                q8  out += (s*sx) * sum(q * xq)
+    This doubles the per-core throughput of the int4 GEMV against a float32 dot (measured 39-45
+    against 20-25 weights/ns on one core), which matters because on a small machine the int4
+    float GEMV is compute-bound, not memory-bound. The cost is the int16 rounding of x: a relative
+    error of about 2^-16 of each group's largest |x|, i.e. ~1e-5..5e-5 relative error of an output,
+    a thousand times below the int4 weight error. The arithmetic itself is exact up to the final
+    float32 scaling, so the kernels match `prepare_x`-rounded inputs to ~1e-6 (tests check both).
+  * The inner loops are written as LLVM vector IR in @intrinsic helpers (`_make_rowdot`), not left
+    to Numba's auto-vectorizer: the vectorizer picked 64-element loops that never ran for G<=64
+    and widened integer ops to 64 bits (kernels-and-tooling.md section 2). Only generic LLVM IR is
+    used (no target-specific intrinsics), so the code also builds for AVX2 or NEON machines; LLVM
+    turns the "sext, mul, add even/odd lanes" pattern into vpmaddwd (or vpdpwssd with VNNI).
+  * Scales are float16 (Numba cannot load float16 arrays on the CPU); the helpers widen the raw
+    uint16 bits with integer ops, 16 groups at a time (`_half_to_f32`).
+  * Small T (prefill of the tokens routed to one expert): each thread takes output rows and runs
+    all T tokens over a row while it sits in L1 (the "loop of GEMVs" shape), so weights are read
+    from memory once.
+
+All kernels and their @intrinsic helpers live in this one file on purpose: Numba's on-disk cache is
+keyed on the source file of a kernel (mtime and size), so an edit to a helper in another module
+would leave stale machine code in the cache; here any edit invalidates everything.
+
+Array conventions: x, out float32 C-contiguous and writable; weights are the read-only C-contiguous
+arrays of a QTensor (`qt.kargs`: q, scale bits as uint16, zero bits as uint16), which is the one
+signature that gets compiled and cached.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+F32 = np.float32
+JIT = dict(fastmath={"reassoc", "contract"}, cache=True, nogil=True)
+X_LEVELS = 32767.0          # int16 activations: |xq| <= 32767
+ROWS = 8                    # output rows a thread runs all T tokens over (they stay in L1)
+
+# ---- LLVM IR helpers -------------------------------------------------------------------------
+
+_i1, _i8, _i16, _i32, _i64 = (ir.IntType(b) for b in (1, 8, 16, 32, 64))
+_f32 = ir.FloatType()
+
+
+def _vt(elem, n):
+    return ir.VectorType(elem, n)
+
+
+def _c64(v):
+    return ir.Constant(_i64, v)
+
+
+def _ptr_at(builder, base, index, elem):
+    """Pointer to element `index` (i64) of a typed pointer `base`, viewed as a pointer to `elem`."""
+    p = builder.gep(base, [index])
+    return builder.bitcast(p, elem.as_pointer())
+
+
+def _vload(builder, base, index, vty, align):
+    return builder.load(_ptr_at(builder, base, index, vty), align=align, typ=vty)
+
+
+def _intrinsic_fn(builder, name, ret, argtys):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, argtys), name)
+
+
+def _vfma(builder, a, b, c):
+    n = a.type.count
+    fn = _intrinsic_fn(builder, f"llvm.fma.v{n}f32", a.type, [a.type] * 3)
+    return builder.call(fn, [a, b, c])
+
+
+def _masked_load(builder, base, index, vty, mask, align):
+    """Load a vector whose lanes with mask=0 are not read (zero there)."""
+    ety = vty.element
+    tname = "f32" if ety == _f32 else f"i{ety.width}"
+    fn = _intrinsic_fn(builder, f"llvm.masked.load.v{vty.count}{tname}.p0", vty,
+                       [vty.as_pointer(), _i32, _vt(_i1, vty.count), vty])
+    ptr = _ptr_at(builder, base, index, vty)
+    return builder.call(fn, [ptr, ir.Constant(_i32, align), mask, ir.Constant(vty, None)])
+
+
+def _splat(builder, scalar, n):
+    v = builder.insert_element(ir.Constant(_vt(scalar.type, n), ir.Undefined), scalar, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(_vt(_i32, n), [0] * n))
+
+
+def _half_to_f32(builder, h):
+    """Widen a vector of float16 bit patterns (<n x i16>) to float32.
+
+    Not `fpext half`: without F16C (or with NUMBA_CPU_NAME=generic) LLVM lowers that to a call of
+    __extendhfsf2, which Numba's JIT cannot link ("LLVM ERROR: Symbol not found", a hard abort).
+    The magnitude bits shifted into float32 position, times 2^112, are exact for normal and
+    subnormal halves (scales are never inf/NaN); measured as fast as vcvtph2ps here (the widening
+    happens once per 16 groups)."""
+    n = h.type.count
+    u = builder.zext(h, _vt(_i32, n))
+    mag = builder.shl(builder.and_(u, ir.Constant(u.type, [0x7FFF] * n)), ir.Constant(u.type, [13] * n))
+    sign = builder.shl(builder.and_(u, ir.Constant(u.type, [0x8000] * n)), ir.Constant(u.type, [16] * n))
+    f = builder.bitcast(builder.or_(mag, sign), _vt(_f32, n))
+    return builder.fmul(f, ir.Constant(f.type, [2.0 ** 112] * n))
+
+
+def _hsum(builder, v):
+    """Sum of the lanes of a float vector (tree order)."""
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        a = builder.shuffle_vector(v, v, ir.Constant(_vt(_i32, n), list(range(n))))
+        b = builder.shuffle_vector(v, v, ir.Constant(_vt(_i32, n), list(range(n, 2 * n))))
+        v = builder.fadd(a, b)
+    return builder.extract_element(v, ir.Constant(_i32, 0))
+
+
+def _madd(builder, a16, b16, acc):
+    """acc[i] += a[2i]*b[2i] + a[2i+1]*b[2i+1] on int16 inputs (the vpmaddwd pattern)."""
+    n = a16.type.count
+    w = _vt(_i32, n)
+    p = builder.mul(builder.sext(a16, w), builder.sext(b16, w))
+    even = builder.shuffle_vector(p, p, ir.Constant(_vt(_i32, n // 2), list(range(0, n, 2))))
+    odd = builder.shuffle_vector(p, p, ir.Constant(_vt(_i32, n // 2), list(range(1, n, 2))))
+    return builder.add(acc, builder.add(even, odd))
+
+
+def _array(context, builder, ty, val):
+    a = context.make_array(ty)(context, builder, val)
+    return a, cgutils.unpack_tuple(builder, a.shape, ty.ndim)
+
+
+def _is_c(ty, dtype, ndim):
+    return isinstance(ty, types.Array) and ty.dtype == dtype and ty.ndim == ndim and ty.layout == "C"
+
+
+_BLOCK = 16     # groups whose scales are widened together
+_UNROLL = 4     # groups in flight (independent float accumulators)
+
+
+def _make_rowdot(fmt: str, G: int, prefetch: int = 0):
+    """An intrinsic `rowdot(w, s, [z,] xq, sx, [xs,] n, t) -> float32`: the dot product of row n
+    of a quantized matrix with token t of prepared activations (see module docstring).
+    `prefetch` > 0: prefetch the weight bytes that far ahead of each group (never faults).
+    Shapes are trusted (the calling kernel checks them): w [N, ng, G/2 or G], s/z uint16 [N, ng],
+    xq int16 [T, ng*G], sx/xs float32 [T, ng]."""
+    q4 = fmt == "q4"
+    bpg = G // 2 if q4 else G            # weight bytes per group
+    half = q4 and G == 32                 # q4 G=32: a group is 16 bytes -> 8 int32 lanes
+    lanes = 8 if half else 16             # int32 accumulator lanes per group
+
+    def group_dot(builder, wrow, xrow, g):
+        """<lanes x i32> partial sums of group g (integers, exact)."""
+        wg = builder.gep(wrow, [builder.mul(g, _c64(bpg))])
+        xg = builder.gep(xrow, [builder.mul(g, _c64(G))])
+        if prefetch:
+            fn = _intrinsic_fn(builder, "llvm.prefetch.p0", ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32])
+            pp = builder.bitcast(builder.gep(wg, [_c64(prefetch)]), _i8.as_pointer())
+            builder.call(fn, [pp, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+        acc = ir.Constant(_vt(_i32, lanes), None)
+        if q4:
+            nb = 16 if half else 32                               # bytes per chunk
+            m15 = ir.Constant(_vt(_i16, nb), [15] * nb)
+            sh4 = ir.Constant(_vt(_i16, nb), [4] * nb)
+            for c in range(0, bpg, nb):
+                v = builder.zext(_vload(builder, wg, _c64(c), _vt(_i8, nb), 1), _vt(_i16, nb))
+                lo = builder.and_(v, m15)
+                hi = builder.lshr(v, sh4)
+                acc = _madd(builder, lo, _vload(builder, xg, _c64(c), _vt(_i16, nb), 2), acc)
+                acc = _madd(builder, hi, _vload(builder, xg, _c64(c + G // 2), _vt(_i16, nb), 2), acc)
+        else:
+            for c in range(0, bpg, 32):
+                v = builder.sext(_vload(builder, wg, _c64(c), _vt(_i8, 32), 1), _vt(_i16, 32))
+                acc = _madd(builder, v, _vload(builder, xg, _c64(c), _vt(_i16, 32), 2), acc)
+        return acc
+
+    def typer(w, s, *rest):
+        want_w = types.uint8 if q4 else types.int8
+        arrs = rest[:-2]
+        specs = [(types.uint16, 2), (types.int16, 2), (types.float32, 2), (types.float32, 2)] if q4 else \
+                [(types.int16, 2), (types.float32, 2)]
+        if not (_is_c(w, want_w, 3) and _is_c(s, types.uint16, 2) and len(arrs) == len(specs)
+                and all(_is_c(a, d, nd) for a, (d, nd) in zip(arrs, specs))):
+            return None
+        return types.float32(w, s, *arrs, types.intp, types.intp)
+
+    def codegen(context, builder, sig, args):
+        if q4:
+            w, s, z, xq, sx, xs, n, t = args
+            tw, ts, tz, txq, tsx, txs = sig.args[:6]
+        else:
+            w, s, xq, sx, n, t = args
+            tw, ts, txq, tsx = sig.args[:4]
+        wa, (_, ng, _) = _array(context, builder, tw, w)
+        sa, _ = _array(context, builder, ts, s)
+        xa, (_, K) = _array(context, builder, txq, xq)
+        sxa, _ = _array(context, builder, tsx, sx)
+        wrow = builder.gep(wa.data, [builder.mul(n, builder.mul(ng, _c64(bpg)))])
+        srow = builder.gep(sa.data, [builder.mul(n, ng)])
+        xrow = builder.gep(xa.data, [builder.mul(t, K)])
+        sxrow = builder.gep(sxa.data, [builder.mul(t, ng)])
+        if q4:
+            za, _ = _array(context, builder, tz, z)
+            xsa, _ = _array(context, builder, txs, xs)
+            zrow = builder.gep(za.data, [builder.mul(n, ng)])
+            xsrow = builder.gep(xsa.data, [builder.mul(t, ng)])
+
+        B = _BLOCK
+        vB = _vt(_f32, B)
+        vacc = _vt(_f32, lanes)
+        fzero = ir.Constant(vacc, None)
+        faccs = [cgutils.alloca_once_value(builder, fzero) for _ in range(_UNROLL)]
+        zacc = cgutils.alloca_once_value(builder, ir.Constant(vB, None))
+        sbuf = cgutils.alloca_once(builder, vB)                     # 16 combined scales s*sx
+        sbuf_f = builder.bitcast(sbuf, _f32.as_pointer())
+        iota = ir.Constant(_vt(_i64, B), list(range(B)))
+
+        nblocks = builder.udiv(builder.add(ng, _c64(B - 1)), _c64(B))
+        with cgutils.for_range(builder, nblocks) as lb:
+            gb = builder.mul(lb.index, _c64(B))
+            left = builder.sub(ng, gb)
+            cnt = builder.select(builder.icmp_unsigned("<", left, _c64(B)), left, _c64(B))
+            mask = builder.icmp_unsigned("<", iota, _splat(builder, cnt, B))
+            sv = _half_to_f32(builder, _masked_load(builder, srow, gb, _vt(_i16, B), mask, 2))
+            sv = builder.fmul(sv, _masked_load(builder, sxrow, gb, vB, mask, 4))
+            builder.store(sv, sbuf)
+            if q4:
+                zv = _half_to_f32(builder, _masked_load(builder, zrow, gb, _vt(_i16, B), mask, 2))
+                builder.store(_vfma(builder, zv, _masked_load(builder, xsrow, gb, vB, mask, 4), builder.load(zacc)), zacc)
+
+            def one(i, acc_ptr):
+                ia = group_dot(builder, wrow, xrow, builder.add(gb, i))
+                sc = _splat(builder, builder.load(builder.gep(sbuf_f, [i])), lanes)
+                builder.store(_vfma(builder, builder.sitofp(ia, vacc), sc, builder.load(acc_ptr)), acc_ptr)
+
+            nun = builder.udiv(cnt, _c64(_UNROLL))
+            with cgutils.for_range(builder, nun) as lu:
+                i0 = builder.mul(lu.index, _c64(_UNROLL))
+                for u in range(_UNROLL):
+                    one(builder.add(i0, _c64(u)), faccs[u])
+            done = builder.mul(nun, _c64(_UNROLL))
+            with cgutils.for_range(builder, builder.sub(cnt, done)) as lr:
+                one(builder.add(done, lr.index), faccs[0])
+
+        v = builder.load(faccs[0])
+        for a in faccs[1:]:
+            v = builder.fadd(v, builder.load(a))
+        total = _hsum(builder, v)
+        if q4:
+            total = builder.fadd(total, _hsum(builder, builder.load(zacc)))
+        return total
+
+    if q4:
+        def rowdot(typingctx, w, s, z, xq, sx, xs, n, t):
+            return typer(w, s, z, xq, sx, xs, n, t), codegen
+    else:
+        def rowdot(typingctx, w, s, xq, sx, n, t):
+            return typer(w, s, xq, sx, n, t), codegen
+    rowdot.__name__ = f"_rowdot_{fmt}_g{G}"
+    return intrinsic(rowdot)
+
+
+# q4 rows prefetch the weights 2 KiB ahead: +5-10% cold GB/s measured (the int4 kernel is close to
+# compute-bound on 2 cores, so it lets memory stalls overlap); for q8 it measured slightly slower.
+PREFETCH_Q4 = 2048
+_q4_g32 = _make_rowdot("q4", 32, PREFETCH_Q4)
+_q4_g64 = _make_rowdot("q4", 64, PREFETCH_Q4)
+_q4_g128 = _make_rowdot("q4", 128, PREFETCH_Q4)
+_q8_g32 = _make_rowdot("q8", 32)
+_q8_g64 = _make_rowdot("q8", 64)
+_q8_g128 = _make_rowdot("q8", 128)
+
+
+# ---- activations -> int16 --------------------------------------------------------------------
+
+@njit(**JIT)
+def prepare_x_into(x, group, xq, sx, xs):
+    """Round x [T, K] to int16 per group of `group` inputs: xq [T, K] int16 and scales sx [T, ng]
+    with x ~= xd = xq * sx; xs [T, ng] = sum of xd over each group (for the q4 zero term, so a
+    kernel computes exactly xd @ W.T up to float32 rounding)."""
+    T, K = x.shape
+    ng = K // group
+    x3 = x.reshape(T, ng, group)
+    q3 = xq.reshape(T, ng, group)
+    for t in range(T):
+        for g in range(ng):
+            amax = F32(0.0)
+            bad = F32(0.0)                 # becomes NaN if the group holds a NaN or an inf
+            for j in range(group):
+                v = x3[t, g, j]
+                amax = max(amax, abs(v))
+                bad += v - v
+            if bad != F32(0.0):            # poison the group so the outputs become NaN too
+                scale = F32(np.nan)
+                inv = F32(0.0)
+            elif amax > F32(0.0):
+                scale = amax / F32(X_LEVELS)
+                inv = F32(X_LEVELS) / amax
+            else:
+                scale = F32(0.0)
+                inv = F32(0.0)
+            isum = 0
+            for j in range(group):
+                r = min(max(x3[t, g, j] * inv, F32(-X_LEVELS)), F32(X_LEVELS))
+                v = np.int16(np.floor(r + F32(0.5)))
+                q3[t, g, j] = v
+                isum += np.int32(v)
+            sx[t, g] = scale
+            xs[t, g] = F32(isum) * scale
+
+
+@njit(**JIT)
+def prepare_x(x, group):
+    """(xq, sx, xs) for x [T, K]; see prepare_x_into."""
+    T, K = x.shape
+    if K % group:
+        raise ValueError("prepare_x: the row length is not a multiple of the group size")
+    xq = np.empty((T, K), dtype=np.int16)
+    sx = np.empty((T, K // group), dtype=np.float32)
+    xs = np.empty((T, K // group), dtype=np.float32)
+    prepare_x_into(x, group, xq, sx, xs)
+    return xq, sx, xs
+
+
+# ---- GEMV / small GEMM on prepared activations -----------------------------------------------
+
+@njit(**JIT)
+def _check(N, ng, G, xq, sx, out, s):
+    T = xq.shape[0]
+    if G not in (32, 64, 128):
+        raise ValueError("quantized matmul: group size must be 32, 64 or 128")
+    if xq.shape[1] != ng * G or sx.shape[0] != T or sx.shape[1] != ng:
+        raise ValueError("quantized matmul: activations do not match the matrix width / group size")
+    if out.shape[0] != T or out.shape[1] != N:
+        raise ValueError("quantized matmul: out must be [T, N]")
+    if s.shape[0] != N or s.shape[1] != ng:
+        raise ValueError("quantized matmul: scale array does not match the matrix")
+
+
+@njit(parallel=True, **JIT)
+def gemm_q4(xq, sx, xs, q, s, z, out):
+    """out[T, N] = x @ W.T for a q4 matrix (q uint8 [N, ng, G/2], s/z uint16 bits [N, ng])
+    and activations prepared by prepare_x with the same group size."""
+    N, ng, h = q.shape
+    T = xq.shape[0]
+    _check(N, ng, 2 * h, xq, sx, out, s)
+    if z.shape[0] != N or z.shape[1] != ng or xs.shape[0] != T or xs.shape[1] != ng:
+        raise ValueError("quantized matmul: zero / group-sum arrays do not match")
+    for b in prange((N + ROWS - 1) // ROWS):
+        n1 = min(N, (b + 1) * ROWS)
+        for t in range(T):
+            for n in range(b * ROWS, n1):
+                if h == 32:
+                    v = _q4_g64(q, s, z, xq, sx, xs, n, t)
+                elif h == 64:
+                    v = _q4_g128(q, s, z, xq, sx, xs, n, t)
+                else:
+                    v = _q4_g32(q, s, z, xq, sx, xs, n, t)
+                out[t, n] = v
+
+
+@njit(parallel=True, **JIT)
+def gemm_q8(xq, sx, q, s, out):
+    """out[T, N] = x @ W.T for a q8 matrix (q int8 [N, ng, G], s uint16 bits [N, ng])."""
+    N, ng, G = q.shape
+    _check(N, ng, G, xq, sx, out, s)
+    T = xq.shape[0]
+    for b in prange((N + ROWS - 1) // ROWS):
+        n1 = min(N, (b + 1) * ROWS)
+        for t in range(T):
+            for n in range(b * ROWS, n1):
+                if G == 64:
+                    v = _q8_g64(q, s, xq, sx, n, t)
+                elif G == 128:
+                    v = _q8_g128(q, s, xq, sx, n, t)
+                else:
+                    v = _q8_g32(q, s, xq, sx, n, t)
+                out[t, n] = v
+
+
+@njit(**JIT)
+def matmul_q4(x, q, s, z, out):
+    """out[T, N] = x[T, K] @ W.T, W a q4 matrix given by its arrays (s, z as uint16 bits)."""
+    xq, sx, xs = prepare_x(x, 2 * q.shape[2])
+    gemm_q4(xq, sx, xs, q, s, z, out)
+
+
+@njit(**JIT)
+def matmul_q8(x, q, s, out):
+    """out[T, N] = x[T, K] @ W.T, W a q8 matrix given by its arrays (s as uint16 bits)."""
+    xq, sx, xs = prepare_x(x, q.shape[2])
+    gemm_q8(xq, sx, q, s, out)
+
+
+def qmatmul(x: np.ndarray, qt, out: np.ndarray | None = None) -> np.ndarray:
+    """out[T, N] = x[T, K] @ W.T for a QTensor (x float32 C-contiguous, 1-D x is one token)."""
+    if x.dtype != np.float32 or not x.flags.c_contiguous:
+        raise TypeError("qmatmul: x must be a C-contiguous float32 array")
+    if out is None:
+        out = np.empty(x.shape[:-1] + (qt.shape[0],), dtype=np.float32)
+    elif out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise TypeError("qmatmul: out must be a C-contiguous float32 array")
+    x2 = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+    o2 = out if out.ndim == 2 else out.reshape(-1, out.shape[-1])
+    q, s, z = qt.kargs
+    if z is not None:
+        matmul_q4(x2, q, s, z, o2)
+    else:
+        matmul_q8(x2, q, s, o2)
+    return out
+
+
+# ---- one routed expert: down(silu(gate x) * up x) --------------------------------------------
+
+@njit(parallel=True, **JIT)
+def _gate_up_q4(xq, sx, xs, gq, gs, gz, uq, us, uz, h):
+    N, ng, hb = gq.shape
+    T = xq.shape[0]
+    _check(N, ng, 2 * hb, xq, sx, h, gs)
+    if uq.shape != gq.shape or us.shape != gs.shape or uz.shape != gz.shape or gz.shape != gs.shape:
+        raise ValueError("expert: gate and up matrices differ in shape")
+    for b in prange((N + ROWS - 1) // ROWS):
+        n1 = min(N, (b + 1) * ROWS)
+        for t in range(T):
+            for n in range(b * ROWS, n1):
+                if hb == 32:
+                    a = _q4_g64(gq, gs, gz, xq, sx, xs, n, t)
+                    u = _q4_g64(uq, us, uz, xq, sx, xs, n, t)
+                elif hb == 64:
+                    a = _q4_g128(gq, gs, gz, xq, sx, xs, n, t)
+                    u = _q4_g128(uq, us, uz, xq, sx, xs, n, t)
+                else:
+                    a = _q4_g32(gq, gs, gz, xq, sx, xs, n, t)
+                    u = _q4_g32(uq, us, uz, xq, sx, xs, n, t)
+                h[t, n] = a / (F32(1.0) + np.exp(-a)) * u
+
+
+@njit(parallel=True, **JIT)
+def _gate_up_q8(xq, sx, gq, gs, uq, us, h):
+    N, ng, G = gq.shape
+    T = xq.shape[0]
+    _check(N, ng, G, xq, sx, h, gs)
+    if uq.shape != gq.shape or us.shape != gs.shape:
+        raise ValueError("expert: gate and up matrices differ in shape")
+    for b in prange((N + ROWS - 1) // ROWS):
+        n1 = min(N, (b + 1) * ROWS)
+        for t in range(T):
+            for n in range(b * ROWS, n1):
+                if G == 64:
+                    a = _q8_g64(gq, gs, xq, sx, n, t)
+                    u = _q8_g64(uq, us, xq, sx, n, t)
+                elif G == 128:
+                    a = _q8_g128(gq, gs, xq, sx, n, t)
+                    u = _q8_g128(uq, us, xq, sx, n, t)
+                else:
+                    a = _q8_g32(gq, gs, xq, sx, n, t)
+                    u = _q8_g32(uq, us, xq, sx, n, t)
+                h[t, n] = a / (F32(1.0) + np.exp(-a)) * u
+
+
+@njit(**JIT)
+def expert_q4(x, gq, gs, gz, uq, us, uz, dq, ds, dz, out):
+    """out[T, H] = down(silu(gate x) * up x) for q4 gate/up [I, H] and down [H, I]."""
+    xq, sx, xs = prepare_x(x, 2 * gq.shape[2])
+    h = np.empty((x.shape[0], gq.shape[0]), dtype=np.float32)
+    _gate_up_q4(xq, sx, xs, gq, gs, gz, uq, us, uz, h)
+    hq, hsx, hxs = prepare_x(h, 2 * dq.shape[2])
+    gemm_q4(hq, hsx, hxs, dq, ds, dz, out)
+
+
+@njit(**JIT)
+def expert_q8(x, gq, gs, uq, us, dq, ds, out):
+    """out[T, H] = down(silu(gate x) * up x) for q8 gate/up [I, H] and down [H, I]."""
+    xq, sx, _ = prepare_x(x, gq.shape[2])
+    h = np.empty((x.shape[0], gq.shape[0]), dtype=np.float32)
+    _gate_up_q8(xq, sx, gq, gs, uq, us, h)
+    hq, hsx, _ = prepare_x(h, dq.shape[2])
+    gemm_q8(hq, hsx, dq, ds, out)
+
+
+def expert_q(x: np.ndarray, gate, up, down, out: np.ndarray | None = None) -> np.ndarray:
+    """out[T, H] = down @ (silu(gate @ x) * (up @ x)) for one expert given as three QTensors
+    (gate, up [I, H]; down [H, I]); x float32 [T, H] C-contiguous. One call from Python: gate and
+    up share one rounding of x and run in the same pass over rows."""
+    if x.dtype != np.float32 or not x.flags.c_contiguous or x.ndim != 2:
+        raise TypeError("expert_q: x must be a 2-D C-contiguous float32 array")
+    if out is None:
+        out = np.empty((x.shape[0], down.shape[0]), dtype=np.float32)
+    elif out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise TypeError("expert_q: out must be a C-contiguous float32 array")
+    if not (gate.fmt == up.fmt == down.fmt and gate.group == up.group and gate.shape == up.shape):
+        raise ValueError("expert_q: gate, up and down must share a format, and gate/up a group size and shape")
+    g, u, d = gate.kargs, up.kargs, down.kargs
+    if gate.fmt == "q4":
+        expert_q4(x, g[0], g[1], g[2], u[0], u[1], u[2], d[0], d[1], d[2], out)
+    else:
+        expert_q8(x, g[0], g[1], u[0], u[1], d[0], d[1], out)
+    return out

@@ -1,0 +1,131 @@
+"""Quantized matmul kernels (amed/qkernels.py) against NumPy on the dequantized weights.
+
+Two references per case, to keep kernel error apart from rounding error:
+  * exact: x rounded by `prepare_x` exactly as the kernel sees it (xq * sx), float64 product with
+    the dequantized weights; the kernel must match to ~1e-5 (it is exact up to float32 scaling);
+  * true x: the float64 product with the unrounded x; off by the int16 rounding of x (~2e-5).
+Weights are always read-only views (as from the store's mmap), so the compiled signature is the
+one used in production.
+"""
+
+import numpy as np
+import pytest
+
+from amed import qkernels as QK
+from amed import quants as Q
+
+EXACT_TOL = 1e-5
+TRUE_X_TOL = 2e-4
+
+
+def make(fmt, N, K, G, seed):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((N, K)) * 0.05).astype(np.float32)
+    qt = Q.quantize(w, fmt, G)
+    # go through the canonical bytes: read-only zero-copy views, as a store loader produces them
+    qt = Q.QTensor.from_buffer(qt.tobytes(), 0, fmt, (N, K), G)
+    assert not qt.q.flags.writeable
+    return qt
+
+
+def rounded_x(x, G):
+    xq, sx, xs = QK.prepare_x(x, G)
+    T, K = x.shape
+    return (xq.reshape(T, K // G, G).astype(np.float64) * sx[..., None].astype(np.float64)).reshape(T, K)
+
+
+def rel_err(out, ref):
+    return float(np.abs(out.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+CASES = [(fmt, G, N, mult) for fmt in ("q4", "q8") for G in (32, 64, 128)
+         for N, mult in ((5, 3), (37, 17))]
+
+
+@pytest.mark.parametrize("fmt,G,N,mult", CASES)
+def test_qmatmul_matches_numpy(fmt, G, N, mult):
+    K = G * mult
+    qt = make(fmt, N, K, G, seed=G + N)
+    W = Q.dequantize(qt).astype(np.float64)
+    rng = np.random.default_rng(N * G)
+    for T in (1, 3, 17):
+        x = rng.standard_normal((T, K)).astype(np.float32)
+        out = QK.qmatmul(x, qt)
+        assert out.shape == (T, N) and out.dtype == np.float32
+        assert rel_err(out, rounded_x(x, G) @ W.T) < EXACT_TOL
+        assert rel_err(out, x.astype(np.float64) @ W.T) < TRUE_X_TOL
+
+
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_model_sized_rows_and_out_argument(fmt):
+    qt = make(fmt, 24, 4096, 64, seed=11)
+    W = Q.dequantize(qt).astype(np.float64)
+    x = np.random.default_rng(0).standard_normal(4096).astype(np.float32)   # 1-D: one token
+    out = np.full(24, np.nan, dtype=np.float32)
+    assert QK.qmatmul(x, qt, out) is out
+    assert rel_err(out, (rounded_x(x[None], 64) @ W.T)[0]) < EXACT_TOL
+
+
+def test_low_level_kernels_and_prepared_x():
+    qt = make("q4", 16, 256, 64, seed=3)
+    x = np.random.default_rng(1).standard_normal((2, 256)).astype(np.float32)
+    xq, sx, xs = QK.prepare_x(x, 64)
+    assert xq.dtype == np.int16 and np.abs(xq.astype(np.int32)).max() == 32767
+    np.testing.assert_allclose(rounded_x(x, 64), x, atol=float(sx.max()) / 2 * 1.0001)
+    out1 = np.empty((2, 16), np.float32)
+    out2 = np.empty((2, 16), np.float32)
+    QK.gemm_q4(xq, sx, xs, *qt.kargs, out1)
+    QK.matmul_q4(x, *qt.kargs, out2)
+    np.testing.assert_array_equal(out1, out2)
+    q8 = make("q8", 16, 256, 64, seed=4)
+    QK.gemm_q8(xq, sx, q8.kargs[0], q8.kargs[1], out1)
+    QK.matmul_q8(x, q8.kargs[0], q8.kargs[1], out2)
+    np.testing.assert_array_equal(out1, out2)
+
+
+def test_zero_and_nan_activations():
+    for fmt in ("q4", "q8"):
+        qt = make(fmt, 8, 128, 32, seed=5)
+        x = np.zeros((3, 128), np.float32)
+        x[1, 40] = np.nan
+        x[2, :] = 1.0
+        x[2, 100] = np.inf
+        out = QK.qmatmul(x, qt)
+        assert np.all(out[0] == 0.0) or fmt == "q4" and np.allclose(out[0], 0.0)
+        assert np.isnan(out[1]).all() and np.isnan(out[2]).all()
+
+
+def test_bad_arguments_raise():
+    qt = make("q4", 8, 128, 64, seed=6)
+    with pytest.raises(TypeError):
+        QK.qmatmul(np.zeros((1, 128), np.float64), qt)
+    with pytest.raises(TypeError):
+        QK.qmatmul(np.zeros((128, 2), np.float32).T, qt)
+    with pytest.raises(ValueError):
+        QK.qmatmul(np.zeros((1, 64), np.float32), qt)             # K mismatch
+    with pytest.raises(ValueError):
+        QK.qmatmul(np.zeros((1, 128), np.float32), qt, np.zeros((1, 7), np.float32))
+
+
+@pytest.mark.parametrize("fmt,G", [("q4", 64), ("q4", 32), ("q8", 128)])
+def test_expert_matches_numpy(fmt, G):
+    H, I = 256, 128
+    gate, up, down = make(fmt, I, H, G, 1), make(fmt, I, H, G, 2), make(fmt, H, I, G, 3)
+    x = np.random.default_rng(9).standard_normal((3, H)).astype(np.float32)
+    out = QK.expert_q(x, gate, up, down)
+    Wg, Wu, Wd = (Q.dequantize(m).astype(np.float64) for m in (gate, up, down))
+    xg, xu = x.astype(np.float64) @ Wg.T, x.astype(np.float64) @ Wu.T
+    ref = (xg / (1.0 + np.exp(-xg)) * xu) @ Wd.T
+    assert rel_err(out, ref) < TRUE_X_TOL
+    # same as three separate products
+    hg, hu = QK.qmatmul(x, gate), QK.qmatmul(x, up)
+    sep = QK.qmatmul((hg / (1.0 + np.exp(-hg)) * hu).astype(np.float32), down)
+    assert rel_err(out, sep.astype(np.float64)) < 1e-4
+
+
+def test_one_compiled_signature_with_read_only_weights():
+    make_and_run = make("q8", 4, 64, 32, seed=8)
+    QK.qmatmul(np.ones((1, 64), np.float32), make_and_run)
+    for kernel, wpos in ((QK.gemm_q4, 3), (QK.gemm_q8, 2), (QK.matmul_q4, 1), (QK.matmul_q8, 1)):
+        for sig in kernel.signatures:
+            assert not sig[wpos].mutable, f"{kernel.__name__} compiled for writable weights: {sig}"

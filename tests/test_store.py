@@ -1,0 +1,205 @@
+"""amed quantize + the store: quality, layout, laziness, crash-safety, bad input."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import amed
+from amed.bench import kl_divergence as kld
+from amed.errors import AmedError
+from amed.quantize import Settings, quantize_model
+from amed.store import MANIFEST, open_store
+from amed.synth import write_synthetic_checkpoint
+
+PAGE = 4096
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    """A flash-like checkpoint at small widths: 64 experts, top-8 of 8 groups."""
+    d = tmp_path_factory.mktemp("medium") / "ckpt"
+    write_synthetic_checkpoint(d, preset="flash", layers=3, hidden_size=256, num_attention_heads=4,
+                               head_dim=64, intermediate_size=512, moe_intermediate_size=128,
+                               moe_shared_expert_intermediate_size=128, num_experts=64, vocab_size=2048)
+    return d
+
+
+@pytest.fixture(scope="module")
+def medium_q4(medium, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("medium_q4") / "store"
+    quantize_model(medium, dst, Settings(bits=4))
+    return dst
+
+
+@pytest.mark.parametrize("bits,limit", [(8, 0.0015), (4, 0.02)])
+def test_quality_on_golden_like_model(golden_dir, tmp_path, bits, limit):
+    """Teacher-forced over 300 positions against the unquantized forward pass."""
+    quantize_model(golden_dir, tmp_path / "s", Settings(bits=bits))
+    ids = np.random.default_rng(0).integers(7, 512, 300)
+    ref = amed.load(golden_dir).logits(ids)
+    out = amed.load(tmp_path / "s").logits(ids)
+    k = kld(ref, out)
+    top1 = (ref.argmax(-1) == out.argmax(-1)).mean()
+    print(f"q{bits}: mean KLD {k.mean():.2e}, top-1 agreement {top1:.3f}")
+    assert k.mean() <= limit
+    assert top1 >= (0.95 if bits == 4 else 0.97)
+
+
+def test_store_is_exact_to_its_own_weights_and_consistent(medium_q4):
+    m = amed.load(medium_q4)
+    ids = list(range(20, 60))
+    full = m.logits(ids)
+    m.reset()
+    part = np.concatenate([m.forward(ids[:25], all_logits=True), np.stack([m.forward([t]) for t in ids[25:]])])
+    assert np.abs(part - full).max() <= 1e-4
+
+
+def test_layout_experts_are_page_aligned_contiguous_ranges(medium_q4):
+    st = open_store(medium_q4)
+    man = st.manifest
+    assert man["complete"] and man["version"] == 1
+    assert man["quantization"]["policy"]["router"] == "source" and man["quantization"]["policy"]["expert"] == "q4"
+    for L, info in man["experts"].items():
+        assert info["offset"] % PAGE == 0 and info["stride"] % PAGE == 0
+        for e in (0, 1, info["count"] - 1):
+            lo = info["offset"] + e * info["stride"]
+            for which in ("gate", "up", "down"):
+                for suffix in (".q", ".s", ".m"):
+                    t = st.tensors[f"blk.{L}.ffn_{which}_exps.{e}{suffix}"]
+                    assert lo <= t.start and t.end <= lo + info["stride"]
+    # self-contained: tokenizer and config copied in
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (medium_q4 / f).exists()
+
+
+def test_only_routed_experts_become_resident(medium_q4):
+    """mincore after dropping the store from the page cache: one token pages in ~k/E experts."""
+    from amed.bench import resident_fraction
+
+    for f in medium_q4.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    m = amed.load(medium_q4)
+    st = m.source
+    before = [resident_fraction(st._maps[i["file"]], i["offset"], i["stride"] * i["count"])
+              for i in st.experts_info.values()]
+    m.forward([42])
+    cfg = m.config
+    for (L, info), b in zip(st.experts_info.items(), before):
+        got = resident_fraction(st._maps[info["file"]], info["offset"], info["stride"] * info["count"])
+        expect = cfg.num_experts_per_tok / cfg.num_experts
+        assert b < 0.02
+        assert got <= 1.5 * expect, f"layer {L}: {got:.3f} of expert bytes resident, expected ~{expect:.3f}"
+        assert got >= 0.9 * expect
+
+
+def test_quantize_refuses_existing_store_and_resumes_incomplete(medium, medium_q4, tmp_path):
+    with pytest.raises(AmedError, match="already holds a complete store.*--force"):
+        quantize_model(medium, medium_q4, Settings(bits=4))
+    dst = tmp_path / "s"
+    shutil.copytree(medium_q4, dst)
+    man = json.loads((dst / MANIFEST).read_text())
+    man["complete"] = False
+    del man["files"]["layer-002.safetensors"]
+    (dst / MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(AmedError, match="incomplete store.*re-run"):
+        amed.load(dst)
+    with pytest.raises(AmedError, match="other settings"):
+        quantize_model(medium, dst, Settings(bits=8))
+    quantize_model(medium, dst, Settings(bits=4))
+    for f in medium_q4.iterdir():
+        assert f.read_bytes() == (dst / f.name).read_bytes(), f.name
+
+
+def test_resume_after_kill_is_byte_identical(medium, medium_q4, tmp_path):
+    dst = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "amed", "quantize", str(medium), "-o", str(dst), "--bits", "4"]
+    t = time.perf_counter()                         # how long a whole run takes here
+    subprocess.run(cmd + ["--force"], capture_output=True, check=True)
+    full = time.perf_counter() - t
+    shutil.rmtree(dst)
+    rng = random.Random(0)
+    kills = 0
+    for frac in sorted(rng.uniform(0.35, 0.95) for _ in range(4)):
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(frac * full)
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait()
+        if (dst / MANIFEST).exists() and not json.loads((dst / MANIFEST).read_text())["complete"]:
+            with pytest.raises(AmedError, match="incomplete"):
+                amed.load(dst)
+    assert kills >= 2
+    if not (dst / MANIFEST).exists() or not json.loads((dst / MANIFEST).read_text())["complete"]:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in medium_q4.iterdir())
+    assert sorted(p.name for p in dst.iterdir()) == names
+    for n in names:
+        assert (medium_q4 / n).read_bytes() == (dst / n).read_bytes(), n
+
+
+def test_bad_stores(medium_q4, tmp_path):
+    dst = tmp_path / "s"
+    shutil.copytree(medium_q4, dst)
+    # corrupted byte: loads (cheap checks) but `verify` finds it
+    f = dst / "layer-001.safetensors"
+    with open(f, "r+b") as fh:
+        fh.seek(f.stat().st_size // 2)
+        b = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    assert open_store(dst).verify() == ["layer-001.safetensors"]
+    # truncated file
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size - 4096)
+    with pytest.raises(AmedError, match="layer-001.safetensors.*bytes but the manifest"):
+        amed.load(dst)
+    # wrong format version
+    man = json.loads((medium_q4 / MANIFEST).read_text())
+    (dst / MANIFEST).write_text(json.dumps({**man, "version": 99}))
+    with pytest.raises(AmedError, match="format version 99"):
+        amed.load(dst)
+    (dst / MANIFEST).write_text("{not json")
+    with pytest.raises(AmedError, match="corrupt"):
+        amed.load(dst)
+
+
+def test_source_with_missing_shard_writes_nothing(medium, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(medium, src)
+    next(src.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(AmedError, match="missing"):
+        quantize_model(src, tmp_path / "out", Settings())
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_enough_disk(medium, tmp_path, monkeypatch):
+    import shutil as sh
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(AmedError, match="not enough disk space"):
+        quantize_model(medium, tmp_path / "out", Settings())
+    assert not (tmp_path / "out" / MANIFEST).exists()
+
+
+def test_group_size_fallback_and_bad_settings(golden_dir, tmp_path):
+    # widths 32 and 64 with --group-size 128: each matrix takes the largest group that divides it
+    quantize_model(golden_dir, tmp_path / "s", Settings(bits=4, group_size=128))
+    man = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    assert man["experts"]["1"]["matrices"]["ffn_down_exps"]["group"] == 32
+    assert man["weights"]["blk.0.attn_qkv"]["group"] == 64
+    with pytest.raises(AmedError, match="--bits"):
+        quantize_model(golden_dir, tmp_path / "x", Settings(bits=3))
