@@ -184,17 +184,24 @@ def quantize(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing store or unfinished job.")] = False,
 ):
     """Convert a checkpoint into an int4/int8 amed store (streaming, resumable: rerun to continue)."""
+    from .quantize import Settings
+
+    run_quantize(src, output, Settings(bits=bits, group_size=group_size, dense=dense), force)
+
+
+def run_quantize(src, output: Path, settings, force: bool) -> None:
+    """quantize_model with a progress bar that appears once validation has passed, then the summary."""
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
-    from .quantize import Settings, quantize_model
+    from .quantize import quantize_model
 
     columns = (TextColumn("[bold]quantize"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TextColumn("{task.fields[tensors]} tensors"), TimeRemainingColumn())
     bar = Progress(*columns, console=err)
     task = None
 
-    def progress(done, ntensors, total):   # the bar appears once validation has passed
+    def progress(done, ntensors, total):
         nonlocal task
         if task is None:
             bar.start()
@@ -202,8 +209,7 @@ def quantize(
         bar.update(task, completed=done, tensors=ntensors)
 
     try:
-        summary = quantize_model(src, output, Settings(bits=bits, group_size=group_size, dense=dense),
-                                 force=force, progress=progress)
+        summary = quantize_model(src, output, settings, force=force, progress=progress)
     finally:
         bar.stop()
     print_quantize_summary(summary)
@@ -427,9 +433,24 @@ def synth(
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
     force: Annotated[bool, typer.Option(
         "--force", "-f", help="Write into OUT even if it is a non-empty directory.")] = False,
+    bits: Annotated[Optional[int], typer.Option(
+        "--bits", "-b", help="Write a quantized amed store (4 or 8) directly, with no bf16 copy on "
+        "disk: how a store larger than RAM is made.")] = None,
+    group_size: Annotated[int, typer.Option("--group-size", "-g", help="With --bits: weights per scale.")] = 64,
+    dense: Annotated[str, typer.Option(help="With --bits: format of the non-expert weights.")] = "q8",
 ):
-    """Write a random BailingMoeV2 checkpoint (for tests and benchmarks; no download needed)."""
+    """Write a random BailingMoeV2 checkpoint (for tests and benchmarks; no download needed).
+
+    With --bits, write a quantized store instead (same weights as synth + quantize)."""
     import time
+
+    if bits is not None:
+        from .quantize import Settings
+        from .synth import SyntheticSource
+
+        run_quantize(SyntheticSource(preset, layers, seed), out.expanduser(),
+                     Settings(bits=bits, group_size=group_size, dense=dense), force)
+        return
 
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                                TimeRemainingColumn, TransferSpeedColumn)

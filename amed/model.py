@@ -149,6 +149,8 @@ class Model:
         order = np.argsort(flat, kind="stable")
         experts, starts = np.unique(flat[order], return_index=True)
         ends = np.append(starts[1:], len(flat))
+        if self.weights.prefetch is not None:       # ask the OS for all chosen experts at once
+            self.weights.prefetch(L, experts)
         for e, a, b in zip(experts.tolist(), starts.tolist(), ends.tolist()):
             sel = order[a:b]
             toks = sel // k                                                # tokens routed to e

@@ -98,19 +98,28 @@ def _splat(builder, scalar, n):
 
 
 def _half_to_f32(builder, h):
-    """Widen a vector of float16 bit patterns (<n x i16>) to float32.
+    """Widen a vector of float16 bit patterns (<n x i16>) to float32, exactly for every finite
+    half (scales are never inf/NaN).
 
     Not `fpext half`: without F16C (or with NUMBA_CPU_NAME=generic) LLVM lowers that to a call of
     __extendhfsf2, which Numba's JIT cannot link ("LLVM ERROR: Symbol not found", a hard abort).
-    The magnitude bits shifted into float32 position, times 2^112, are exact for normal and
-    subnormal halves (scales are never inf/NaN); measured as fast as vcvtph2ps here (the widening
-    happens once per 16 groups)."""
+    Integer ops instead: a normal half's exponent is rebiased (+112) in place; a subnormal one is
+    its mantissa times 2^-24. No float denormals are involved, so a DAZ/FTZ mode set by some other
+    library cannot flush small scales. Measured as fast as vcvtph2ps here (it runs once per 16
+    groups)."""
     n = h.type.count
-    u = builder.zext(h, _vt(_i32, n))
-    mag = builder.shl(builder.and_(u, ir.Constant(u.type, [0x7FFF] * n)), ir.Constant(u.type, [13] * n))
-    sign = builder.shl(builder.and_(u, ir.Constant(u.type, [0x8000] * n)), ir.Constant(u.type, [16] * n))
-    f = builder.bitcast(builder.or_(mag, sign), _vt(_f32, n))
-    return builder.fmul(f, ir.Constant(f.type, [2.0 ** 112] * n))
+    vi = _vt(_i32, n)
+    vf = _vt(_f32, n)
+
+    def c(v):
+        return ir.Constant(vi, [v] * n)
+
+    u = builder.zext(h, vi)
+    normal = builder.bitcast(builder.add(builder.shl(builder.and_(u, c(0x7FFF)), c(13)), c(112 << 23)), vf)
+    sub = builder.fmul(builder.uitofp(builder.and_(u, c(0x3FF)), vf), ir.Constant(vf, [2.0 ** -24] * n))
+    is_sub = builder.icmp_unsigned("==", builder.and_(u, c(0x7C00)), c(0))
+    mag = builder.bitcast(builder.select(is_sub, sub, normal), vi)
+    return builder.bitcast(builder.or_(mag, builder.shl(builder.and_(u, c(0x8000)), c(16))), vf)
 
 
 def _hsum(builder, v):

@@ -165,15 +165,22 @@ def source_fingerprint(src: Path) -> dict:
 
 def quantize_model(src, dst, settings: Settings = Settings(), force: bool = False, progress=None,
                    log=print) -> dict:
-    """Quantize checkpoint `src` into store `dst`. `progress(bytes_done, tensors_done)` is called
-    as source bytes are consumed. Returns a summary dict."""
+    """Quantize checkpoint `src` (a directory, or a source object such as synth.SyntheticSource)
+    into store `dst`. `progress(bytes_done, tensors_done, total)` is called as source bytes are
+    consumed. Returns a summary dict."""
     t0 = time.perf_counter()
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
-    ckpt = Checkpoint(src)                       # validates config, headers, every tensor's shape
+    dst = Path(dst).expanduser()
+    if isinstance(src, (str, os.PathLike)):
+        src = Path(src).expanduser()
+        ckpt = Checkpoint(src)                   # validates config, headers, every tensor's shape
+        source = source_fingerprint(src)
+        side = {n: (src / n).read_bytes() for n in COPIED_FILES if (src / n).exists()}
+    else:
+        ckpt, source = src, src.fingerprint
+        side = {n: t.encode() for n, t in src.files.items()}
     cfg = ckpt.config
     settings.validate()
     plans = plan_store(cfg, settings)
-    source = source_fingerprint(src)
     man = manifest_skeleton(cfg, settings, plans, source)
 
     prepare_output(dst, man, force)
@@ -213,9 +220,8 @@ def quantize_model(src, dst, settings: Settings = Settings(), force: bool = Fals
             man["files"][fp.name] = {"bytes": fp.size, "sha256": sha}
             write_json_atomic(dst / MANIFEST, man)
 
-    for name in COPIED_FILES:
-        if (src / name).exists():
-            shutil.copyfile(src / name, dst / name)
+    for name, data in side.items():
+        (dst / name).write_bytes(data)
     man["files"] = {fp.name: man["files"][fp.name] for fp in plans}   # canonical order
     man["complete"] = True
     write_json_atomic(dst / MANIFEST, man)

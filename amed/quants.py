@@ -217,21 +217,25 @@ def _pack_q4(u: np.ndarray) -> np.ndarray:
     return (u[..., :h] | (u[..., h:] << 4)).astype(np.uint8)
 
 
+def _dequant(fmt, q, s, z) -> np.ndarray:
+    """float32 [rows, K] from the rows' arrays (q [rows, ng, *], s/z [rows, ng])."""
+    s = s.astype(np.float32)[..., None]
+    if fmt == "q8":
+        w = q.astype(np.float32) * s
+    else:
+        w = _unpack_q4(q).astype(np.float32) * s + z.astype(np.float32)[..., None]
+    return w.reshape(q.shape[0], -1)
+
+
 def dequantize_rows(qt: QTensor, rows) -> np.ndarray:
     """float32 [len(rows), K] of the selected rows (e.g. an embedding lookup)."""
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    N, K = qt.shape
-    s = qt.scale[rows].astype(np.float32)[..., None]
-    if qt.fmt == "q8":
-        w = qt.q[rows].astype(np.float32) * s
-    else:
-        w = _unpack_q4(qt.q[rows]).astype(np.float32) * s + qt.zero[rows].astype(np.float32)[..., None]
-    return w.reshape(len(rows), K)
+    return _dequant(qt.fmt, qt.q[rows], qt.scale[rows], None if qt.zero is None else qt.zero[rows])
 
 
 def dequantize(qt: QTensor) -> np.ndarray:
     """float32 [N, K]."""
-    return dequantize_rows(qt, np.arange(qt.shape[0]))
+    return _dequant(qt.fmt, qt.q, qt.scale, qt.zero)
 
 
 # ---- quantization --------------------------------------------------------------------------------

@@ -360,19 +360,8 @@ def write_synthetic_checkpoint(
         (out / "model.safetensors.index.json").unlink(missing_ok=True)
         for old in out.glob("model-*-of-*.safetensors*"):
             old.unlink()
-        ids = special_token_ids()
-        _write_text(out / "config.json", _json(cfg))
-        _write_text(out / "generation_config.json", _json(
-            {"bos_token_id": ids[BOS], "eos_token_id": [ids[EOS], ids[ROLE_END]],
-             "pad_token_id": ids[EOS]}))
-        _write_text(out / "tokenizer.json", tokenizer_json())
-        _write_text(out / "tokenizer_config.json", _json({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "add_bos_token": False, "add_eos_token": False,
-            "bos_token": BOS, "eos_token": EOS, "pad_token": EOS,
-            "chat_template": CHAT_TEMPLATE,
-            "model_max_length": cfg["max_position_embeddings"],
-        }))
+        for fname, text in side_files(cfg).items():
+            _write_text(out / fname, text)
         done = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="amed-synth") as pool:
             for fname, names, head in zip(files, plan, headers):
@@ -440,3 +429,66 @@ def _write_shard(path: Path, names, specs, head: bytes, seed: int, pool, done: i
     os.close(fd)
     os.replace(tmp, path)
     return done
+
+
+def side_files(cfg: dict) -> dict[str, str]:
+    """The small files of a checkpoint besides the weights: config, generation config, tokenizer."""
+    ids = special_token_ids()
+    return {
+        "config.json": _json(cfg),
+        "generation_config.json": _json({"bos_token_id": ids[BOS], "eos_token_id": [ids[EOS], ids[ROLE_END]],
+                                         "pad_token_id": ids[EOS]}),
+        "tokenizer.json": tokenizer_json(),
+        "tokenizer_config.json": _json({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": False, "add_eos_token": False,
+            "bos_token": BOS, "eos_token": EOS, "pad_token": EOS,
+            "chat_template": CHAT_TEMPLATE,
+            "model_max_length": cfg["max_position_embeddings"],
+        }),
+    }
+
+
+class SyntheticSource:
+    """A random checkpoint that is generated on the fly instead of read: it stands in for
+    `Checkpoint` in `quantize_model`, so `amed synth --bits 4` writes a store with no bf16 copy on
+    disk (how a store larger than RAM is made here). Same seed, same weights as
+    `write_synthetic_checkpoint`."""
+
+    def __init__(self, preset: str = "tiny", layers: int | None = None, seed: int = 0, **overrides):
+        import hashlib
+
+        cfg = synthetic_config(preset, layers, **overrides)
+        self.config = ModelConfig.from_dict(cfg)
+        self.seed = seed
+        self.specs = hf_tensor_specs(self.config)
+        self.tensors = {n: _Sized(math.prod(shape) * ITEMSIZE[dt]) for n, (shape, dt) in self.specs.items()}
+        self.files = side_files(cfg)
+        self.fingerprint = {"synthetic": preset, "seed": seed,
+                            "config_sha256": hashlib.sha256(self.files["config.json"].encode()).hexdigest()}
+
+    def read_rows_f32(self, name: str, chunk_elems: int):
+        """Yield (row0, float32 rows) of about chunk_elems elements, like Checkpoint.read_rows_f32."""
+        shape, dtype = self.specs[name]
+        per_row = max(1, math.prod(shape[1:]))
+        step = max(1, chunk_elems // per_row) * per_row
+        pending, row0 = [], 0
+        have = 0
+        for chunk in tensor_chunks(name, shape, dtype, self.seed):
+            a = chunk.view("<f4") if dtype == "F32" else (chunk.astype(np.uint32) << 16).view(np.float32)
+            pending.append(a)
+            have += a.size
+            while have >= step or (have and row0 * per_row + have == math.prod(shape)):
+                flat = np.concatenate(pending)
+                take = min(step, flat.size)
+                rows = flat[:take].reshape((-1,) + tuple(shape[1:]))
+                yield row0, rows
+                row0 += rows.shape[0]
+                pending, have = [flat[take:]], flat.size - take
+
+
+class _Sized:
+    __slots__ = ("nbytes",)
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes

@@ -63,6 +63,7 @@ class Weights:
         self._fetch_expert = fetch_expert
         self._experts: dict[tuple[int, int], tuple] = {}
         self.touched: set[tuple[int, int]] = set()
+        self.prefetch = None   # optional prefetch(layer, experts): start reading routed experts early
 
     def expert(self, layer: int, e: int):
         key = (layer, e)

@@ -129,3 +129,16 @@ def test_one_compiled_signature_with_read_only_weights():
     for kernel, wpos in ((QK.gemm_q4, 3), (QK.gemm_q8, 2), (QK.matmul_q4, 1), (QK.matmul_q8, 1)):
         for sig in kernel.signatures:
             assert not sig[wpos].mutable, f"{kernel.__name__} compiled for writable weights: {sig}"
+
+
+def test_every_finite_float16_scale_and_zero_is_widened_exactly():
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    ref = bits.view(np.float16).astype(np.float32)
+    bits, ref = bits[np.isfinite(ref)], ref[np.isfinite(ref)]        # normals, subnormals, +-0
+    N = bits.size
+    ones = np.ones((1, 32), np.float32)      # xq = 32767, sx = 1/32767: out = 32 * scale
+    q8 = Q.QTensor(fmt="q8", shape=(N, 32), group=32, q=np.ones((N, 1, 32), np.int8), scale=bits[:, None])
+    np.testing.assert_allclose(QK.qmatmul(ones, q8)[0] / 32, ref, rtol=1e-6, atol=0)
+    q4 = Q.QTensor(fmt="q4", shape=(N, 32), group=32, q=np.zeros((N, 1, 16), np.uint8),
+                   scale=np.zeros((N, 1), np.uint16), zero=bits[:, None])   # out = 32 * zero
+    np.testing.assert_allclose(QK.qmatmul(ones, q4)[0] / 32, ref, rtol=1e-6, atol=0)

@@ -203,3 +203,21 @@ def test_group_size_fallback_and_bad_settings(golden_dir, tmp_path):
     assert man["weights"]["blk.0.attn_qkv"]["group"] == 64
     with pytest.raises(AmedError, match="--bits"):
         quantize_model(golden_dir, tmp_path / "x", Settings(bits=3))
+
+
+def test_synth_store_directly_equals_synth_then_quantize(tmp_path):
+    from amed.synth import SyntheticSource
+
+    kw = dict(preset="flash", layers=2, hidden_size=256, num_attention_heads=4, head_dim=64,
+              intermediate_size=512, moe_intermediate_size=128, moe_shared_expert_intermediate_size=128,
+              num_experts=16, vocab_size=20000)       # embeddings span several generation chunks
+    write_synthetic_checkpoint(tmp_path / "bf16", **kw)
+    quantize_model(tmp_path / "bf16", tmp_path / "a", Settings(bits=4))
+    quantize_model(SyntheticSource(**kw), tmp_path / "b", Settings(bits=4))
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for n in names:
+        if n != MANIFEST:                               # the manifests differ only in "source"
+            assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
+    ma, mb = (json.loads((tmp_path / d / MANIFEST).read_text()) for d in "ab")
+    assert {k: v for k, v in ma.items() if k != "source"} == {k: v for k, v in mb.items() if k != "source"}

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""amed vs llama.cpp on the same weights: `amed bench` and `llama-bench`, one after the other.
+
+Pairs: amed int4 store vs GGUF Q4_0, amed int8 store vs GGUF Q8_0, all made from one checkpoint
+(default: the 4-layer flash-shaped synthetic one under ~/.cache/amed/bench). Prints a Markdown
+table of prefill (ppN) and decode (tgN) t/s and the ratios amed / llama.cpp.
+
+    python bench/compare_llamacpp.py -p 64 -n 32 -r 3 -t 2
+
+llama-bench is found via --llama-bench, $LLAMA_BENCH or PATH; without it only amed runs.
+To get llama.cpp (outside this repo): a llama.cpp checkout, or the copy vendored in the
+llama-cpp-python sdist (`pip download --no-binary :all: --no-deps llama-cpp-python`, unpack,
+vendor/llama.cpp), then
+
+    cmake -S LLAMA_SRC -B /tmp/llamacpp-build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \\
+          -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF
+    cmake --build /tmp/llamacpp-build --target llama-bench llama-quantize -j2
+
+Making the inputs (all from the bf16 checkpoint CKPT):
+    amed quantize CKPT -o DIR/flash-4-q4 --bits 4 ; amed quantize CKPT -o DIR/flash-4-q8 --bits 8
+    python bench/compare_llamacpp.py --convert CKPT --llama-src LLAMA_SRC --python VENV/bin/python
+The last runs llama.cpp's own convert_hf_to_gguf.py (--outtype q8_0, so no bf16 GGUF is written)
+and then `llama-quantize --allow-requantize Q8_0 -> Q4_0`. VENV needs torch, numpy, transformers,
+sentencepiece, safetensors (llama.cpp's requirements-convert_hf_to_gguf.txt). Workaround: the
+converter hashes the tokenizer's pre-tokenizer output and refuses hashes it does not know (the
+synthetic byte-level BPE tokenizer is not the real Ling one), so we patch
+TextModel.get_vocab_base_pre to return "bailingmoe2" (what the real Ling-2.0 tokenizer maps to).
+That only sets the GGUF's tokenizer.ggml.pre string; the weights are converted untouched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+DIR = Path(os.environ.get("AMED_BENCH_DIR") or Path.home() / ".cache/amed/bench")
+
+CONVERT = """import runpy, sys
+src = sys.argv.pop(1)
+sys.path[:0] = [src, src + "/gguf-py"]
+import conversion.base as b  # see the module docstring: the weights are not touched
+b.TextModel.get_vocab_base_pre = lambda self, tokenizer: "bailingmoe2"
+sys.argv[0] = src + "/convert_hf_to_gguf.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def timed(cmd: list[str]) -> None:
+    """Run cmd under /usr/bin/time -v (if there) and print its wall time and peak RSS."""
+    print("+", " ".join(map(str, cmd)), file=sys.stderr, flush=True)
+    gnu_time = Path("/usr/bin/time").exists()
+    p = subprocess.run((["/usr/bin/time", "-v"] if gnu_time else []) + cmd, stderr=subprocess.PIPE, text=True)
+    lines = p.stderr.splitlines()
+    print("\n".join(lines[-40:] if p.returncode else [l for l in lines if "Elapsed" in l or "Maximum resident" in l]),
+          file=sys.stderr)
+    if p.returncode:
+        sys.exit(f"failed: {cmd[0]}")
+
+
+def convert(a, bench_bin: str | None) -> None:
+    if not a.llama_src:
+        sys.exit("--convert needs --llama-src (a llama.cpp source tree with convert_hf_to_gguf.py)")
+    quantize = shutil.which("llama-quantize") or (bench_bin and str(Path(bench_bin).with_name("llama-quantize")))
+    if not quantize or not Path(quantize).exists():
+        sys.exit("llama-quantize not found (put it on PATH or next to llama-bench)")
+    env_pp = os.pathsep.join(filter(None, [str(Path(a.llama_src) / "gguf-py"), os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = env_pp
+    if not a.gguf_q8.exists():
+        timed([a.python, "-c", CONVERT, a.llama_src, str(a.convert), "--outtype", "q8_0", "--outfile", str(a.gguf_q8)])
+    if not a.gguf_q4.exists():
+        timed([quantize, "--allow-requantize", str(a.gguf_q8), str(a.gguf_q4), "Q4_0", str(a.threads)])
+
+
+def llama_bench(bin_: str, gguf: Path, a) -> dict[str, float]:
+    cmd = [bin_, "-m", str(gguf), "-p", str(a.p), "-n", str(a.n), "-r", str(a.r), "-t", str(a.threads), "-o", "json"]
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    rows = json.loads(subprocess.run(cmd, stdout=subprocess.PIPE, check=True, text=True).stdout)
+    return {("pp" if r["n_prompt"] else "tg"): r["avg_ts"] for r in rows}
+
+
+def amed_bench(store: Path, a) -> dict[str, float]:
+    cmd = ["amed", "bench", "-m", str(store), "-p", str(a.p), "-n", str(a.n), "-r", str(a.r),
+           "-t", str(a.threads), "-o", "json"]
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    rows = json.loads(subprocess.run(cmd, stdout=subprocess.PIPE, check=True, text=True).stdout)
+    return {r["test"][:2]: r["tps_mean"] for r in rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--amed-q4", type=Path, default=DIR / "flash-4-q4")
+    ap.add_argument("--amed-q8", type=Path, default=DIR / "flash-4-q8")
+    ap.add_argument("--gguf-q4", type=Path, default=DIR / "flash-4-q4_0.gguf")
+    ap.add_argument("--gguf-q8", type=Path, default=DIR / "flash-4-q8_0.gguf")
+    ap.add_argument("--pairs", default="q4,q8", help="which pairs to run: q4, q8 or both")
+    ap.add_argument("-p", type=int, default=64, help="prompt tokens (ppN)")
+    ap.add_argument("-n", type=int, default=32, help="generated tokens (tgN)")
+    ap.add_argument("-r", type=int, default=3, help="repetitions")
+    ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench"))
+    ap.add_argument("--convert", type=Path, metavar="CKPT", help="make the missing GGUFs from this HF checkpoint")
+    ap.add_argument("--llama-src", help="llama.cpp source tree (for --convert)")
+    ap.add_argument("--python", default=sys.executable, help="python with the converter's deps (for --convert)")
+    a = ap.parse_args()
+    if a.convert:
+        convert(a, a.llama_bench)
+    if not a.llama_bench:
+        print("llama-bench not found: running amed only. To compare, build llama.cpp's llama-bench "
+              "(see the top of this file) and pass --llama-bench PATH or set $LLAMA_BENCH.", file=sys.stderr)
+
+    table = [f"| pair | test | amed t/s | llama.cpp t/s | amed / llama.cpp |", "|---|---|---:|---:|---:|"]
+    for pair in a.pairs.split(","):
+        store, gguf = (a.amed_q4, a.gguf_q4) if pair == "q4" else (a.amed_q8, a.gguf_q8)
+        name = f"amed {store.name} vs {gguf.name}"
+        if not store.exists():
+            print(f"skipping {pair}: no amed store at {store}", file=sys.stderr)
+            continue
+        theirs = {}
+        if a.llama_bench and gguf.exists():
+            theirs = llama_bench(a.llama_bench, gguf, a)
+        elif a.llama_bench:
+            print(f"no GGUF at {gguf} (make it with --convert CKPT --llama-src SRC)", file=sys.stderr)
+        ours = amed_bench(store, a)
+        for t, n in (("pp", a.p), ("tg", a.n)):
+            o, l = ours.get(t), theirs.get(t)
+            ratio = f"{o / l:.2f}x" if o and l else "-"
+            table.append(f"| {name} | {t}{n} | {o:.2f} | {f'{l:.2f}' if l else '-'} | {ratio} |")
+    print(f"\n{a.threads} threads, {a.r} repetitions\n\n" + "\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
