@@ -2,6 +2,7 @@
 
 Public API:
     model = amed.load(path)          # a Hugging Face checkpoint dir or an amed store
+    model = amed.load(path, max_ram="16G")   # store larger than RAM: bounded expert cache + prefetch
     model.logits(ids)                # float32 [len, vocab], fresh context
     model.reset(); model.forward(ids)  # incremental: returns last-position logits
 """

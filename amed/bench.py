@@ -150,6 +150,80 @@ def memory_bandwidth_gbs(cache_file: Path | None = None, refresh: bool = False) 
     return best
 
 
+# ---- disk read bandwidth probe ---------------------------------------------------------------
+
+def disk_read_gbs(store, cache_file: Path | None = None, refresh: bool = False, nbytes: int = 1 << 30,
+                  segment: int = 32 << 20) -> float | None:
+    """Sequential read bandwidth (GB/s) of the disk that holds `store`: `nbytes` of routed-expert bytes
+    in `segment`-sized runs spread over every layer file, read in 8 MiB requests after dropping them
+    from the page cache (POSIX_FADV_DONTNEED), checked against /proc/self/io so that a read served
+    by the page cache cannot pass for the disk. Cached per device unless `refresh`."""
+    from .cache import disk_read_bytes
+
+    info = getattr(store, "experts_info", None)
+    if not info:
+        return None
+    regions = [(store.path / i["file"], i["offset"], i["stride"] * i["count"]) for i in info.values()]
+    dev = str(os.stat(regions[0][0]).st_dev)
+    cached = {}
+    if cache_file and cache_file.exists():
+        try:
+            cached = json.loads(cache_file.read_text())
+        except (ValueError, OSError):
+            cached = {}
+    if dev in cached and not refresh:
+        return float(cached[dev])
+    nseg = max(1, nbytes // segment)
+    plan = []                                  # (file, offset, length), spread evenly
+    for j in range(nseg):
+        f, off, length = regions[j % len(regions)]
+        k = j // len(regions)
+        slots = max(1, length // segment)
+        pos = off + (k * 7919 % slots) * segment
+        plan.append((f, pos, min(segment, off + length - pos)))
+    fds = {f: os.open(f, os.O_RDONLY) for f, _, _ in plan}
+    try:
+        for f, pos, length in plan:
+            os.posix_fadvise(fds[f], pos, length, os.POSIX_FADV_DONTNEED)
+        buf = memoryview(bytearray(8 << 20))
+        io0, t, done = disk_read_bytes(), time.perf_counter(), 0
+        for f, pos, length in plan:
+            got = 0
+            while got < length:
+                n = os.preadv(fds[f], [buf[: min(len(buf), length - got)]], pos + got)
+                if n <= 0:
+                    break
+                got += n
+            done += got
+        dt = time.perf_counter() - t
+        io1 = disk_read_bytes()
+        for f, pos, length in plan:
+            os.posix_fadvise(fds[f], pos, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    from_disk = (io1 - io0) if io0 is not None and io1 is not None else done
+    if from_disk < 0.5 * done:
+        return None                   # the bytes would not leave the page cache: no honest number
+    gbs = from_disk / dt / 1e9
+    if cache_file:
+        cached[dev] = gbs
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(cached))
+    return gbs
+
+
+def drop_expert_pages(store) -> None:
+    """Drop the store's routed-expert bytes from the page cache (cold-disk runs); mapped pages and
+    dense weights stay."""
+    for i in getattr(store, "experts_info", {}).values():
+        fd = os.open(store.path / i["file"], os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, i["offset"], i["stride"] * i["count"], os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 # ---- bytes per token -------------------------------------------------------------------------
 
 def bytes_per_token(model) -> int:
@@ -169,7 +243,7 @@ def bytes_per_token(model) -> int:
             total += nb(lw.router)
             if lw.shared:
                 total += sum(nb(m) for m in lw.shared)
-            total += c.num_experts_per_tok * sum(nb(m) for m in w.expert(L, 0))
+            total += c.num_experts_per_tok * sum(nb(m) for m in w._fetch_expert(L, 0))  # no cache use
     return total
 
 
@@ -196,8 +270,13 @@ def run_bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, reps: int
     model.forward([ids[0]])
     compile_s = time.perf_counter() - t0
 
+    from .cache import CacheStats, disk_read_bytes
+
+    cache = getattr(model.weights, "cache", None)
+    rng = np.random.default_rng(1)
     pp = Result(f"pp{n_prompt}", n_prompt)
     tg = Result(f"tg{n_gen}", n_gen)
+    tg_stats, tg_disk = CacheStats(), 0
     for r in range(reps):
         if n_prompt:
             model.reset()
@@ -207,15 +286,77 @@ def run_bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, reps: int
         if n_gen:
             model.reset()
             logits = model.forward([ids[0]])
+            st0 = cache.stats.copy() if cache is not None else None
+            io0 = disk_read_bytes()
             t = time.perf_counter()
-            for _ in range(n_gen):
-                logits = model.forward([int(logits.argmax())])
+            for _ in range(n_gen):     # random ids: routing as varied as it gets (worst case for a cache)
+                nxt = int(rng.integers(vocab)) if random_ids else int(logits.argmax())
+                logits = model.forward([nxt])
             tg.seconds.append(time.perf_counter() - t)
+            io1 = disk_read_bytes()
+            tg_disk += (io1 - io0) if io0 is not None and io1 is not None else 0
+            if cache is not None:
+                tg_stats = tg_stats + (cache.stats - st0)
         if log:
             log(r + 1, reps)
+    ntg = n_gen * reps
     return {"pp": pp if n_prompt else None, "tg": tg if n_gen else None, "compile_s": compile_s,
             "peak_rss": peak_rss_bytes(), "bytes_per_token": bytes_per_token(model),
-            "expert_resident": expert_residency(model.source)}
+            "expert_resident": expert_residency(model.source),
+            "disk_bytes_per_token": tg_disk / ntg if ntg else 0.0, "tg_cache": tg_stats,
+            "rss": current_rss_bytes()}
+
+
+class MemoryReport:
+    """Per-answer memory line for `amed chat -v`: expert-cache hits, disk bytes per token, RSS."""
+
+    def __init__(self, model):
+        from .cache import disk_read_bytes
+
+        self.model = model
+        self.cache = getattr(model.weights, "cache", None)
+        self._io = disk_read_bytes()
+        self._st = self.cache.stats.copy() if self.cache is not None else None
+
+    def line(self, tokens: int) -> str:
+        from .cache import disk_read_bytes
+
+        io = disk_read_bytes()
+        parts = []
+        if self.cache is not None:
+            st = self.cache.stats - self._st
+            self._st = self.cache.stats.copy()
+            if st.uses:
+                parts.append(f"expert cache hit rate {100 * st.hit_rate:.1f}% ({st.hits}/{st.uses}, "
+                             f"{st.prefetched} prefetched, {st.guessed} looked ahead, {st.demand} faulted)")
+        if io is not None and self._io is not None:
+            parts.append(f"{(io - self._io) / max(tokens, 1) / 1e6:.1f} MB read from disk per token")
+        self._io = io
+        parts.append(f"RSS {current_rss_bytes() / 1e9:.2f} GB (peak {peak_rss_bytes() / 1e9:.2f} GB)")
+        return "; ".join(parts)
+
+
+def memory_table(rows: list[dict]) -> str:
+    """The larger-than-RAM view of decode rows: cache, disk and the disk-bound ceiling."""
+    lines = ["| prefetch | look-ahead | max RAM | expert cache | test | t/s | hit rate | look-ahead acc. | "
+             "disk read/token | read GB/s | disk GB/s | disk-bound ceiling | % of ceiling | peak RSS |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "disk_bytes_per_token" not in r:
+            continue
+        ceil = r.get("ceiling_tps")
+        acc = r.get("lookahead_acc")
+        cells = [r["prefetch"], r["lookahead"], r["max_ram"], r["cache_budget"], r["test"],
+                 f"{r['tps_mean']:.2f}", "" if r["hit_rate"] is None else f"{100 * r['hit_rate']:.1f}%",
+                 "" if acc is None else f"{100 * acc:.0f}%",
+                 f"{r['disk_bytes_per_token'] / 1e6:.1f} MB",
+                 f"{r['disk_bytes_per_token'] * r['tps_mean'] / 1e9:.2f}",
+                 "" if r.get("disk_gbs") is None else f"{r['disk_gbs']:.2f}",
+                 "—" if ceil is None else f"{ceil:.2f} t/s",
+                 "—" if ceil is None else f"{100 * r['tps_mean'] / ceil:.0f}%",
+                 f"{r['peak_rss_gb']:.2f} GB"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def format_rows(rows: list[dict], fmt: str) -> str:

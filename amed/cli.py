@@ -296,6 +296,10 @@ def set_threads(threads: Optional[int]) -> None:
 ModelOpt = Annotated[Optional[Path], typer.Option("-m", "--model", help="Store or checkpoint directory "
                                                   "(default: $AMED_MODEL, then the default store).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads (default: all cores).")]
+MaxRamOpt = Annotated[Optional[str], typer.Option(
+    "--max-ram", metavar="SIZE", rich_help_panel="Memory",
+    help="Bound on resident memory, e.g. 16G, 16GiB, 12000M (G = GiB, GB = 10^9). Dense weights stay "
+         "resident; routed experts are cached in what is left. Default: 90% of available memory.")]
 
 
 @app.command()
@@ -313,6 +317,9 @@ def chat(
     seed: Annotated[Optional[int], typer.Option("-s", "--seed", rich_help_panel="Sampling")] = None,
     threads: ThreadsOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print settings and per-answer stats.")] = False,
+    max_ram: MaxRamOpt = None,
+    no_prefetch: Annotated[bool, typer.Option("--no-prefetch", rich_help_panel="Memory",
+                                              help="Do not read chosen experts ahead (slower from disk).")] = False,
 ):
     """Talk to the model, with tokens streaming as they are generated.
 
@@ -334,7 +341,8 @@ def chat(
     from .tokenizer import Tokenizer
 
     t0 = time.perf_counter()
-    m = load(path, ctx_size=ctx_size)
+    m = load(path, ctx_size=ctx_size, max_ram=max_ram, prefetch=not no_prefetch,
+             log=lambda msg: err.print(f"[yellow]{msg}[/]"))
     tok = Tokenizer.from_dir(path)
     if tok.template_is_fallback:
         err.print("[yellow]no chat template in the model directory: using the built-in Ling format.[/]")
@@ -345,6 +353,17 @@ def chat(
                   f"temp {params.temperature}, top-p {params.top_p}, top-k {params.top_k}, "
                   f"min-p {params.min_p}, repeat-penalty {params.repetition_penalty}, seed {params.seed}[/]")
     session = ChatSession(m, tok, make_sampler(params), max_tokens, ctx_size, system_prompt, err)
+    if verbose:
+        from .bench import MemoryReport
+
+        memory = MemoryReport(m)
+        cache = m.weights.cache
+        if cache is not None:
+            err.print(f"[dim]memory: dense weights {human(cache.dense_bytes)} resident, experts "
+                      f"{human(cache.expert_total)} on disk, expert cache "
+                      f"{human(cache.budget) if cache.bounded else 'unbounded (all fit)'}[/]")
+        stats_line = session.stats_line
+        session.stats_line = lambda step: f"{stats_line(step)}\n{memory.line(step.generated_tokens)}"
     if one_shot:
         step = session.ask(prompt.strip())
         sys.stdout.write("\n")
@@ -366,10 +385,22 @@ def bench(
     reps: Annotated[int, typer.Option("-r", "--repetitions", help="Timed repetitions after a warm-up.")] = 5,
     threads: Annotated[str, typer.Option("-t", "--threads", help="Thread counts to sweep, comma-separated (default: all cores).")] = "",
     output: Annotated[str, typer.Option("-o", "--output", help="md, json or csv (on stdout).")] = "md",
-    random_ids: Annotated[bool, typer.Option("--random-ids", help="Random token ids instead of real text.")] = False,
+    random_ids: Annotated[bool, typer.Option("--random-ids", help="Random token ids instead of real text "
+                                            "(prompt and decode: the most varied routing).")] = False,
     ctx_size: Annotated[int, typer.Option("-c", "--ctx-size")] = 4096,
+    max_ram: MaxRamOpt = None,
+    prefetch: Annotated[str, typer.Option("--prefetch", help="Expert prefetch: on, off, or on,off to compare "
+                                          "them side by side.", rich_help_panel="Memory")] = "on",
+    lookahead: Annotated[str, typer.Option("--lookahead", help="Router look-ahead (read the next layer's likely "
+                                           "experts early): auto, on, off; comma-separated to compare.",
+                                           rich_help_panel="Memory")] = "auto",
+    cold: Annotated[bool, typer.Option("--cold", help="Drop the store's experts from the page cache before each "
+                                       "run (decode from a cold disk).", rich_help_panel="Memory")] = False,
 ):
-    """Measure prefill and decode speed, memory, and how close that is to the hardware."""
+    """Measure prefill and decode speed, memory, and how close that is to the hardware.
+
+    With a store larger than --max-ram it also reports the expert-cache hit rate, bytes read from
+    disk per token and the disk-bound ceiling (those bytes / the disk's sequential read speed)."""
     if output not in ("md", "json", "csv"):
         fail(f"-o must be md, json or csv, not {output!r}.")
     path = resolve_model(model)
@@ -378,14 +409,24 @@ def bench(
     import numba
 
     from . import load
-    from .bench import format_rows, memory_bandwidth_gbs, run_bench
+    from .bench import (disk_read_gbs, drop_expert_pages, format_rows, memory_bandwidth_gbs, memory_table,
+                        run_bench)
+    from .cache import attach, fmt_size, parse_size
     from .tokenizer import Tokenizer
 
     try:
         counts = [int(t) for t in threads.split(",") if t.strip()] or [numba.config.NUMBA_NUM_THREADS]
     except ValueError:
         fail(f"-t takes comma-separated integers, not {threads!r}.")
-    m = load(path, ctx_size=max(ctx_size, n_prompt + n_gen + 16))
+    prefetches = [p.strip() for p in prefetch.split(",") if p.strip()]
+    lookaheads = [p.strip() for p in lookahead.split(",") if p.strip()]
+    if not prefetches or any(p not in ("on", "off") for p in prefetches):
+        fail(f"--prefetch takes on, off or on,off, not {prefetch!r}.")
+    if not lookaheads or any(p not in ("auto", "on", "off") for p in lookaheads):
+        fail(f"--lookahead takes auto, on or off (comma-separated), not {lookahead!r}.")
+    ram = parse_size(max_ram) if max_ram is not None else None
+    m = load(path, ctx_size=max(ctx_size, n_prompt + n_gen + 16), max_ram=ram,
+             log=lambda msg: err.print(f"[yellow]{msg}[/]"))
     tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
     home = Path(os.environ.get("AMED_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "amed")
     err.print("[dim]measuring memory bandwidth (cached after the first run)...[/]")
@@ -395,28 +436,63 @@ def bench(
         sum(t.nbytes for t in src.tensors.values())
     quant = getattr(src, "manifest", {}).get("quantization", {})
     qdesc = f"q{quant['bits']}/g{quant['group_size']}" if quant else "bf16"
+    cache = m.weights.cache
+    disk_bw = None
+    if cache is not None and cache.bounded:
+        err.print("[dim]measuring the disk's sequential read speed (1 GiB of the store)...[/]")
+        disk_bw = disk_read_gbs(src, home / "diskbw.json", refresh=True)   # shared/virtual disks vary
+    variants = [(p, la) for p in prefetches for la in (lookaheads if p == "on" else ["off"])]
     rows = []
-    for n in counts:
-        set_threads(n)
-        err.print(f"[dim]{path.name}: {n} threads, pp{n_prompt} tg{n_gen} x {reps}...[/]")
-        rec = run_bench(m, tok, n_prompt, n_gen, reps, random_ids)
-        for res in (rec["pp"], rec["tg"]):
-            if res is None:
-                continue
-            row = {"model": path.name, "size_gb": size / 1e9, "quant": qdesc, "threads": n, "test": res.test,
-                   "tps_mean": res.mean, "tps_sd": res.sd, "peak_rss_gb": rec["peak_rss"] / 1e9,
-                   "compile_s": rec["compile_s"], "mem_bw_gbs": bw}
-            if res.test.startswith("pp"):
-                row["ttft_s"] = min(res.seconds)
-            else:
-                bpt = rec["bytes_per_token"]
-                row.update(bytes_per_token=bpt, gbs=bpt * res.mean / 1e9, pct_bw=100 * bpt * res.mean / 1e9 / bw,
-                           experts_resident=rec["expert_resident"])
-            rows.append(row)
+    for pf, la in variants:
+        if cache is not None and len(variants) > 1:       # a fresh cache per variant, same model
+            old = m.weights.cache
+            old.clear()
+            old.close()
+            m.weights.lookahead = None
+            attach(m, ram, prefetch=pf == "on", lookahead=la,
+                   expert_budget=old.budget if old.bounded else old.expert_total)
+        cache = m.weights.cache
+        for n in counts:
+            set_threads(n)
+            if cold:
+                drop_expert_pages(src)
+            err.print(f"[dim]{path.name}: {n} threads, prefetch {pf}, look-ahead {la}, pp{n_prompt} tg{n_gen} "
+                      f"x {reps}...[/]")
+            rec = run_bench(m, tok, n_prompt, n_gen, reps, random_ids)
+            for res in (rec["pp"], rec["tg"]):
+                if res is None:
+                    continue
+                row = {"model": path.name, "size_gb": size / 1e9, "quant": qdesc, "threads": n, "test": res.test,
+                       "tps_mean": res.mean, "tps_sd": res.sd, "peak_rss_gb": rec["peak_rss"] / 1e9,
+                       "compile_s": rec["compile_s"], "mem_bw_gbs": bw}
+                if res.test.startswith("pp"):
+                    row["ttft_s"] = min(res.seconds)
+                else:
+                    bpt = rec["bytes_per_token"]
+                    row.update(bytes_per_token=bpt, gbs=bpt * res.mean / 1e9, pct_bw=100 * bpt * res.mean / 1e9 / bw,
+                               experts_resident=rec["expert_resident"])
+                    if cache is not None:
+                        st, dpt = rec["tg_cache"], rec["disk_bytes_per_token"]
+                        ceiling = disk_bw * 1e9 / dpt if disk_bw and dpt > 0.01 * bpt else None
+                        row.update(prefetch=pf, lookahead=la if cache.bounded else "off",
+                                   max_ram=fmt_size(ram) if ram else "auto",
+                                   cache_budget=fmt_size(cache.budget) if cache.bounded else "all",
+                                   hit_rate=st.hit_rate if st.uses else None,
+                                   lookahead_acc=st.lookahead_accuracy if st.predicted else None,
+                                   disk_bytes_per_token=dpt, disk_gbs=disk_bw, ceiling_tps=ceiling,
+                                   rss_gb=rec["rss"] / 1e9)
+                rows.append(row)
     print(format_rows(rows, output))
+    from_disk = any(r.get("disk_bytes_per_token", 0) > 0.01 * r.get("bytes_per_token", 1) for r in rows)
+    if output == "md" and cache is not None and (cache.bounded or len(variants) > 1 or from_disk):
+        print()
+        print(memory_table(rows))
     if rows:
         err.print(f"[dim]kernel compile/load before timing: {rows[0]['compile_s']:.2f} s; "
-                  f"memory bandwidth {bw:.1f} GB/s[/]")
+                  f"memory bandwidth {bw:.1f} GB/s"
+                  + (f"; disk {disk_bw:.2f} GB/s" if disk_bw else "")
+                  + (f"; dense weights {fmt_size(cache.dense_bytes)} resident, experts "
+                     f"{fmt_size(cache.expert_total)} on disk" if cache is not None else "") + "[/]")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ import numpy as np
 from . import kernels as K
 from .config import ModelConfig
 from .errors import AmedError
+from .qkernels import expert_q
+from .weights import Quant
 
 F32 = np.float32
 
@@ -128,6 +130,9 @@ class Model:
     @staticmethod
     def _mlp(gate, up, down, h: np.ndarray) -> np.ndarray:
         """SwiGLU: down(silu(gate h) * up h)."""
+        if type(gate) is Quant and type(up) is Quant and type(down) is Quant \
+                and gate.qt.fmt == up.qt.fmt == down.qt.fmt and gate.qt.group == up.qt.group:
+            return expert_q(h, gate.qt, up.qt, down.qt)          # one fused call per expert
         T, I = h.shape[0], gate.shape[0]
         g = gate.matmul(h, np.empty((T, I), F32))
         u = up.matmul(h, np.empty((T, I), F32))
@@ -151,6 +156,8 @@ class Model:
         ends = np.append(starts[1:], len(flat))
         if self.weights.prefetch is not None:       # ask the OS for all chosen experts at once
             self.weights.prefetch(L, experts)
+        if self.weights.lookahead is not None:      # and for layer L+1's likely ones (amed/cache.py)
+            self.weights.lookahead(L, h)
         for e, a, b in zip(experts.tolist(), starts.tolist(), ends.tolist()):
             sel = order[a:b]
             toks = sel // k                                                # tokens routed to e
@@ -162,16 +169,25 @@ class Model:
         return out
 
 
-def load(path, ctx_size: int = 4096) -> Model:
-    """Open a Hugging Face checkpoint directory or an amed store directory."""
+def load(path, ctx_size: int = 4096, max_ram=None, prefetch: bool = True, lookahead: str = "auto",
+         log=None) -> Model:
+    """Open a Hugging Face checkpoint directory or an amed store directory.
+
+    For a store, `max_ram` (bytes or "16G"; default: from available memory) bounds what stays
+    resident: dense weights always, routed experts in an LRU cache within the rest (amed/cache.py).
+    `prefetch` reads chosen experts ahead; `lookahead` ("auto", "on", "off") also guesses the next
+    layer's. `log(message)` receives warnings."""
     path = Path(path).expanduser()
     if not path.exists():
         raise AmedError(f"{path} does not exist.")
     if (path / "amed-manifest.json").exists():
+        from .cache import attach
         from .store import open_store
 
         store = open_store(path)
-        return Model(store.config, store.weights(), ctx_size=ctx_size, source=store)
+        model = Model(store.config, store.weights(), ctx_size=ctx_size, source=store)
+        attach(model, max_ram, prefetch=prefetch, lookahead=lookahead, log=log)
+        return model
     from .checkpoint import Checkpoint, load_weights
 
     ckpt = Checkpoint(path)

@@ -35,6 +35,7 @@ SCALE_DTYPE = "F16"
 
 MADV_RANDOM = getattr(mmap, "MADV_RANDOM", None)
 MADV_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)
+MADV_NORMAL = getattr(mmap, "MADV_NORMAL", None)
 
 
 def read_manifest(path: Path) -> dict:
@@ -85,7 +86,8 @@ class Store:
         # No read-around on faults anywhere (the kernel's default window of several MB would pull
         # unrouted experts next to a touched page into RAM); instead, dense weights are read ahead
         # explicitly and asynchronously (MADV_WILLNEED), and a routed expert is paged in on use or
-        # by `prefetch_experts` once the router has chosen it.
+        # by `prefetch_experts` once the router has chosen it. (When the model is larger than the
+        # memory budget, `under_memory_pressure` lifts MADV_RANDOM: see there.)
         if MADV_RANDOM is not None:
             for m in self._maps.values():
                 m.madvise(MADV_RANDOM)
@@ -98,10 +100,28 @@ class Store:
             raise AmedError(f"weight '{missing[0]}' is missing from the store files: the store is damaged.")
 
     def _willneed(self, t) -> None:
-        if MADV_WILLNEED is None or t.end <= t.start:
+        self._advise(t, MADV_WILLNEED)
+
+    def _advise(self, t, advice) -> None:
+        if advice is None or t.end <= t.start:
             return
         start = t.start // mmap.PAGESIZE * mmap.PAGESIZE
-        self._maps[t.path.name].madvise(MADV_WILLNEED, start, t.end - start)
+        self._maps[t.path.name].madvise(advice, start, t.end - start)
+
+    def under_memory_pressure(self) -> None:
+        """The model does not fit the memory budget (amed/cache.py): give every weight but the
+        embeddings the default advice again. Since Linux 6.3 the kernel ignores accesses through
+        MADV_RANDOM mappings when it picks pages to reclaim, so under memory pressure it would drop
+        dense weights and cached experts that are in use every token (measured: thousands of
+        major faults per token). Routed experts are then read explicitly by the expert cache's
+        prefetch, so fault read-around is rare."""
+        if MADV_NORMAL is None:
+            return
+        for m in self._maps.values():
+            m.madvise(MADV_NORMAL)
+        if "token_embd" in self.weights_info:         # read one row per token: no read-around
+            for c in components("token_embd", self.weights_info["token_embd"]["format"]):
+                self._advise(self.tensors[c], MADV_RANDOM)
 
     # -- raw access
     def array(self, name: str) -> np.ndarray:
@@ -147,6 +167,12 @@ class Store:
         m = self._maps[info["file"]]
         for e in experts:
             m.madvise(MADV_WILLNEED, info["offset"] + int(e) * info["stride"], info["stride"])
+
+    def dense_nbytes(self) -> int:
+        """Bytes of every weight that stays resident: all but the routed experts and the token
+        embeddings (read one row per token)."""
+        return sum(self.tensors[c].nbytes for name, w in self.weights_info.items() if name != "token_embd"
+                   for c in components(name, w["format"]))
 
     def expert_region(self, layer: int, e: int) -> tuple[str, int, int]:
         info = self.experts_info[str(layer)]

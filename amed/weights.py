@@ -64,6 +64,8 @@ class Weights:
         self._experts: dict[tuple[int, int], tuple] = {}
         self.touched: set[tuple[int, int]] = set()
         self.prefetch = None   # optional prefetch(layer, experts): start reading routed experts early
+        self.lookahead = None  # optional lookahead(layer, h): read the next layer's likely experts early
+        self.cache = None      # optional cache.ExpertCache: residency under a budget, hit counting
 
     def expert(self, layer: int, e: int):
         key = (layer, e)
@@ -72,6 +74,8 @@ class Weights:
             w = self._fetch_expert(layer, e)
             self._experts[key] = w
             self.touched.add(key)
+        if self.cache is not None:
+            self.cache.use(layer, e)
         return w
 
 

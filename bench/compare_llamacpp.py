@@ -49,15 +49,17 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def timed(cmd: list[str]) -> None:
-    """Run cmd under /usr/bin/time -v (if there) and print its wall time and peak RSS."""
-    print("+", " ".join(map(str, cmd)), file=sys.stderr, flush=True)
+def timed(cmd: list[str], out: Path) -> None:
+    """Run cmd (which writes out) under /usr/bin/time -v, if there, and print its wall time and peak RSS."""
+    print("+", " ".join("<convert with the tokenizer patch>" if c == CONVERT else str(c) for c in cmd),
+          file=sys.stderr, flush=True)
     gnu_time = Path("/usr/bin/time").exists()
     p = subprocess.run((["/usr/bin/time", "-v"] if gnu_time else []) + cmd, stderr=subprocess.PIPE, text=True)
     lines = p.stderr.splitlines()
-    print("\n".join(lines[-40:] if p.returncode else [l for l in lines if "Elapsed" in l or "Maximum resident" in l]),
-          file=sys.stderr)
+    keep = lines[-40:] if p.returncode else [x for x in lines if "Elapsed" in x or "Maximum resident" in x]
+    print("\n".join(keep), file=sys.stderr)
     if p.returncode:
+        out.unlink(missing_ok=True)
         sys.exit(f"failed: {cmd[0]}")
 
 
@@ -67,12 +69,11 @@ def convert(a, bench_bin: str | None) -> None:
     quantize = shutil.which("llama-quantize") or (bench_bin and str(Path(bench_bin).with_name("llama-quantize")))
     if not quantize or not Path(quantize).exists():
         sys.exit("llama-quantize not found (put it on PATH or next to llama-bench)")
-    env_pp = os.pathsep.join(filter(None, [str(Path(a.llama_src) / "gguf-py"), os.environ.get("PYTHONPATH")]))
-    os.environ["PYTHONPATH"] = env_pp
     if not a.gguf_q8.exists():
-        timed([a.python, "-c", CONVERT, a.llama_src, str(a.convert), "--outtype", "q8_0", "--outfile", str(a.gguf_q8)])
+        timed([a.python, "-c", CONVERT, a.llama_src, str(a.convert), "--outtype", "q8_0", "--outfile", str(a.gguf_q8)],
+              a.gguf_q8)
     if not a.gguf_q4.exists():
-        timed([quantize, "--allow-requantize", str(a.gguf_q8), str(a.gguf_q4), "Q4_0", str(a.threads)])
+        timed([quantize, "--allow-requantize", str(a.gguf_q8), str(a.gguf_q4), "Q4_0", str(a.threads)], a.gguf_q4)
 
 
 def llama_bench(bin_: str, gguf: Path, a) -> dict[str, float]:
@@ -96,7 +97,7 @@ def main() -> None:
     ap.add_argument("--amed-q8", type=Path, default=DIR / "flash-4-q8")
     ap.add_argument("--gguf-q4", type=Path, default=DIR / "flash-4-q4_0.gguf")
     ap.add_argument("--gguf-q8", type=Path, default=DIR / "flash-4-q8_0.gguf")
-    ap.add_argument("--pairs", default="q4,q8", help="which pairs to run: q4, q8 or both")
+    ap.add_argument("--pairs", default="q4,q8", help="pairs to run: q4 (amed int4 vs Q4_0), q8 (int8 vs Q8_0)")
     ap.add_argument("-p", type=int, default=64, help="prompt tokens (ppN)")
     ap.add_argument("-n", type=int, default=32, help="generated tokens (tgN)")
     ap.add_argument("-r", type=int, default=3, help="repetitions")
@@ -106,14 +107,17 @@ def main() -> None:
     ap.add_argument("--llama-src", help="llama.cpp source tree (for --convert)")
     ap.add_argument("--python", default=sys.executable, help="python with the converter's deps (for --convert)")
     a = ap.parse_args()
+    pairs = [x for x in a.pairs.split(",") if x]
+    if not set(pairs) <= {"q4", "q8"}:
+        ap.error("--pairs takes q4, q8 or q4,q8 (or '' with --convert to only convert)")
     if a.convert:
         convert(a, a.llama_bench)
     if not a.llama_bench:
         print("llama-bench not found: running amed only. To compare, build llama.cpp's llama-bench "
               "(see the top of this file) and pass --llama-bench PATH or set $LLAMA_BENCH.", file=sys.stderr)
 
-    table = [f"| pair | test | amed t/s | llama.cpp t/s | amed / llama.cpp |", "|---|---|---:|---:|---:|"]
-    for pair in a.pairs.split(","):
+    table = ["| pair | test | amed t/s | llama.cpp t/s | amed / llama.cpp |", "|---|---|---:|---:|---:|"]
+    for pair in pairs:
         store, gguf = (a.amed_q4, a.gguf_q4) if pair == "q4" else (a.amed_q8, a.gguf_q8)
         name = f"amed {store.name} vs {gguf.name}"
         if not store.exists():
@@ -126,10 +130,12 @@ def main() -> None:
             print(f"no GGUF at {gguf} (make it with --convert CKPT --llama-src SRC)", file=sys.stderr)
         ours = amed_bench(store, a)
         for t, n in (("pp", a.p), ("tg", a.n)):
-            o, l = ours.get(t), theirs.get(t)
-            ratio = f"{o / l:.2f}x" if o and l else "-"
-            table.append(f"| {name} | {t}{n} | {o:.2f} | {f'{l:.2f}' if l else '-'} | {ratio} |")
-    print(f"\n{a.threads} threads, {a.r} repetitions\n\n" + "\n".join(table))
+            us, them = ours.get(t), theirs.get(t)
+            cells = [f"{us:.2f}" if us else "-", f"{them:.2f}" if them else "-",
+                     f"{us / them:.2f}x" if us and them else "-"]
+            table.append(f"| {name} | {t}{n} | " + " | ".join(cells) + " |")
+    if len(table) > 2:
+        print(f"\n{a.threads} threads, {a.r} repetitions\n\n" + "\n".join(table))
 
 
 if __name__ == "__main__":

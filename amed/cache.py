@@ -1,0 +1,536 @@
+"""Bounded memory for models larger than RAM: the routed-expert cache, prefetch and look-ahead.
+
+Dense weights (attention, shared experts, routers, norms, lm_head, the embedding rows in use) stay
+resident. Routed experts are kept in an LRU over (layer, expert) whose bytes are held under
+
+    expert budget = max_ram - dense bytes - KV cache - runtime (the process RSS at load + margin)
+
+An expert counts as resident from the moment it is admitted (chosen by the router, or guessed by
+look-ahead) until it is evicted. Eviction is `madvise(MADV_DONTNEED)` on its byte range: on our
+read-only shared file mapping that only removes the pages from our page tables, so RSS falls at
+once, while the kernel page cache keeps the bytes as long as RAM allows and a later use of the
+same expert is a minor fault instead of a disk read (measured faster than MADV_PAGEOUT, which
+drops them from the page cache too: `AMED_EVICT=pageout` to compare). Eviction never touches a
+byte outside the layer's expert region, so dense weights are never dropped.
+
+Prefetch: as soon as a layer's router has chosen, every chosen expert that is not resident gets
+`MADV_WILLNEED` (the kernel queues one large asynchronous read for the whole range; the store is
+otherwise MADV_RANDOM, so a plain page fault would read 4 KiB at a time) and a job for a small
+pool of reader threads that calls `MADV_POPULATE_READ` (waits for the read and maps the pages)
+with the GIL released, so the compute thread does not pay the faults. Look-ahead: the next
+layer's router is applied to this layer's hidden state to guess its experts and read them while
+this layer computes; in "auto" mode the guesses are issued only while they have been right at
+least half of the time recently (they are always computed, which costs one small matmul).
+
+When the whole store fits the budget nothing of this runs: `Weights.expert` only counts, and the
+store's own MADV_WILLNEED prefetch is used as before (the in-RAM path is unchanged).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import mmap
+import os
+import queue
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from .errors import AmedError
+
+MADV_WILLNEED = 3
+MADV_DONTNEED = 4
+MADV_PAGEOUT = 21
+MADV_POPULATE_READ = 22
+EVICT_ADVICE = {"dontneed": MADV_DONTNEED, "pageout": MADV_PAGEOUT}
+FAULT_AROUND = 64 * 1024        # the kernel maps up to this much of cached neighbours on a fault
+RUNTIME_MARGIN = 256 << 20      # kernels loaded, activations, allocator slack
+
+# ---- sizes -------------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtp]?)(i?)(b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text) -> int:
+    """'16G', '16GiB', '12000M', '1.5T', '512MiB', '2000000000' -> bytes. K/M/G/T and KiB/MiB/GiB/TiB
+    are powers of 1024 (as in `free -g`, docker, Java); KB/MB/GB/TB are powers of 1000."""
+    if isinstance(text, (int, np.integer)):
+        return int(text)
+    m = _SIZE.match(str(text))
+    if not m:
+        raise AmedError(f"cannot read {text!r} as a size; use e.g. 16G, 16GiB, 12000M or 20GB.")
+    num, unit, i, b = m.groups()
+    power = "kmgtp".find(unit.lower()) + 1 if unit else 0
+    base = 1000 if (b and not i) else 1024
+    return int(float(num) * base ** power)
+
+
+def fmt_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def mem_available() -> int:
+    """MemAvailable from /proc/meminfo (bytes); physical free pages elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def default_max_ram() -> int:
+    """What amed may keep resident by default: 90% of the memory available now plus what this
+    process already holds."""
+    from .bench import current_rss_bytes
+
+    return int(0.9 * mem_available()) + current_rss_bytes()
+
+
+def disk_read_bytes() -> int | None:
+    """Bytes this process (all threads) has caused to be read from storage (/proc/self/io)."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+# ---- madvise with the GIL released ---------------------------------------------------------------
+
+_libc = None
+
+
+def madvise(addr: int, length: int, advice: int) -> int:
+    """madvise(2) through ctypes (which releases the GIL); returns 0 or the errno."""
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        lib.madvise.restype = ctypes.c_int
+        _libc = lib
+    if length <= 0:
+        return 0
+    return 0 if _libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), advice) == 0 else ctypes.get_errno()
+
+
+def map_address(m: mmap.mmap) -> int:
+    return np.frombuffer(m, np.uint8, count=1).ctypes.data
+
+
+# ---- statistics --------------------------------------------------------------------------------
+
+@dataclass
+class CacheStats:
+    uses: int = 0            # expert uses (one per chosen expert per MoE layer per forward)
+    hits: int = 0            # the expert was resident before its router chose it
+    prefetched: int = 0      # misses whose read was issued as soon as the router chose them
+    guessed: int = 0         # misses already read by look-ahead at the previous layer
+    demand: int = 0          # misses with no read ahead: faulted in by the kernel on use
+    miss_bytes: int = 0      # bytes of the misses (read from disk or the page cache)
+    evictions: int = 0
+    evicted_bytes: int = 0
+    guesses: int = 0         # experts read ahead by look-ahead
+    guesses_right: int = 0   # ... that the router then chose
+    predicted: int = 0       # experts predicted by look-ahead (issued or not)
+    predicted_right: int = 0
+
+    @property
+    def misses(self) -> int:
+        return self.prefetched + self.guessed + self.demand
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.uses if self.uses else float("nan")
+
+    @property
+    def lookahead_accuracy(self) -> float:
+        return self.predicted_right / self.predicted if self.predicted else float("nan")
+
+    def copy(self) -> "CacheStats":
+        return CacheStats(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+    def __add__(self, other: "CacheStats") -> "CacheStats":
+        return CacheStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    def __sub__(self, other: "CacheStats") -> "CacheStats":
+        return CacheStats(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
+
+
+# ---- reader threads ------------------------------------------------------------------------------
+
+class ReaderPool:
+    """A few daemon threads that run page-in jobs by priority (routed before guessed)."""
+
+    def __init__(self, n: int = 4):
+        self.n = n
+        self._q: queue.PriorityQueue = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._threads: list[threading.Thread] = []
+
+    def submit(self, priority: int, fn, *args) -> None:
+        if not self._threads:
+            for i in range(self.n):
+                t = threading.Thread(target=self._run, name=f"amed-reader-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+        self._q.put((priority, next(self._seq), fn, args))
+
+    def _run(self) -> None:
+        while True:
+            _, _, fn, args = self._q.get()
+            if fn is None:
+                return
+            try:
+                fn(*args)
+            except Exception:       # a failed read-ahead only costs speed: the fault path reads it
+                pass
+            finally:
+                self._q.task_done()
+
+    def drain(self) -> None:
+        """Wait for every queued job (tests)."""
+        if self._threads:
+            self._q.join()
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._q.put((1 << 30, next(self._seq), None, ()))
+        self._threads = []
+
+
+# ---- the cache -----------------------------------------------------------------------------------
+
+class ExpertCache:
+    """LRU residency of routed experts under a byte budget (None: unbounded, counting only).
+
+    `span(layer, e)` -> (address, length) of the expert's bytes in our mapping, `region(layer)` ->
+    (lo, hi) addresses of the layer's whole expert region (eviction never leaves it)."""
+
+    def __init__(self, budget: int | None, span, region, *, prefetch: bool = True,
+                 evict: str = "dontneed", populate: bool = True, readers: int = 4):
+        if evict not in EVICT_ADVICE:
+            raise AmedError(f"unknown eviction mode {evict!r}; use one of {', '.join(EVICT_ADVICE)}.")
+        self.budget = budget
+        self.span = span
+        self.region = region
+        self.prefetch_enabled = prefetch
+        self.evict_mode = evict
+        self._advice = EVICT_ADVICE[evict]
+        self.populate = populate
+        self.pool = ReaderPool(readers) if (budget is not None and prefetch and populate and readers) else None
+        self.stats = CacheStats()
+        self.used = 0              # bytes admitted and not evicted
+        self.peak = 0
+        self._lru: OrderedDict = OrderedDict()   # (layer, e) -> bytes, oldest first
+        self._fresh: dict = {}                   # admitted ahead of use: key -> "prefetched" | "guessed"
+        self._guess: dict = {}                   # layer -> set of guessed experts not yet routed
+        self._queued: dict = {}                  # key -> token of its queued reader job (cancellable)
+        self._running: set = set()               # keys a reader thread is paging in (not evictable)
+        self._busy: set = set()                  # keys of the layer being computed (not evictable)
+        self.chosen = (None, set())              # the last prefetch: (layer, experts the router chose)
+        self._current = None                     # the expert being computed with
+        self._lock = threading.Lock()
+        self.released: list = []                 # (lo, hi) of every eviction, when record_releases
+        self.record_releases = False
+
+    @property
+    def bounded(self) -> bool:
+        return self.budget is not None
+
+    # -- bookkeeping (main thread)
+    def cost(self, layer: int, e: int) -> int:
+        """Bytes an expert is charged: its own plus what the kernel's fault-around may map of its
+        neighbours (up to 64 KiB either side)."""
+        return self.span(layer, e)[1] + 2 * FAULT_AROUND
+
+    def _admit(self, key) -> int:
+        n = self.cost(*key)
+        if self.budget is not None and self.used + n > self.budget:
+            self._evict_to(self.budget - n)
+        self._lru[key] = n
+        self.used += n
+        if self.used > self.peak:
+            self.peak = self.used
+        return n
+
+    def _evict_to(self, limit: int) -> None:
+        with self._lock:
+            victims = []
+            freed = 0
+            for key, n in self._lru.items():           # oldest first
+                if self.used - freed <= limit:
+                    break
+                if key in self._running or key in self._busy:
+                    continue
+                victims.append(key)
+                self._queued.pop(key, None)          # cancel its read-ahead if it has not started
+                freed += n
+        for key in victims:
+            self._release(key)
+
+    def _release(self, key) -> None:
+        n = self._lru.pop(key)
+        self.used -= n
+        self._fresh.pop(key, None)
+        self.stats.evictions += 1
+        self.stats.evicted_bytes += n
+        addr, length = self.span(*key)
+        lo, hi = self.region(key[0])
+        # widen by the fault-around window so pages mapped next to the expert go too, but never
+        # past the expert region: the dense weights before it must stay resident
+        a, b = max(lo, addr - FAULT_AROUND), min(hi, addr + length + FAULT_AROUND)
+        if self.record_releases:
+            self.released.append((key, a, b))
+        madvise(a, b - a, self._advice)
+
+    def _read_ahead(self, key, priority: int) -> None:
+        addr, length = self.span(*key)
+        if self.pool is None:
+            madvise(addr, length, MADV_WILLNEED)    # queue the whole range as one large read, now
+            return
+        token = object()
+        with self._lock:
+            self._queued[key] = token
+        self.pool.submit(priority, self._populate, key, token, addr, length)
+
+    def _populate(self, key, token, addr: int, length: int) -> None:   # reader thread
+        with self._lock:
+            if self._queued.get(key) is not token:     # evicted (or re-admitted) before its turn
+                return
+            del self._queued[key]
+            self._running.add(key)
+        try:
+            madvise(addr, length, MADV_WILLNEED)        # one large read for the whole expert
+            madvise(addr, length, MADV_POPULATE_READ)   # wait for it and map the pages
+        finally:
+            with self._lock:
+                self._running.discard(key)
+
+    # -- the hooks the model calls
+    def prefetch(self, layer: int, experts) -> None:
+        """Layer `layer`'s router chose `experts`: start reading the ones not resident."""
+        experts = [int(e) for e in experts]
+        guessed = self._guess.pop(layer, None)
+        if guessed is not None:
+            chosen = set(experts)
+            self.stats.guesses_right += len(guessed & chosen)
+            for e in guessed - chosen:                 # wrong guesses become plain cache entries
+                self._fresh.pop((layer, e), None)
+        self._busy = {(layer, e) for e in experts}
+        self.chosen = (layer, set(experts))
+        if not self.bounded or not self.prefetch_enabled:
+            return
+        room = self.budget // 2                        # never prefetch more than half the budget
+        for e in experts:
+            key = (layer, e)
+            if key in self._lru:
+                continue
+            n = self.cost(layer, e)
+            if n > room:
+                break                                  # the rest are faulted in on use
+            room -= n
+            self._admit(key)
+            self._fresh[key] = "prefetched"
+            self._read_ahead(key, 0)
+
+    def guess(self, layer: int, experts, issue: bool = True) -> None:
+        """Look-ahead predicted `experts` for `layer`; read the non-resident ones if `issue`."""
+        experts = [int(e) for e in experts]
+        self.stats.predicted += len(experts)
+        if not issue or not self.bounded:
+            return
+        room = self.budget // 4
+        mine = self._guess.setdefault(layer, set())
+        busy, self._busy = self._busy, self._busy | {(layer, e) for e in experts}
+        for e in experts:
+            key = (layer, e)
+            if key in self._lru:
+                continue
+            n = self.cost(layer, e)
+            if n > room:
+                break
+            room -= n
+            self._admit(key)
+            self._fresh[key] = "guessed"
+            mine.add(e)
+            self.stats.guesses += 1
+            self._read_ahead(key, 1)
+        self._busy = busy | {(layer, e) for e in mine}
+
+    def use(self, layer: int, e: int) -> None:
+        """The model is about to compute with expert e of `layer`."""
+        key = (layer, e)
+        st = self.stats
+        st.uses += 1
+        # the expert used before this one is done: it may be evicted from now on
+        self._busy.discard(self._current)
+        self._current = key
+        kind = self._fresh.pop(key, None)
+        if kind is not None:
+            setattr(st, kind, getattr(st, kind) + 1)
+            st.miss_bytes += self.span(*key)[1]
+            self._lru.move_to_end(key)
+            if key in self._queued:            # its reader has not started: this thread faults it in now
+                with self._lock:
+                    self._queued.pop(key, None)
+        elif key in self._lru:
+            st.hits += 1
+            self._lru.move_to_end(key)
+        else:
+            st.demand += 1
+            st.miss_bytes += self.span(*key)[1]
+            self._admit(key)
+
+    def drain(self) -> None:
+        if self.pool is not None:
+            self.pool.drain()
+
+    def clear(self) -> None:
+        """Evict every expert (RSS drops back to the dense weights)."""
+        self.drain()
+        self._busy, self._current = set(), None
+        for key in list(self._lru):
+            self._release(key)
+        self._fresh.clear()
+        self._guess.clear()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+    def summary(self, s: CacheStats | None = None) -> str:
+        s = s or self.stats
+        lim = fmt_size(self.budget) if self.bounded else "unbounded"
+        return (f"expert cache {fmt_size(self.used)} of {lim}: hit rate {100 * s.hit_rate:.1f}% "
+                f"({s.hits} hits, {s.prefetched} prefetched, {s.guessed} looked ahead, {s.demand} faulted, "
+                f"{s.evictions} evicted)")
+
+
+class LookAhead:
+    """Apply layer L+1's router to layer L's hidden state and prefetch the experts it picks."""
+
+    def __init__(self, config, layers, cache: ExpertCache, mode: str = "auto"):
+        self.config = config
+        self.layers = layers
+        self.cache = cache
+        self.mode = mode             # "on": always issue; "auto": while recently right >= half the time
+        self.accuracy = 1.0          # running (exponential) accuracy of the predictions
+        self._last = None
+
+    def __call__(self, L: int, h: np.ndarray) -> None:
+        from . import kernels as K
+
+        c = self.config
+        self._score(L)
+        nxt = L + 1
+        if nxt >= len(self.layers) or self.layers[nxt].router is None:
+            return
+        lw = self.layers[nxt]
+        T, k = h.shape[0], c.num_experts_per_tok
+        logits = lw.router.matmul(h, np.empty((T, c.num_experts), np.float32))
+        idx = np.empty((T, k), np.int64)
+        wts = np.empty((T, k), np.float32)
+        K.route(logits, lw.expert_bias, c.n_group, c.topk_group, k, c.routed_scaling_factor, idx, wts)
+        experts = np.unique(idx)
+        issue = self.mode == "on" or self.accuracy >= 0.5
+        self.cache.guess(nxt, experts, issue=issue)
+        self._last = (nxt, set(experts.tolist()))
+
+    def _score(self, L: int) -> None:
+        """Compare the prediction made for layer L with what L's router chose (set by prefetch)."""
+        if self._last is None or self._last[0] != L:
+            return
+        layer, chosen = self.cache.chosen
+        if layer != L:
+            return
+        pred = self._last[1]
+        right = len(pred & chosen)
+        self.cache.stats.predicted_right += right
+        self.accuracy = 0.8 * self.accuracy + 0.2 * (right / max(1, len(pred)))
+        self._last = None
+
+
+# ---- wiring a store-backed model ---------------------------------------------------------------------
+
+def kv_cache_bytes(model) -> int:
+    return sum(a.nbytes for a in model.k_cache) + sum(a.nbytes for a in model.v_cache)
+
+
+def attach(model, max_ram=None, *, prefetch: bool = True, lookahead: str = "auto",
+           expert_budget: int | None = None, evict: str | None = None, log=None) -> ExpertCache | None:
+    """Give a store-backed model its expert cache. `max_ram` (bytes or a size string; default
+    derived from available memory) bounds what stays resident; `expert_budget` sets the expert
+    bytes directly (tests). Returns the cache (None for a checkpoint source)."""
+    from .bench import current_rss_bytes
+
+    store, w = model.source, model.weights
+    info = getattr(store, "experts_info", None)
+    if not info:
+        return None
+    evict = evict or os.environ.get("AMED_EVICT", "dontneed")
+    populate = os.environ.get("AMED_POPULATE", "1") != "0"
+    readers = int(os.environ.get("AMED_READERS", "4"))
+    expert_total = sum(i["stride"] * i["count"] for i in info.values())
+    dense = store.dense_nbytes()
+    kv = kv_cache_bytes(model)
+    max_ram = parse_size(max_ram) if max_ram is not None else None
+    if expert_budget is None:
+        limit = max_ram if max_ram is not None else default_max_ram()
+        expert_budget = limit - dense - kv - current_rss_bytes() - RUNTIME_MARGIN
+        k = model.config.num_experts_per_tok
+        floor = 2 * k * max(i["stride"] for i in info.values())
+        if expert_budget < floor:
+            if log:
+                log(f"--max-ram {fmt_size(limit)} leaves no room for experts next to the dense weights "
+                    f"({fmt_size(dense)}), the KV cache ({fmt_size(kv)}) and the runtime; serving experts "
+                    f"from a minimal cache of {fmt_size(floor)} (expect peak RSS near "
+                    f"{fmt_size(limit - expert_budget + floor)}).")
+            expert_budget = floor
+    budget = None if expert_budget >= expert_total else int(expert_budget)
+    if budget is not None:
+        # the kernel must see that dense weights and cached experts are in use (see there)
+        store.under_memory_pressure()
+    bases = {f: map_address(m) for f, m in store._maps.items()}
+
+    def span(L, e):
+        f, off, stride = store.expert_region(L, e)
+        return bases[f] + off, stride
+
+    def region(L):
+        i = info[str(L)]
+        base = bases[i["file"]] + i["offset"]
+        return base, base + i["stride"] * i["count"]
+
+    cache = ExpertCache(budget, span, region, prefetch=prefetch, evict=evict, populate=populate,
+                        readers=readers)
+    cache.expert_total = expert_total
+    cache.dense_bytes = dense
+    cache.max_ram = max_ram
+    w.cache = cache
+    if not prefetch:
+        w.prefetch = None
+    elif budget is not None:
+        w.prefetch = cache.prefetch
+        if lookahead in ("on", "auto"):
+            w.lookahead = LookAhead(model.config, w.layers, cache, lookahead)
+    else:                                  # everything fits: the store's own prefetch, plus counting
+        store_prefetch = store.prefetch_experts
+
+        def both(L, experts):
+            cache.prefetch(L, experts)
+            store_prefetch(L, experts)
+        w.prefetch = both
+    return cache

@@ -1,0 +1,186 @@
+"""Models larger than RAM: the expert cache keeps its budget, never drops dense weights, and the
+experts it prefetches are the ones then used (amed/cache.py)."""
+
+import numpy as np
+import pytest
+
+import amed
+from amed.cache import attach, parse_size
+from amed.errors import AmedError
+from amed.quantize import Settings, quantize_model
+from amed.synth import SyntheticSource
+
+SHAPE = dict(preset="flash", layers=4, hidden_size=256, num_attention_heads=4, head_dim=64,
+             intermediate_size=512, moe_intermediate_size=128, moe_shared_expert_intermediate_size=128,
+             num_experts=64, vocab_size=2048)       # 3 MoE layers of 64 experts, top-8 of 8 groups
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cache") / "store"
+    quantize_model(SyntheticSource(**SHAPE), d, Settings(bits=4))
+    return d
+
+
+@pytest.fixture(scope="module")
+def run_ids():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 2048, 6).tolist(), rng.integers(0, 2048, 24).tolist()
+
+
+def run(model, ids):
+    """Prefill, then decode token by token (random ids: routing as varied as it gets)."""
+    prompt, decode = ids
+    model.reset()
+    out = [model.forward(prompt)]
+    out += [model.forward([t]) for t in decode]
+    cache = model.weights.cache
+    if cache is not None:
+        cache.drain()
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def reference(store, run_ids):
+    m = amed.load(store)
+    assert m.weights.cache is not None and not m.weights.cache.bounded   # fits: unbounded fast path
+    return run(m, run_ids)
+
+
+def stride(model) -> int:
+    """What the cache charges for one expert."""
+    return max(i["stride"] for i in model.source.experts_info.values()) + 2 * amed.cache.FAULT_AROUND
+
+
+def layer_files_rss(model) -> int:
+    """Resident bytes of this model's mappings of its layer files (from /proc/self/smaps)."""
+    st = model.source
+    starts = {amed.cache.map_address(st._maps[i["file"]]) for i in st.experts_info.values()}
+    total, mine = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and len(parts) >= 5:          # a mapping header: start-end perms ...
+                mine = int(parts[0].split("-")[0], 16) in starts
+            elif parts[0] == "Rss:" and mine:
+                total += int(parts[1]) * 1024
+    return total
+
+
+def test_parse_size():
+    assert parse_size("16G") == parse_size("16GiB") == 16 << 30
+    assert parse_size("12000M") == 12000 << 20
+    assert parse_size("20GB") == 20 * 10**9
+    assert parse_size("1.5g") == 3 << 29
+    assert parse_size("4096") == parse_size(4096) == 4096
+    with pytest.raises(AmedError, match="size"):
+        parse_size("lots")
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_budget_respected_under_random_routing(store, run_ids, reference, prefetch):
+    m = amed.load(store, prefetch=prefetch, lookahead="off")
+    budget = 20 * stride(m)                  # 20 of the 192 experts
+    cache = attach(m, prefetch=prefetch, lookahead="off", expert_budget=budget)
+    assert cache.bounded and (cache.pool is not None) == prefetch
+    out = run(m, run_ids)
+    np.testing.assert_array_equal(out, reference)          # eviction changes nothing but memory
+    st = cache.stats
+    assert cache.peak <= budget and cache.used <= budget
+    assert st.evictions > 0 and st.uses == st.hits + st.prefetched + st.guessed + st.demand
+    # the kernel's view: what stays mapped of the layer files is the cache plus the dense weights
+    dense_in_layers = sum(t.nbytes for n, t in m.source.tensors.items()
+                          if n.startswith("blk.") and "_exps." not in n)
+    assert layer_files_rss(m) <= budget + dense_in_layers
+
+
+def test_eviction_never_drops_dense_weights(store, run_ids, reference):
+    m = amed.load(store, lookahead="on")
+    cache = attach(m, lookahead="on", expert_budget=17 * stride(m), evict="pageout")
+    cache.record_releases = True
+    np.testing.assert_array_equal(run(m, run_ids), reference)
+    assert cache.released
+    st = m.source
+    bases = {f: amed.cache.map_address(mm) for f, mm in st._maps.items()}
+    dense = [(bases[t.path.name] + t.start, bases[t.path.name] + t.end) for n, t in st.tensors.items()
+             if "_exps." not in n and not n.startswith("__pad__")]
+    for (L, e), lo, hi in cache.released:
+        info = st.experts_info[str(L)]
+        base = bases[info["file"]] + info["offset"]
+        assert base <= lo < hi <= base + info["stride"] * info["count"]
+        assert not any(a < hi and lo < b for a, b in dense)
+    # and the dense weights are all still in the page cache after MADV_PAGEOUT of the experts
+    from amed.bench import resident_fraction
+
+    for n in ("blk.1.attn_qkv.q", "blk.2.ffn_gate_inp", "blk.3.ffn_up_shexp.q", "output.q"):
+        t = st.tensors[n]
+        assert resident_fraction(st._maps[t.path.name], t.start, t.end - t.start) == 1.0, n
+
+
+def test_prefetched_experts_are_the_ones_used(store, run_ids, reference):
+    m = amed.load(store, lookahead="off")
+    cache = attach(m, lookahead="off", expert_budget=40 * stride(m))
+    np.testing.assert_array_equal(run(m, run_ids), reference)
+    st = cache.stats
+    assert st.prefetched > 0 and st.guessed == 0 and st.guesses == 0
+    assert not cache._fresh                 # every expert read ahead was then used
+    # decode misses are all prefetched (the prefill may route to more than half the budget)
+    before = cache.stats.copy()
+    m.forward([5])
+    d = cache.stats - before
+    assert d.uses == 3 * 8 and d.demand == 0 and d.prefetched == d.uses - d.hits
+    # the same token again at the same position: every expert is a hit
+    m.truncate(m.pos - 1)
+    before = cache.stats.copy()
+    m.forward([5])
+    d = cache.stats - before
+    assert d.hits == d.uses == 24
+
+
+def test_lookahead_guesses_are_counted(store, run_ids, reference):
+    m = amed.load(store, lookahead="on")
+    cache = attach(m, lookahead="on", expert_budget=50 * stride(m))
+    np.testing.assert_array_equal(run(m, run_ids), reference)
+    st = cache.stats
+    # one prediction per MoE layer after the first, per forward
+    assert st.predicted > 0 and 0 <= st.predicted_right <= st.predicted
+    assert st.guesses > 0 and st.guessed == st.guesses_right <= st.guesses
+    assert st.uses == st.hits + st.prefetched + st.guessed + st.demand
+    assert cache.peak <= cache.budget
+
+
+def test_max_ram_plumbing(store, run_ids, reference):
+    msgs = []
+    m = amed.load(store, max_ram="1M", log=msgs.append)       # far too small: runs on a minimal cache
+    assert m.weights.cache.bounded and msgs and "minimal cache" in msgs[0]
+    np.testing.assert_array_equal(run(m, run_ids), reference)
+    big = amed.load(store, max_ram="64G")
+    assert not big.weights.cache.bounded and big.weights.lookahead is None
+
+
+def vm_flags(addr: int) -> set[str]:
+    """VmFlags of the mapping that holds `addr` (/proc/self/smaps)."""
+    cur = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and len(parts) >= 5:
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                cur = lo <= addr < hi
+            elif cur and parts[0] == "VmFlags:":
+                return set(parts[1:])
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+def test_reclaim_sees_dense_weights_and_cached_experts_in_use(store):
+    """Linux >= 6.3 ignores accesses through MADV_RANDOM ("rr") mappings when reclaiming: once
+    memory is bounded, only the embeddings keep it (no read-around when everything fits)."""
+    m = amed.load(store)
+    st = m.source
+    base = amed.cache.map_address(st._maps["layer-001.safetensors"])
+    qkv = base + st.tensors["blk.1.attn_qkv.q"].start
+    experts = base + st.experts_info["1"]["offset"]
+    embd = amed.cache.map_address(st._maps["globals.safetensors"]) + st.tensors["token_embd.q"].start
+    assert "rr" in vm_flags(qkv) and "rr" in vm_flags(experts)
+    attach(m, expert_budget=20 * stride(m))
+    assert "rr" not in vm_flags(experts) and "rr" not in vm_flags(qkv) and "rr" in vm_flags(embd)
