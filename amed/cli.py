@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -377,6 +378,23 @@ def chat(
 # ---------------------------------------------------------------------------------------------
 # bench
 # ---------------------------------------------------------------------------------------------
+def synthetic_store(preset: str, layers: int, bits: int) -> Path:
+    """A random quantized store for benchmarks, built on first use under $AMED_HOME/bench."""
+    from .quantize import Settings
+    from .store import MANIFEST
+    from .synth import SyntheticSource
+
+    path = default_store_dir().parent.parent / "bench" / f"synthetic-{preset}-{layers}-q{bits}"
+    try:
+        done = json.loads((path / MANIFEST).read_text()).get("complete")
+    except (OSError, ValueError):
+        done = False
+    if not done:
+        err.print(f"[dim]building a random {preset} store with {layers} layers at {path} (once)...[/]")
+        run_quantize(SyntheticSource(preset, layers, 0), path, Settings(bits=bits), force=False)
+    return path
+
+
 @app.command()
 def bench(
     model: ModelOpt = None,
@@ -396,6 +414,10 @@ def bench(
                                            rich_help_panel="Memory")] = "auto",
     cold: Annotated[bool, typer.Option("--cold", help="Drop the store's experts from the page cache before each "
                                        "run (decode from a cold disk).", rich_help_panel="Memory")] = False,
+    synthetic: Annotated[Optional[str], typer.Option("--synthetic", help="Bench a random store of this preset "
+                         "(tiny, flash, mini), built once and cached: no download needed.")] = None,
+    layers: Annotated[int, typer.Option("--layers", help="With --synthetic: number of layers.")] = 4,
+    bits: Annotated[int, typer.Option("--bits", help="With --synthetic: 4 or 8.")] = 4,
 ):
     """Measure prefill and decode speed, memory, and how close that is to the hardware.
 
@@ -403,7 +425,7 @@ def bench(
     disk per token and the disk-bound ceiling (those bytes / the disk's sequential read speed)."""
     if output not in ("md", "json", "csv"):
         fail(f"-o must be md, json or csv, not {output!r}.")
-    path = resolve_model(model)
+    path = synthetic_store(synthetic, layers, bits) if synthetic else resolve_model(model)
     import os
 
     import numba
