@@ -217,10 +217,9 @@ def run_quantize(src, output: Path, settings, force: bool) -> None:
 
 
 def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
+    from .hub import fmt_bytes
+
+    return fmt_bytes(n)
 
 
 def print_quantize_summary(s: dict) -> None:
