@@ -85,3 +85,17 @@ def test_context_overflow_drops_oldest_turns(golden_dir):
     with pytest.raises(amed.errors.AmedError, match="ctx-size"):
         s.ask("word " * 200, out=open(os.devnull, "w"))
     assert isinstance(s.conv, Conversation)
+
+
+def test_one_shot_on_a_store_verbose(tmp_path):
+    from amed.quantize import Settings, quantize_model
+    from amed.synth import SyntheticSource
+
+    store = tmp_path / "store"
+    quantize_model(SyntheticSource("tiny"), store, Settings(bits=4))
+    r = subprocess.run([sys.executable, "-m", "amed", "chat", "-m", str(store), "-n", "4", "--temp", "0", "-v",
+                        "-p", "Is fever dangerous?"], capture_output=True, text=True, env=ENV, timeout=120,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert "memory: dense weights" in r.stderr and "generated at" in r.stderr
+    assert "Traceback" not in r.stderr and "memory:" not in r.stdout
