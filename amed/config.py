@@ -129,7 +129,7 @@ class ModelConfig:
         if self.num_experts // self.n_group < 2 and self.n_group > 1:
             bad("n_group", "leaves fewer than 2 experts per group (group score is a top-2 sum)")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-            bad("first_k_dense_replace", f"must be between 0 and num_hidden_layers")
+            bad("first_k_dense_replace", "must be between 0 and num_hidden_layers")
         if self.num_shared_experts not in (0, 1):
             bad("num_shared_experts", f"is {self.num_shared_experts}; amed supports 0 or 1")
         rot = self.rot_dim

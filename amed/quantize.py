@@ -12,7 +12,6 @@ pread in row chunks, never through a growing memory map.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -163,8 +162,7 @@ def source_fingerprint(src: Path) -> dict:
 
 # ---- the pipeline -----------------------------------------------------------------------------
 
-def quantize_model(src, dst, settings: Settings = Settings(), force: bool = False, progress=None,
-                   log=print) -> dict:
+def quantize_model(src, dst, settings: Settings = Settings(), force: bool = False, progress=None) -> dict:
     """Quantize checkpoint `src` (a directory, or a source object such as synth.SyntheticSource)
     into store `dst`. `progress(bytes_done, tensors_done, total)` is called as source bytes are
     consumed. Returns a summary dict."""

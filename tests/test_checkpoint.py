@@ -86,7 +86,7 @@ def test_wrong_dtype(tmp_path):
     cfg = ModelConfig.from_dict(helpers.TINY)
     from amed.checkpoint import hf_tensor_specs
     specs = hf_tensor_specs(cfg)
-    header, data, off = {}, b"", 0
+    header, off = {}, 0
     for name, (shape, dt) in specs.items():
         dt = "I16" if name == "model.norm.weight" else dt
         n = int(np.prod(shape)) * (4 if dt == "F32" else 2)
