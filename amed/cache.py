@@ -528,9 +528,13 @@ def attach(model, max_ram=None, *, prefetch: bool = True, lookahead: str = "auto
             w.lookahead = LookAhead(model.config, w.layers, cache, lookahead)
     else:                                  # everything fits: the store's own prefetch, plus counting
         store_prefetch = store.prefetch_experts
+        seen: set = set()                  # nothing is evicted, so an expert needs reading once
 
         def both(L, experts):
             cache.prefetch(L, experts)
-            store_prefetch(L, experts)
+            new = [e for e in experts if (L, e) not in seen]
+            if new:
+                seen.update((L, e) for e in new)
+                store_prefetch(L, new)     # madvise costs ~0.1 ms per expert even when resident
         w.prefetch = both
     return cache
