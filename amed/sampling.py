@@ -7,7 +7,6 @@ temperature 0 means greedy argmax; otherwise top-k -> softmax(logits / T) -> top
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -49,13 +48,10 @@ class SamplingParams:
             raise TypeError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
         values: dict = {}
         path = Path(model_dir) / "generation_config.json" if model_dir is not None else None
-        if path is not None and path.is_file():
-            try:
-                gen = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise AmedError(f"{path} is not valid JSON ({' '.join(str(e).split())}); re-download it.") from None
-            if not isinstance(gen, dict):
-                raise AmedError(f"{path} should hold a JSON object; re-download it.")
+        if path is not None:
+            from .tokenizer import read_json
+
+            gen = read_json(path, required=False)
             for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
                 v = gen.get(key)
                 if v is None:

@@ -83,6 +83,9 @@ class Store:
                 self.tensors[name] = info
             with open(fpath, "rb") as f:
                 self._maps[fname] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        missing = [n for n, w in self.weights_info.items() if not all(c in self.tensors for c in components(n, w["format"]))]
+        if missing:
+            raise AmedError(f"weight '{missing[0]}' is missing from the store files: the store is damaged.")
         # No read-around on faults anywhere (the kernel's default window of several MB would pull
         # unrouted experts next to a touched page into RAM); instead, dense weights are read ahead
         # explicitly and asynchronously (MADV_WILLNEED), and a routed expert is paged in on use or
@@ -93,11 +96,8 @@ class Store:
                 m.madvise(MADV_RANDOM)
             for name in self.weights_info:
                 if name != "token_embd":              # embeddings are read one row per token
-                    for suffix, _, _ in component_specs(self.weights_info[name]["format"], (1, 64), 64):
-                        self._willneed(self.tensors[name + suffix])
-        missing = [n for n, w in self.weights_info.items() if not all(c in self.tensors for c in components(n, w["format"]))]
-        if missing:
-            raise AmedError(f"weight '{missing[0]}' is missing from the store files: the store is damaged.")
+                    for c in components(name, self.weights_info[name]["format"]):
+                        self._willneed(self.tensors[c])
 
     def _willneed(self, t) -> None:
         self._advise(t, MADV_WILLNEED)
@@ -207,8 +207,8 @@ def component_specs(fmt: str, shape: tuple, group: int | None) -> list[tuple[str
 
 
 def components(name: str, fmt: str) -> list[str]:
-    """Tensor names that hold one weight in the store files."""
-    return [name + suffix for suffix, _, _ in component_specs(fmt, (1, 1 if fmt in ("f32", "bf16") else 64), 64)]
+    """Tensor names that hold one weight in the store files (see component_specs)."""
+    return [name + suffix for suffix in {"q4": (".q", ".s", ".m"), "q8": (".q", ".s")}.get(fmt, ("",))]
 
 
 def open_store(path) -> Store:

@@ -75,7 +75,7 @@ FALLBACK_CHAT_TEMPLATE = r"""
 STOP_TOKENS = ("<|role_end|>", "<|endoftext|>")
 
 
-def _read_json(path: Path, *, required: bool) -> dict:
+def read_json(path: Path, *, required: bool) -> dict:
     if not path.is_file():
         if required:
             raise AmedError(f"{path} is missing; the model directory needs its tokenizer files.")
@@ -244,8 +244,8 @@ class Tokenizer:
             tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:
             raise AmedError(f"{path} could not be read as a tokenizer ({_one_line(e)}); re-download it.") from None
-        cfg = _read_json(d / "tokenizer_config.json", required=False)
-        gen = _read_json(d / "generation_config.json", required=False)
+        cfg = read_json(d / "tokenizer_config.json", required=False)
+        gen = read_json(d / "generation_config.json", required=False)
 
         template = cfg.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
