@@ -370,6 +370,17 @@ class ExpertCache:
             self._read_ahead(key, 1)
         self._busy = busy | {(layer, e) for e in mine}
 
+    def ready_first(self, layer: int, experts: list[int]) -> list[int]:
+        """`experts` reordered so that the ones already resident come first: the model computes
+        with them while the reader threads are still fetching the others."""
+        if not self.bounded:
+            return experts
+        with self._lock:
+            def ready(e):
+                key = (layer, e)
+                return key in self._lru and key not in self._queued and key not in self._running
+            return sorted(experts, key=lambda e: not ready(e))     # stable: ids ascending within
+
     def use(self, layer: int, e: int) -> None:
         """The model is about to compute with expert e of `layer`."""
         key = (layer, e)

@@ -158,12 +158,20 @@ class Model:
             self.weights.prefetch(L, experts)
         if self.weights.lookahead is not None:      # and for layer L+1's likely ones (amed/cache.py)
             self.weights.lookahead(L, h)
-        for e, a, b in zip(experts.tolist(), starts.tolist(), ends.tolist()):
-            sel = order[a:b]
-            toks = sel // k                                                # tokens routed to e
-            xe = h if T == 1 else np.ascontiguousarray(h[toks])
-            y = self._mlp(*self.weights.expert(L, e), xe)                  # [n, H]
-            out[toks] += wts.reshape(-1)[sel][:, None] * y
+        span = {e: (a, b) for e, a, b in zip(experts.tolist(), starts.tolist(), ends.tolist())}
+        run = list(span)
+        if self.weights.cache is not None:          # resident experts first, while others load
+            run = self.weights.cache.ready_first(L, run)
+        wsel = wts.reshape(-1)
+        ys = {}                                     # outputs computed ahead of their turn in the sum
+        for e in run:
+            sel = order[span[e][0]:span[e][1]]
+            xe = h if T == 1 else np.ascontiguousarray(h[sel // k])      # tokens routed to e
+            ys[e] = self._mlp(*self.weights.expert(L, e), xe)             # [n, H]
+            while ys and next(iter(span)) in ys:    # sum in expert-id order, whatever the run order
+                d = next(iter(span))
+                a, b = span.pop(d)
+                out[order[a:b] // k] += wsel[order[a:b]][:, None] * ys.pop(d)
         if lw.shared is not None:
             out += self._mlp(*lw.shared, h)                                # shared expert, weight 1
         return out

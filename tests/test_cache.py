@@ -184,3 +184,17 @@ def test_reclaim_sees_dense_weights_and_cached_experts_in_use(store):
     assert "rr" in vm_flags(qkv) and "rr" in vm_flags(experts)
     attach(m, expert_budget=20 * stride(m))
     assert "rr" not in vm_flags(experts) and "rr" not in vm_flags(qkv) and "rr" in vm_flags(embd)
+
+
+def test_resident_experts_run_first_and_the_sum_order_is_kept(store, run_ids, reference):
+    m = amed.load(store, lookahead="off")
+    cache = attach(m, lookahead="off", expert_budget=12 * stride(m))   # the last layer's experts stay
+    np.testing.assert_array_equal(run(m, run_ids), reference)   # whatever order experts ran in
+    resident = sorted(e for (L, e) in cache._lru if L == 3)
+    absent = sorted(set(range(64)) - set(resident))
+    assert resident and absent
+    mixed = sorted([absent[0], resident[0], absent[-1], resident[-1]])
+    assert cache.ready_first(3, mixed) == [resident[0], resident[-1], absent[0], absent[-1]]
+    cache._queued[(3, resident[0])] = object()          # still being read: not ready
+    assert cache.ready_first(3, mixed)[0] == resident[-1]
+    cache._queued.clear()
