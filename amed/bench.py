@@ -257,10 +257,24 @@ def weight_nbytes(m) -> int:
 # ---- the run ---------------------------------------------------------------------------------
 
 def run_bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, reps: int = 5,
-              random_ids: bool = False, log=None) -> dict:
-    """Time ppN and tgN `reps` times after a warm-up; returns a record of everything measured."""
+              random_ids: bool = False, log=None, depth: int = 0) -> dict:
+    """Time ppN and tgN `reps` times after a warm-up; returns a record of everything measured.
+    With `depth`, every test starts after that many tokens already in the KV cache (prefilled once,
+    untimed, like llama-bench's -d), so attention over a long context is part of what is timed."""
     vocab = model.config.vocab_size
     ids = prompt_ids(tokenizer, max(n_prompt, 1), vocab, random_ids)
+    context = prompt_ids(tokenizer, depth, vocab, random_ids, seed=2) if depth else []
+
+    def start():
+        """An empty context, or the `depth` tokens of context (prefilled on first use)."""
+        if not depth:
+            model.reset()
+            return
+        if model.pos < depth:
+            model.reset()
+            for i in range(0, depth, 512):
+                model.forward(context[i:i + 512])
+        model.truncate(depth)
 
     reset_peak_rss()
     # warm-up: compiles (or loads from cache) every kernel shape we time below
@@ -274,17 +288,18 @@ def run_bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, reps: int
 
     cache = getattr(model.weights, "cache", None)
     rng = np.random.default_rng(1)
-    pp = Result(f"pp{n_prompt}", n_prompt)
-    tg = Result(f"tg{n_gen}", n_gen)
+    at = f" @ d{depth}" if depth else ""
+    pp = Result(f"pp{n_prompt}{at}", n_prompt)
+    tg = Result(f"tg{n_gen}{at}", n_gen)
     tg_stats, tg_disk = CacheStats(), 0
     for r in range(reps):
         if n_prompt:
-            model.reset()
+            start()
             t = time.perf_counter()
             model.forward(ids[:n_prompt])
             pp.seconds.append(time.perf_counter() - t)
         if n_gen:
-            model.reset()
+            start()
             logits = model.forward([ids[0]])
             st0 = cache.stats.copy() if cache is not None else None
             io0 = disk_read_bytes()

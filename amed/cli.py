@@ -70,7 +70,7 @@ def download(
     group_size: Annotated[int, typer.Option("--group-size", "-g", rich_help_panel="Quantize while downloading",
                                             help="Weights per scale: 32, 64 or 128.")] = 64,
     dense: Annotated[str, typer.Option(rich_help_panel="Quantize while downloading",
-                                       help="Attention, shared expert, dense MLP, embeddings, lm_head: q8, q4 or bf16.")] = "q8",
+                                       help="Attention, shared expert, dense MLP, embeddings, lm_head: q8, q6, q4 or bf16.")] = "q8",
     force: Annotated[bool, typer.Option("--force", rich_help_panel="Quantize while downloading",
                                         help="Overwrite an existing store or unfinished job.")] = False,
 ):
@@ -181,7 +181,7 @@ def quantize(
     output: Annotated[Path, typer.Option("-o", "--output", help="Store directory to write.")],
     bits: Annotated[int, typer.Option("--bits", "-b", help="Routed experts: 4 (int4) or 8 (int8).")] = 4,
     group_size: Annotated[int, typer.Option("--group-size", "-g", help="Weights per scale: 32, 64 or 128.")] = 64,
-    dense: Annotated[str, typer.Option(help="Attention, shared expert, dense MLP, embeddings, lm_head: q8, q4 or bf16.")] = "q8",
+    dense: Annotated[str, typer.Option(help="Attention, shared expert, dense MLP, embeddings, lm_head: q8, q6, q4 or bf16.")] = "q8",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing store or unfinished job.")] = False,
 ):
     """Convert a checkpoint into an int4/int8 amed store (streaming, resumable: rerun to continue)."""
@@ -400,6 +400,8 @@ def bench(
     n_prompt: Annotated[int, typer.Option("-p", "--n-prompt", help="Prompt tokens for the ppN test (0 skips it).")] = 512,
     n_gen: Annotated[int, typer.Option("-n", "--n-gen", help="Generated tokens for the tgN test (0 skips it).")] = 128,
     reps: Annotated[int, typer.Option("-r", "--repetitions", help="Timed repetitions after a warm-up.")] = 5,
+    depth: Annotated[int, typer.Option("-d", "--n-depth", help="Run each test after this many tokens of context "
+                                       "(prefilled once, untimed): speed at a long context.")] = 0,
     threads: Annotated[str, typer.Option("-t", "--threads", help="Thread counts to sweep, comma-separated (default: all cores).")] = "",
     output: Annotated[str, typer.Option("-o", "--output", help="md, json or csv (on stdout).")] = "md",
     random_ids: Annotated[bool, typer.Option("--random-ids", help="Random token ids instead of real text "
@@ -446,7 +448,9 @@ def bench(
     if not lookaheads or any(p not in ("auto", "on", "off") for p in lookaheads):
         fail(f"--lookahead takes auto, on or off (comma-separated), not {lookahead!r}.")
     ram = parse_size(max_ram) if max_ram is not None else None
-    m = load(path, ctx_size=max(ctx_size, n_prompt + n_gen + 16), max_ram=ram,
+    if depth < 0:
+        fail("-d must be 0 or more tokens.")
+    m = load(path, ctx_size=max(ctx_size, depth + n_prompt + n_gen + 16), max_ram=ram,
              log=lambda msg: err.print(f"[yellow]{msg}[/]"))
     tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
     home = Path(os.environ.get("AMED_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "amed")
@@ -479,7 +483,7 @@ def bench(
                 drop_expert_pages(src)
             err.print(f"[dim]{path.name}: {n} threads, prefetch {pf}, look-ahead {la}, pp{n_prompt} tg{n_gen} "
                       f"x {reps}...[/]")
-            rec = run_bench(m, tok, n_prompt, n_gen, reps, random_ids)
+            rec = run_bench(m, tok, n_prompt, n_gen, reps, random_ids, depth=depth)
             for res in (rec["pp"], rec["tg"]):
                 if res is None:
                     continue
@@ -534,7 +538,7 @@ def synth(
         "--bits", "-b", help="Write a quantized amed store (4 or 8) directly, with no bf16 copy on "
         "disk: how a store larger than RAM is made.")] = None,
     group_size: Annotated[int, typer.Option("--group-size", "-g", help="With --bits: weights per scale.")] = 64,
-    dense: Annotated[str, typer.Option(help="With --bits: format of the non-expert weights.")] = "q8",
+    dense: Annotated[str, typer.Option(help="With --bits: format of the non-expert weights (q8, q6, q4 or bf16).")] = "q8",
 ):
     """Write a random BailingMoeV2 checkpoint (for tests and benchmarks; no download needed).
 

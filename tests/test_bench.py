@@ -1,0 +1,46 @@
+"""`amed bench`: llama-bench-style rows as data on stdout, the extra columns, and -d (depth)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import amed
+from amed.bench import run_bench
+from amed.tokenizer import Tokenizer
+
+ENV = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+
+
+def test_bench_json_rows_at_depth(golden_dir, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "membw.json").write_text(json.dumps({"read_gbs": 20.0}))   # skip the 1 GiB probe
+    r = subprocess.run([sys.executable, "-m", "amed", "bench", "-m", str(golden_dir), "-p", "8", "-n", "4",
+                        "-r", "2", "-d", "20", "-o", "json"], capture_output=True, text=True,
+                       env={**ENV, "AMED_HOME": str(home)}, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["test"] for row in rows] == ["pp8 @ d20", "tg4 @ d20"]
+    for row in rows:
+        assert row["tps_mean"] > 0 and row["peak_rss_gb"] > 0 and row["compile_s"] >= 0
+    tg = rows[1]
+    assert tg["bytes_per_token"] > 0 and tg["mem_bw_gbs"] == 20.0 and 0 < tg["pct_bw"]
+    assert "Traceback" not in r.stderr
+
+
+def test_depth_keeps_the_context_between_tests(golden_dir):
+    m = amed.load(golden_dir, ctx_size=128)
+    tok = Tokenizer.from_dir(golden_dir)
+    seen = []
+    forward = m.forward
+
+    def spy(ids, **kw):
+        seen.append((m.pos, len(ids)))
+        return forward(ids, **kw)
+
+    m.forward = spy
+    run_bench(m, tok, n_prompt=6, n_gen=3, reps=2, depth=30)
+    timed = [(pos, n) for pos, n in seen if n == 6]
+    assert timed[-2:] == [(30, 6), (30, 6)]                  # every timed prefill starts at depth 30
+    assert sum(1 for pos, n in seen if pos == 0 and n == 30) == 1   # the context is prefilled once
