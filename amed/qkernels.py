@@ -5,10 +5,11 @@ Weights are dequantized inside the kernels, never into a float copy of the matri
 How a product is computed (measured on the 2-core Zen 5 VM, see bench/bench_qkernels.py):
   * Activations are rounded to int16 once per call: for each token t and group g of G inputs,
     xq[t, k] = round(x[t, k] / sx[t, g]) with sx[t, g] = max|x[t, group g]| / 32767, and
-    xs[t, g] = sx[t, g] * sum(xq[t, group g]) for the q4 zero term. The row dot products then run
-    on integers: `vpmaddwd`/`vpdpwssd` multiply 32 pairs of int16 per instruction and sum into
-    int32, exactly. Per group:  q4  out += (s*sx) * sum(u * xq) + zero * xs
-                                q8  out += (s*sx) * sum(q * xq)
+    xs[t, g] = sx[t, g] * sum(xq[t, group g]) for the q4/q6 zero term. The row dot products then
+    run on integers: `vpmaddwd`/`vpdpwssd` multiply 32 pairs of int16 per instruction and sum into
+    int32, exactly. Per group:  q4, q6  out += (s*sx) * sum(u * xq) + zero * xs
+                                q8      out += (s*sx) * sum(q * xq)
+    (q6 levels u <= 63: a group's int32 sum stays below 128 * 63 * 32767 < 2^31.)
     This doubles the per-core throughput of the int4 GEMV against a float32 dot (measured 39-45
     against 20-25 weights/ns on one core), which matters because on a small machine the int4
     float GEMV is compute-bound, not memory-bound. The cost is the int16 rounding of x: a relative
@@ -37,6 +38,7 @@ signature that gets compiled and cached.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -47,6 +49,14 @@ F32 = np.float32
 JIT = dict(fastmath={"reassoc", "contract"}, cache=True, nogil=True)
 X_LEVELS = 32767.0          # int16 activations: |xq| <= 32767
 ROWS = 8                    # output rows a thread runs all T tokens over (they stay in L1)
+
+# Start Numba's thread pool now, before any kernel runs. Numba bug (numba#8578, #4807): when a
+# serial cached kernel (matmul_q*, expert_q*) is compiled in a process that loaded its parallel
+# callee (gemm_q*, _gate_up_q*) from the disk cache, it is saved without the hook that starts the
+# pool on load; run from the cache in a fresh process, it then calls into a pool that was never
+# started and segfaults (reproduced here: run gemm_q4 alone, then qmatmul twice, each in a new
+# process). get_num_threads() starts the pool.
+numba.get_num_threads()
 
 # ---- LLVM IR helpers -------------------------------------------------------------------------
 
@@ -156,15 +166,62 @@ _BLOCK = 16     # groups whose scales are widened together
 _UNROLL = 4     # groups in flight (independent float accumulators)
 
 
+def _nibble_plane_chunks(builder, wg, G, ety):
+    """q4 / q6: the nibble plane of a group (G/2 bytes at wg), in chunks of nb bytes:
+    (c, lo, hi) with lo the <nb x ety> low nibbles = levels of elements c..c+nb and hi the high
+    nibbles = levels of elements G/2+c..G/2+c+nb (split-nibble order). ety: i16 (bytes widened
+    first) or i8 (the caller widens after combining)."""
+    nb = 16 if G == 32 else 32
+    m15 = ir.Constant(_vt(ety, nb), [15] * nb)
+    sh4 = ir.Constant(_vt(ety, nb), [4] * nb)
+    for c in range(0, G // 2, nb):
+        v = _vload(builder, wg, _c64(c), _vt(_i8, nb), 1)
+        if ety != _i8:
+            v = builder.zext(v, _vt(ety, nb))
+        yield c, builder.and_(v, m15), builder.lshr(v, sh4)
+
+
+def _q6_high_bits(builder, wg, G, ety):
+    """q6: the 2-bit plane of a group (G/4 bytes at wg + G/2) as a function hi(e0, nb) -> the
+    <nb x ety> high bits of elements e0..e0+nb, already shifted into place (<< 4, values 0..48).
+    Byte i holds elements i, i+G/4, i+G/2, i+3G/4 in bits 0-1, 2-3, 4-5, 6-7, so quarter k of
+    the group is (plane >> 2k) & 3: one uniform shift and mask per quarter, and a chunk that spans
+    two quarters (G = 32, 64) is the concatenation of two such vectors (one shuffle)."""
+    Q = G // 4
+    p = _vload(builder, wg, _c64(G // 2), _vt(_i8, Q), 1)
+    if ety != _i8:
+        p = builder.zext(p, _vt(ety, Q))
+    m = ir.Constant(_vt(ety, Q), [0x30] * Q)
+
+    def quarter(k):                       # ((p >> 2k) & 3) << 4 == (p shifted by 4 - 2k) & 0x30
+        d = 4 - 2 * k
+        if d > 0:
+            v = builder.shl(p, ir.Constant(_vt(ety, Q), [d] * Q))
+        elif d < 0:
+            v = builder.lshr(p, ir.Constant(_vt(ety, Q), [-d] * Q))
+        else:
+            v = p
+        return builder.and_(v, m)
+
+    def hi(e0, nb):
+        parts = [quarter(k) for k in range(e0 // Q, (e0 + nb) // Q)]
+        if len(parts) == 1:
+            return parts[0]
+        a, b = parts
+        return builder.shuffle_vector(a, b, ir.Constant(_vt(_i32, 2 * Q), list(range(2 * Q))))
+
+    return hi
+
+
 def _make_rowdot(fmt: str, G: int, prefetch: int = 0):
     """An intrinsic `rowdot(w, s, [z,] xq, sx, [xs,] n, t) -> float32`: the dot product of row n
     of a quantized matrix with token t of prepared activations (see module docstring).
     `prefetch` > 0: prefetch the weight bytes that far ahead of each group (never faults).
-    Shapes are trusted (the calling kernel checks them): w [N, ng, G/2 or G], s/z uint16 [N, ng],
-    xq int16 [T, ng*G], sx/xs float32 [T, ng]."""
-    q4 = fmt == "q4"
-    bpg = G // 2 if q4 else G            # weight bytes per group
-    half = q4 and G == 32                 # q4 G=32: a group is 16 bytes -> 8 int32 lanes
+    Shapes are trusted (the calling kernel checks them): w [N, ng, G/2 (q4), 3G/4 (q6) or G (q8)],
+    s/z uint16 [N, ng], xq int16 [T, ng*G], sx/xs float32 [T, ng]."""
+    asym = fmt in ("q4", "q6")            # has a zero array: rowdot(w, s, z, xq, sx, xs, n, t)
+    bpg = {"q4": G // 2, "q6": 3 * G // 4, "q8": G}[fmt]     # weight bytes per group
+    half = asym and G == 32               # a chunk is 16 levels -> 8 int32 lanes
     lanes = 8 if half else 16             # int32 accumulator lanes per group
 
     def group_dot(builder, wrow, xrow, g):
@@ -176,14 +233,19 @@ def _make_rowdot(fmt: str, G: int, prefetch: int = 0):
             pp = builder.bitcast(builder.gep(wg, [_c64(prefetch)]), _i8.as_pointer())
             builder.call(fn, [pp, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
         acc = ir.Constant(_vt(_i32, lanes), None)
-        if q4:
-            nb = 16 if half else 32                               # bytes per chunk
-            m15 = ir.Constant(_vt(_i16, nb), [15] * nb)
-            sh4 = ir.Constant(_vt(_i16, nb), [4] * nb)
-            for c in range(0, bpg, nb):
-                v = builder.zext(_vload(builder, wg, _c64(c), _vt(_i8, nb), 1), _vt(_i16, nb))
-                lo = builder.and_(v, m15)
-                hi = builder.lshr(v, sh4)
+        if asym:
+            # q6, G >= 64: unpack in bytes and widen the combined levels (the shifts and masks
+            # then run on half-width vectors): +13% hot at G=64, +3% at G=128, but -10% at G=32
+            # (8-byte planes), which widens first like q4
+            ety = _i8 if fmt == "q6" and G >= 64 else _i16
+            hi2 = _q6_high_bits(builder, wg, G, ety) if fmt == "q6" else None
+            for c, lo, hi in _nibble_plane_chunks(builder, wg, G, ety):
+                nb = lo.type.count
+                if hi2 is not None:       # levels 0..63 = low nibble | high 2 bits << 4
+                    lo = builder.or_(lo, hi2(c, nb))
+                    hi = builder.or_(hi, hi2(G // 2 + c, nb))
+                if ety == _i8:
+                    lo, hi = builder.zext(lo, _vt(_i16, nb)), builder.zext(hi, _vt(_i16, nb))
                 acc = _madd(builder, lo, _vload(builder, xg, _c64(c), _vt(_i16, nb), 2), acc)
                 acc = _madd(builder, hi, _vload(builder, xg, _c64(c + G // 2), _vt(_i16, nb), 2), acc)
         else:
@@ -193,9 +255,9 @@ def _make_rowdot(fmt: str, G: int, prefetch: int = 0):
         return acc
 
     def typer(w, s, *rest):
-        want_w = types.uint8 if q4 else types.int8
+        want_w = types.uint8 if asym else types.int8
         arrs = rest[:-2]
-        specs = [(types.uint16, 2), (types.int16, 2), (types.float32, 2), (types.float32, 2)] if q4 else \
+        specs = [(types.uint16, 2), (types.int16, 2), (types.float32, 2), (types.float32, 2)] if asym else \
                 [(types.int16, 2), (types.float32, 2)]
         if not (_is_c(w, want_w, 3) and _is_c(s, types.uint16, 2) and len(arrs) == len(specs)
                 and all(_is_c(a, d, nd) for a, (d, nd) in zip(arrs, specs))):
@@ -203,7 +265,7 @@ def _make_rowdot(fmt: str, G: int, prefetch: int = 0):
         return types.float32(w, s, *arrs, types.intp, types.intp)
 
     def codegen(context, builder, sig, args):
-        if q4:
+        if asym:
             w, s, z, xq, sx, xs, n, t = args
             tw, ts, tz, txq, tsx, txs = sig.args[:6]
         else:
@@ -217,7 +279,7 @@ def _make_rowdot(fmt: str, G: int, prefetch: int = 0):
         srow = builder.gep(sa.data, [builder.mul(n, ng)])
         xrow = builder.gep(xa.data, [builder.mul(t, K)])
         sxrow = builder.gep(sxa.data, [builder.mul(t, ng)])
-        if q4:
+        if asym:
             za, _ = _array(context, builder, tz, z)
             xsa, _ = _array(context, builder, txs, xs)
             zrow = builder.gep(za.data, [builder.mul(n, ng)])
@@ -242,7 +304,7 @@ def _make_rowdot(fmt: str, G: int, prefetch: int = 0):
             sv = _half_to_f32(builder, _masked_load(builder, srow, gb, _vt(_i16, B), mask, 2))
             sv = builder.fmul(sv, _masked_load(builder, sxrow, gb, vB, mask, 4))
             builder.store(sv, sbuf)
-            if q4:
+            if asym:
                 zv = _half_to_f32(builder, _masked_load(builder, zrow, gb, _vt(_i16, B), mask, 2))
                 builder.store(_vfma(builder, zv, _masked_load(builder, xsrow, gb, vB, mask, 4), builder.load(zacc)), zacc)
 
@@ -264,11 +326,11 @@ def _make_rowdot(fmt: str, G: int, prefetch: int = 0):
         for a in faccs[1:]:
             v = builder.fadd(v, builder.load(a))
         total = _hsum(builder, v)
-        if q4:
+        if asym:
             total = builder.fadd(total, _hsum(builder, builder.load(zacc)))
         return total
 
-    if q4:
+    if asym:
         def rowdot(typingctx, w, s, z, xq, sx, xs, n, t):
             return typer(w, s, z, xq, sx, xs, n, t), codegen
     else:
@@ -284,6 +346,15 @@ PREFETCH_Q4 = 2048
 _q4_g32 = _make_rowdot("q4", 32, PREFETCH_Q4)
 _q4_g64 = _make_rowdot("q4", 64, PREFETCH_Q4)
 _q4_g128 = _make_rowdot("q4", 128, PREFETCH_Q4)
+# q6 rows are not prefetched: cold 4096x4096 GEMV, 2 threads, 0 / 1024 / 2048 / 3072 / 4096 bytes
+# ahead measured within 1% of each other at G=64 (2048: +3% at G=32, -4% at G=128).
+# Speed (bench/bench_qkernels.py, 2 threads, G=64): in cache ~52 weights/ns against ~75 for q4
+# and q8 (the 2-bit plane costs about as much as the rest of the unpack), so a cold q6 GEMV runs
+# at DRAM speed only while DRAM gives <= ~42 GB/s (this VM: 30-55 GB/s, varying), and q6 prefill
+# (T > 1) is compute-bound at ~1.5x q8's time per token.
+_q6_g32 = _make_rowdot("q6", 32)
+_q6_g64 = _make_rowdot("q6", 64)
+_q6_g128 = _make_rowdot("q6", 128)
 _q8_g32 = _make_rowdot("q8", 32)
 _q8_g64 = _make_rowdot("q8", 64)
 _q8_g128 = _make_rowdot("q8", 128)
@@ -378,6 +449,28 @@ def gemm_q4(xq, sx, xs, q, s, z, out):
 
 
 @njit(parallel=True, **JIT)
+def gemm_q6(xq, sx, xs, q, s, z, out):
+    """out[T, N] = x @ W.T for a q6 matrix (q uint8 [N, ng, 3G/4], s/z uint16 bits [N, ng])
+    and activations prepared by prepare_x with the same group size."""
+    N, ng, b = q.shape
+    T = xq.shape[0]
+    _check(N, ng, 4 * b // 3, xq, sx, out, s)        # b = 3G/4 bytes per group
+    if z.shape[0] != N or z.shape[1] != ng or xs.shape[0] != T or xs.shape[1] != ng:
+        raise ValueError("quantized matmul: zero / group-sum arrays do not match")
+    for blk in prange((N + ROWS - 1) // ROWS):
+        n1 = min(N, (blk + 1) * ROWS)
+        for t in range(T):
+            for n in range(blk * ROWS, n1):
+                if b == 48:
+                    v = _q6_g64(q, s, z, xq, sx, xs, n, t)
+                elif b == 96:
+                    v = _q6_g128(q, s, z, xq, sx, xs, n, t)
+                else:
+                    v = _q6_g32(q, s, z, xq, sx, xs, n, t)
+                out[t, n] = v
+
+
+@njit(parallel=True, **JIT)
 def gemm_q8(xq, sx, q, s, out):
     """out[T, N] = x @ W.T for a q8 matrix (q int8 [N, ng, G], s uint16 bits [N, ng])."""
     N, ng, G = q.shape
@@ -404,6 +497,13 @@ def matmul_q4(x, q, s, z, out):
 
 
 @njit(**JIT)
+def matmul_q6(x, q, s, z, out):
+    """out[T, N] = x[T, K] @ W.T, W a q6 matrix given by its arrays (s, z as uint16 bits)."""
+    xq, sx, xs = prepare_x(x, 4 * q.shape[2] // 3)
+    gemm_q6(xq, sx, xs, q, s, z, out)
+
+
+@njit(**JIT)
 def matmul_q8(x, q, s, out):
     """out[T, N] = x[T, K] @ W.T, W a q8 matrix given by its arrays (s as uint16 bits)."""
     xq, sx, xs = prepare_x(x, q.shape[2])
@@ -421,10 +521,14 @@ def qmatmul(x: np.ndarray, qt, out: np.ndarray | None = None) -> np.ndarray:
     x2 = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
     o2 = out if out.ndim == 2 else out.reshape(-1, out.shape[-1])
     q, s, z = qt.kargs
-    if z is not None:
+    if qt.fmt == "q4":
         matmul_q4(x2, q, s, z, o2)
-    else:
+    elif qt.fmt == "q6":
+        matmul_q6(x2, q, s, z, o2)
+    elif qt.fmt == "q8":
         matmul_q8(x2, q, s, o2)
+    else:
+        raise ValueError(f"qmatmul: unknown quantized format {qt.fmt!r}")
     return out
 
 
@@ -450,6 +554,29 @@ def _gate_up_q4(xq, sx, xs, gq, gs, gz, uq, us, uz, h):
                 else:
                     a = _q4_g32(gq, gs, gz, xq, sx, xs, n, t)
                     u = _q4_g32(uq, us, uz, xq, sx, xs, n, t)
+                h[t, n] = a / (F32(1.0) + np.exp(-a)) * u
+
+
+@njit(parallel=True, **JIT)
+def _gate_up_q6(xq, sx, xs, gq, gs, gz, uq, us, uz, h):
+    N, ng, b = gq.shape
+    T = xq.shape[0]
+    _check(N, ng, 4 * b // 3, xq, sx, h, gs)
+    if uq.shape != gq.shape or us.shape != gs.shape or uz.shape != gz.shape or gz.shape != gs.shape:
+        raise ValueError("expert: gate and up matrices differ in shape")
+    for blk in prange((N + ROWS - 1) // ROWS):
+        n1 = min(N, (blk + 1) * ROWS)
+        for t in range(T):
+            for n in range(blk * ROWS, n1):
+                if b == 48:
+                    a = _q6_g64(gq, gs, gz, xq, sx, xs, n, t)
+                    u = _q6_g64(uq, us, uz, xq, sx, xs, n, t)
+                elif b == 96:
+                    a = _q6_g128(gq, gs, gz, xq, sx, xs, n, t)
+                    u = _q6_g128(uq, us, uz, xq, sx, xs, n, t)
+                else:
+                    a = _q6_g32(gq, gs, gz, xq, sx, xs, n, t)
+                    u = _q6_g32(uq, us, uz, xq, sx, xs, n, t)
                 h[t, n] = a / (F32(1.0) + np.exp(-a)) * u
 
 
@@ -487,6 +614,16 @@ def expert_q4(x, gq, gs, gz, uq, us, uz, dq, ds, dz, out):
 
 
 @njit(**JIT)
+def expert_q6(x, gq, gs, gz, uq, us, uz, dq, ds, dz, out):
+    """out[T, H] = down(silu(gate x) * up x) for q6 gate/up [I, H] and down [H, I]."""
+    xq, sx, xs = prepare_x(x, 4 * gq.shape[2] // 3)
+    h = np.empty((x.shape[0], gq.shape[0]), dtype=np.float32)
+    _gate_up_q6(xq, sx, xs, gq, gs, gz, uq, us, uz, h)
+    hq, hsx, hxs = prepare_x(h, 4 * dq.shape[2] // 3)
+    gemm_q6(hq, hsx, hxs, dq, ds, dz, out)
+
+
+@njit(**JIT)
 def expert_q8(x, gq, gs, uq, us, dq, ds, out):
     """out[T, H] = down(silu(gate x) * up x) for q8 gate/up [I, H] and down [H, I]."""
     xq, sx, _ = prepare_x(x, gq.shape[2])
@@ -511,6 +648,10 @@ def expert_q(x: np.ndarray, gate, up, down, out: np.ndarray | None = None) -> np
     g, u, d = gate.kargs, up.kargs, down.kargs
     if gate.fmt == "q4":
         expert_q4(x, g[0], g[1], g[2], u[0], u[1], u[2], d[0], d[1], d[2], out)
-    else:
+    elif gate.fmt == "q6":
+        expert_q6(x, g[0], g[1], g[2], u[0], u[1], u[2], d[0], d[1], d[2], out)
+    elif gate.fmt == "q8":
         expert_q8(x, g[0], g[1], u[0], u[1], d[0], d[1], out)
+    else:
+        raise ValueError(f"expert_q: unknown quantized format {gate.fmt!r}")
     return out

@@ -49,7 +49,7 @@ ROW_CHUNK_ELEMS = 8 << 20  # quantize big matrices in row chunks of ~8M weights 
 class Settings:
     bits: int = 4           # routed experts: 4 -> q4, 8 -> q8
     group_size: int = 64
-    dense: str = "q8"       # attention, shared expert, dense MLP, embeddings, lm_head: q8 | bf16 | q4
+    dense: str = "q8"       # attention, shared expert, dense MLP, embeddings, lm_head: q8 | q6 | q4 | bf16
 
     def fmt(self, kind: str) -> str:
         p = POLICY[kind]
@@ -65,7 +65,7 @@ class Settings:
         fmt = self.fmt(spec.kind)
         if fmt == "source":
             return ("bf16" if spec.dtype == "BF16" else "f32"), None
-        if fmt not in ("q4", "q8"):
+        if fmt not in ("q4", "q6", "q8"):
             return fmt, None
         K = spec.shape[-1]
         for g in [self.group_size] + [g for g in (128, 64, 32) if g < self.group_size]:
@@ -78,8 +78,8 @@ class Settings:
             raise AmedError(f"--bits must be 4 or 8, not {self.bits}.")
         if self.group_size not in (32, 64, 128):
             raise AmedError(f"--group-size must be 32, 64 or 128, not {self.group_size}.")
-        if self.dense not in ("q8", "q4", "bf16"):
-            raise AmedError(f"--dense must be q8, q4 or bf16, not {self.dense!r}.")
+        if self.dense not in ("q8", "q6", "q4", "bf16"):
+            raise AmedError(f"--dense must be q8, q6, q4 or bf16, not {self.dense!r}.")
 
 
 # ---- planning ---------------------------------------------------------------------------------
@@ -277,7 +277,9 @@ def quant_parts(qt, fmt: str):
     """(suffix, array) pairs of a QTensor in the store's component order."""
     if fmt == "q8":
         return [(".q", qt.q), (".s", qt.scale)]
-    return [(".q", qt.q), (".s", qt.scale), (".m", qt.zero)]
+    if fmt in ("q4", "q6"):
+        return [(".q", qt.q), (".s", qt.scale), (".m", qt.zero)]
+    raise ValueError(f"unknown quantized format {fmt!r}")
 
 
 def _clear_store(dst: Path) -> None:

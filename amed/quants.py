@@ -18,11 +18,33 @@ q4 (asymmetric 4-bit, "split nibbles" as in llama.cpp Q4_0/Q4_1), 4 + 32/G bits 
     Example, G = 32, one group holding elements e0..e31: byte 0 = e0 | e16 << 4,
     byte 1 = e1 | e17 << 4, ..., byte 15 = e15 | e31 << 4.
 
+q6 (asymmetric 6-bit: q4's nibbles plus a plane of high bit pairs), 6 + 32/G bits per weight:
+    w[n, g*G + j] ~= u * scale[n, g] + zero[n, g]      u in 0..63
+    q      uint8   [N, ng, 3G/4]  per group: G/2 bytes of low nibbles, then G/4 bytes of high pairs
+             bytes 0 .. G/2-1:       byte j = (u[j] & 15) | (u[j + G/2] & 15) << 4   (q4's layout)
+             bytes G/2 .. 3G/4-1:    byte G/2 + i = (u[i] >> 4)
+                                                  | (u[i + G/4] >> 4) << 2
+                                                  | (u[i + G/2] >> 4) << 4
+                                                  | (u[i + 3G/4] >> 4) << 6          i < G/4
+             where u[j] is the level of element g*G + j
+    scale  float16 [N, ng]
+    zero   float16 [N, ng]
+
+    Example, G = 32 (24 bytes per group): byte 0 = low4(e0) | low4(e16) << 4, ...,
+    byte 15 = low4(e15) | low4(e31) << 4; byte 16 = hi2(e0) | hi2(e8) << 2 | hi2(e16) << 4 |
+    hi2(e24) << 6, ..., byte 23 = hi2(e7) | hi2(e15) << 2 | hi2(e23) << 4 | hi2(e31) << 6.
+    With u(e0) = 45 = 0b10_1101 and u(e16) = 7 = 0b00_0111: byte 0 = 0x7D, and bits 0-1 of byte
+    16 are 0b10, bits 4-5 are 0b00.
+    Why this plane order: quarter k of a group (elements kG/4 .. (k+1)G/4 - 1) is
+    (plane >> 2k) & 3, a uniform shift of the whole plane, so the kernel builds a chunk of levels
+    from one zero-extended load of the plane with shifts, masks and at most one concatenating
+    shuffle (qkernels._q6_high_bits); the nibble plane is unpacked exactly like q4's.
+
 Byte layout of one matrix (`QTensor.write_into` / `QTensor.from_buffer` / `layout_nbytes`), a pure
 function of (fmt, shape, group); all integers little-endian, arrays C-order:
-    q      at offset 0                                   N*K bytes (q8) or N*K/2 bytes (q4)
+    q      at offset 0                                   N*K bytes (q8), N*K/2 (q4) or 3*N*K/4 (q6)
     scale  at align64(end of q)                          2*N*ng bytes (IEEE binary16)
-    zero   at align64(end of scale)          (q4 only)   2*N*ng bytes (IEEE binary16)
+    zero   at align64(end of scale)     (q4 and q6 only) 2*N*ng bytes (IEEE binary16)
     total  layout_nbytes = align64(end of the last section); padding bytes are zero.
 The offset passed to write_into / from_buffer should be a multiple of 64 (checked by from_buffer)
 so that every section starts on a cache line.
@@ -44,7 +66,21 @@ Why this scheme (measured with bench/bench_qkernels.py on 1024x4096 matrices; re
     fit and from one shrunken range, and keeps each group's best, evaluated with the float16-rounded
     parameters. Every step lowers a group's squared error, so it never loses to the min/max fit
     (`method="naive"`): q4 G=64 Gaussian 0.0897 -> 0.0844 (-6%), about 65 M weights/s per core
-    against 230 for naive.
+    against 230 for naive. (q6 scores every candidate with float16-rounded parameters, not only
+    the last of each start: at its small error the float16 rounding of a float32 winner could
+    otherwise lose to the min/max fit.)
+  * q6 is q4 with two more bits per level (same asymmetric fit and search, 63 steps, a smaller
+    shrink start), for matrices read every token (lm_head, attention) where q4's error shows:
+    each extra bit halves the error, so it is ~4x below q4 at +2 bits per weight. Relative RMSE,
+    searched (naive), 1024x4096:
+                     G=32             G=64             G=128
+      Gaussian  q4   0.0726 (0.0782)  0.0844 (0.0897)  0.0937 (0.0998)
+                q6   0.0174 (0.0186)  0.0204 (0.0213)  0.0230 (0.0238)
+                q8   0.0053 (0.0054)  0.0059 (0.0059)  0.0064 (0.0065)
+      t(4)      q4   0.0866 (0.0935)  0.1099 (0.1173)  0.1344 (0.1442)
+                q6   0.0208 (0.0223)  0.0267 (0.0279)  0.0333 (0.0343)
+                q8   0.0072 (0.0073)  0.0088 (0.0089)  0.0107 (0.0108)
+    q6 G=64 (6.5 bits) is below llama.cpp Q6_K's 6.56 bits per weight.
 """
 
 from __future__ import annotations
@@ -53,11 +89,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-FORMATS = ("q4", "q8")
+FORMATS = ("q4", "q6", "q8")
 GROUPS = (32, 64, 128)
 ALIGN = 64
 Q8_MAX = 127
 Q4_MAX = 15
+Q6_MAX = 63
+# formats with a zero (group offset) array, and the top level u of each
+ASYM_MAX = {"q4": Q4_MAX, "q6": Q6_MAX}
 
 _SCALE_DTYPE = np.dtype("<f2")
 
@@ -80,11 +119,11 @@ def _check_format(fmt: str, shape, group: int) -> tuple[int, int, int]:
 def section_offsets(fmt: str, shape, group: int) -> dict[str, tuple[int, int]]:
     """{"q"|"scale"|"zero": (byte offset, byte length)} of one matrix's sections, plus "total"."""
     N, K, ng = _check_format(fmt, shape, group)
-    q_len = N * K if fmt == "q8" else N * K // 2
+    q_len = N * ng * _q_bytes(fmt, group)
     s_len = 2 * N * ng
     out = {"q": (0, q_len), "scale": (_align(q_len), s_len)}
     end = out["scale"][0] + s_len
-    if fmt == "q4":
+    if fmt in ASYM_MAX:
         out["zero"] = (_align(end), s_len)
         end = out["zero"][0] + s_len
     out["total"] = (0, _align(end))
@@ -96,11 +135,16 @@ def layout_nbytes(fmt: str, shape, group: int) -> int:
     return section_offsets(fmt, shape, group)["total"][1]
 
 
+def _q_bytes(fmt: str, group: int) -> int:
+    """Bytes of packed levels per group."""
+    return {"q8": group, "q6": 3 * group // 4, "q4": group // 2}[fmt]
+
+
 def array_shapes(fmt: str, shape, group: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     N, K, ng = _check_format(fmt, shape, group)
-    qs = ((N, ng, group), np.dtype(np.int8)) if fmt == "q8" else ((N, ng, group // 2), np.dtype(np.uint8))
-    out = {"q": qs, "scale": ((N, ng), _SCALE_DTYPE)}
-    if fmt == "q4":
+    qdt = np.dtype(np.int8) if fmt == "q8" else np.dtype(np.uint8)
+    out = {"q": ((N, ng, _q_bytes(fmt, group)), qdt), "scale": ((N, ng), _SCALE_DTYPE)}
+    if fmt in ASYM_MAX:
         out["zero"] = ((N, ng), _SCALE_DTYPE)
     return out
 
@@ -217,13 +261,39 @@ def _pack_q4(u: np.ndarray) -> np.ndarray:
     return (u[..., :h] | (u[..., h:] << 4)).astype(np.uint8)
 
 
+def _unpack_q6(q: np.ndarray) -> np.ndarray:
+    """[..., 3G/4] packed bytes -> [..., G] levels 0..63 (uint8): a q4 nibble plane of G/2 bytes
+    (low 4 bits), then a plane of G/4 bytes whose byte i holds the high 2 bits of elements
+    i, i + G/4, i + G/2, i + 3G/4 in bits 0-1, 2-3, 4-5, 6-7."""
+    h = q.shape[-1] * 2 // 3                      # G/2
+    p = q[..., h:]
+    hi = np.concatenate([p & 3, (p >> 2) & 3, (p >> 4) & 3, p >> 6], axis=-1)
+    return _unpack_q4(q[..., :h]) | (hi << 4)
+
+
+def _pack_q6(u: np.ndarray) -> np.ndarray:
+    """[..., G] levels 0..63 -> [..., 3G/4] packed bytes (see _unpack_q6)."""
+    u = u.astype(np.uint8)
+    q = u.shape[-1] // 4
+    hi = u >> 4
+    plane = hi[..., :q] | (hi[..., q:2 * q] << 2) | (hi[..., 2 * q:3 * q] << 4) | (hi[..., 3 * q:] << 6)
+    return np.concatenate([_pack_q4(u & 0x0F), plane], axis=-1).astype(np.uint8)
+
+
+def unpack_levels(fmt: str, q: np.ndarray) -> np.ndarray:
+    """[..., bytes per group] packed -> [..., G] levels (int8 for q8, uint8 0..15 / 0..63 otherwise)."""
+    if fmt == "q8":
+        return q
+    return _unpack_q4(q) if fmt == "q4" else _unpack_q6(q)
+
+
 def _dequant(fmt, q, s, z) -> np.ndarray:
     """float32 [rows, K] from the rows' arrays (q [rows, ng, *], s/z [rows, ng])."""
     s = s.astype(np.float32)[..., None]
     if fmt == "q8":
         w = q.astype(np.float32) * s
     else:
-        w = _unpack_q4(q).astype(np.float32) * s + z.astype(np.float32)[..., None]
+        w = unpack_levels(fmt, q).astype(np.float32) * s + z.astype(np.float32)[..., None]
     return w.reshape(q.shape[0], -1)
 
 
@@ -248,6 +318,11 @@ _CHUNK = 1 << 16
 # 0.0844 (65); 3 starts (0, .04, .1) 0.0838 (48). Student-t(4) weights rank the same way.
 _Q4_STARTS = ((0.0, 0.0), (0.06, 0.06))
 _Q4_ITERS = 2
+# q6: the same search; with 64 levels a smaller shrink is best. Measured on 512x4096, G=64
+# (Gaussian / Student-t(4) relative RMSE): naive 0.0213 / 0.0280; (0, 0) alone 0.0206 / 0.0271;
+# these 2 starts 0.0204 / 0.0267 (shrink 0.02: 0.0206, 0.06: 0.0206); 3 refits 0.0202 at -15% speed.
+_Q6_STARTS = ((0.0, 0.0), (0.01, 0.01))
+_Q6_ITERS = 2
 # q8 search: clipping factors (scale = factor * absmax / 127), each refined by least squares.
 _Q8_STARTS = (1.0,)
 _Q8_ITERS = 1
@@ -292,36 +367,49 @@ class _Best:
         self.z = np.where(b, z, self.z)
 
 
-def _q4_fit(W: np.ndarray, method: str):
-    """(levels U float32 [M, G], scale [M], zero [M]) for groups W [M, G] float32; the returned
-    scale and zero are float16 values (held in float32) and U is optimal for them."""
+def _asym_fit(W: np.ndarray, method: str, umax: int, starts, iters: int, f16_always: bool = False):
+    """(levels U float32 [M, G], scale [M], zero [M]) for groups W [M, G] float32 and levels
+    0..umax; the returned scale and zero are float16 values (held in float32) and U is optimal
+    for them. `starts`: (low, high) shrink fractions of the range to start from; `iters`: least-
+    squares refits from each (see _Q4_STARTS). `f16_always`: round every candidate to float16
+    before scoring it, not only the last of each start, so the kept error is the stored one."""
     M, G = W.shape
     wmin = W.min(axis=1)
     rng = W.max(axis=1) - wmin
     U = np.empty_like(W)
     if method == "naive":
-        s, z = _to_f16(rng / Q4_MAX), _to_f16(wmin)
-        return _levels(W, s, z, 0.0, Q4_MAX, U), s, z
+        s, z = _to_f16(rng / umax), _to_f16(wmin)
+        return _levels(W, s, z, 0.0, umax, U), s, z
     sw, sww = _rowsum(W), _rowdot(W, W)
     best = _Best(M)
-    for lo, hi in _Q4_STARTS:
+    for lo, hi in starts:
         z = (wmin + lo * rng).astype(np.float32)
-        s = (rng * ((1.0 - lo - hi) / Q4_MAX)).astype(np.float32)
-        for it in range(_Q4_ITERS + 1):
-            if it == _Q4_ITERS:                      # the last candidate is the one stored: f16
+        s = (rng * ((1.0 - lo - hi) / umax)).astype(np.float32)
+        for it in range(iters + 1):
+            if it == iters or f16_always:            # the last candidate is the one stored: f16
                 s, z = _to_f16(s), _to_f16(z)
-            _levels(W, s, z, 0.0, Q4_MAX, U)
+            _levels(W, s, z, 0.0, umax, U)
             su, suu, swu = _rowsum(U), _rowdot(U, U), _rowdot(W, U)
             # squared error of W ~= U*s + z, expanded so it needs only the sums above
             best.offer(s * s * suu + 2 * s * z * su - 2 * s * swu + G * z * z - 2 * z * sw + sww, s, z)
-            if it == _Q4_ITERS:
+            if it == iters:
                 break
             det = G * suu - su * su                  # least-squares (s, z) for these levels
             ok = det > 0
             s = np.where(ok, (G * swu - su * sw) / np.where(ok, det, 1.0), s).astype(np.float32)
             z = np.where(ok, (sw - s * su) / G, z).astype(np.float32)
     s, z = _to_f16(best.s), _to_f16(best.z)
-    return _levels(W, s, z, 0.0, Q4_MAX, U), s, z
+    return _levels(W, s, z, 0.0, umax, U), s, z
+
+
+def _q4_fit(W: np.ndarray, method: str):
+    return _asym_fit(W, method, Q4_MAX, _Q4_STARTS, _Q4_ITERS)
+
+
+def _q6_fit(W: np.ndarray, method: str):
+    # f16 everywhere: at q6's small error, rounding a float32 winner to float16 afterwards lost
+    # to the min/max fit in 1 group of 128 (+0.5% squared error, Student-t(3) weights)
+    return _asym_fit(W, method, Q6_MAX, _Q6_STARTS, _Q6_ITERS, f16_always=True)
 
 
 def _q8_fit(W: np.ndarray, method: str):
@@ -350,9 +438,10 @@ def _q8_fit(W: np.ndarray, method: str):
 
 
 def quantize(w: np.ndarray, fmt: str, group: int, method: str = "search") -> QTensor:
-    """Quantize a float matrix w [N, K] (PyTorch layout) to `fmt` ("q4" or "q8") with group size
-    `group`. method="search" (default) minimizes each group's squared error over a few candidate
-    ranges with least-squares refits; method="naive" is the plain min/max (q4) or absmax (q8) fit."""
+    """Quantize a float matrix w [N, K] (PyTorch layout) to `fmt` ("q4", "q6" or "q8") with group
+    size `group`. method="search" (default) minimizes each group's squared error over a few
+    candidate ranges with least-squares refits; method="naive" is the plain min/max (q4, q6) or
+    absmax (q8) fit."""
     if method not in ("search", "naive"):
         raise ValueError(f"method must be 'search' or 'naive', not {method!r}")
     w = np.asarray(w)
@@ -364,7 +453,7 @@ def quantize(w: np.ndarray, fmt: str, group: int, method: str = "search") -> QTe
     shapes = array_shapes(fmt, (N, K), group)
     q = np.empty(*shapes["q"])
     scale = np.empty(*shapes["scale"])
-    zero = np.empty(*shapes["zero"]) if fmt == "q4" else None
+    zero = np.empty(*shapes["zero"]) if fmt in ASYM_MAX else None
     rows = max(1, _CHUNK // K)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
@@ -375,8 +464,9 @@ def quantize(w: np.ndarray, fmt: str, group: int, method: str = "search") -> QTe
             U, s = _q8_fit(W, method)
             q[r0:r1] = U.astype(np.int8).reshape(r1 - r0, ng, group)
         else:
-            U, s, z = _q4_fit(W, method)
-            q[r0:r1] = _pack_q4(U.astype(np.uint8).reshape(r1 - r0, ng, group))
+            U, s, z = (_q4_fit if fmt == "q4" else _q6_fit)(W, method)
+            pack = _pack_q4 if fmt == "q4" else _pack_q6
+            q[r0:r1] = pack(U.astype(np.uint8).reshape(r1 - r0, ng, group))
             zero[r0:r1] = z.reshape(r1 - r0, ng)
         scale[r0:r1] = s.reshape(r1 - r0, ng)
     return QTensor(fmt=fmt, shape=(N, K), group=group, q=q, scale=scale, zero=zero)

@@ -7,9 +7,9 @@ Layout (docs/store-format.md is the full description):
                                 each expert one page-aligned contiguous byte range
     config.json, tokenizer*.json, generation_config.json   copied from the source
 
-A weight in format q4/q8 is stored as `NAME.q` (packed ints), `NAME.s` (scales) and, for q4,
-`NAME.m` (group minimums); f32/bf16 weights are stored as `NAME`. Opening a store maps the files
-and does cheap structural checks only; `verify()` hashes every byte on demand.
+A weight in format q4/q6/q8 is stored as `NAME.q` (packed ints), `NAME.s` (scales) and, for q4
+and q6, `NAME.m` (group minimums); f32/bf16 weights are stored as `NAME`. Opening a store maps the
+files and does cheap structural checks only; `verify()` hashes every byte on demand.
 """
 
 from __future__ import annotations
@@ -203,12 +203,15 @@ def component_specs(fmt: str, shape: tuple, group: int | None) -> list[tuple[str
         return [(".q", "I8", (N, ng, group)), (".s", SCALE_DTYPE, (N, ng))]
     if fmt == "q4":
         return [(".q", "U8", (N, ng, group // 2)), (".s", SCALE_DTYPE, (N, ng)), (".m", SCALE_DTYPE, (N, ng))]
+    if fmt == "q6":
+        return [(".q", "U8", (N, ng, 3 * group // 4)), (".s", SCALE_DTYPE, (N, ng)), (".m", SCALE_DTYPE, (N, ng))]
     raise ValueError(f"unknown weight format {fmt!r}")
 
 
 def components(name: str, fmt: str) -> list[str]:
     """Tensor names that hold one weight in the store files (see component_specs)."""
-    return [name + suffix for suffix in {"q4": (".q", ".s", ".m"), "q8": (".q", ".s")}.get(fmt, ("",))]
+    return [name + suffix for suffix in {"q4": (".q", ".s", ".m"), "q6": (".q", ".s", ".m"),
+                                         "q8": (".q", ".s")}.get(fmt, ("",))]
 
 
 def open_store(path) -> Store:

@@ -1,6 +1,6 @@
 """Micro-benchmark of the quantized kernels and quantizers (runs in well under a minute).
 
-    python bench/bench_qkernels.py [--threads 2] [--quick]
+    python bench/bench_qkernels.py [--threads 2] [--quick] [--formats q4,q6,q8] [--only gemv,gemm,expert,quant]
 
 GEMV GB/s are "cold": the kernel cycles through ~256 MiB of distinct matrices, so weights come
 from DRAM as they do when decoding with routed experts. GB/s = bytes of packed weights plus float16
@@ -33,8 +33,9 @@ def _ro(a):
 def random_qtensor(rng, fmt, N, K, G):
     """A QTensor with random codes and sane scales (quantizing 256 MiB would take too long)."""
     ng = K // G
-    if fmt == "q4":
-        q = rng.integers(0, 256, (N, ng, G // 2), dtype=np.uint8)
+    if fmt in ("q4", "q6"):
+        nb = G // 2 if fmt == "q4" else 3 * G // 4
+        q = rng.integers(0, 256, (N, ng, nb), dtype=np.uint8)
         z = (rng.standard_normal((N, ng)) * 0.01).astype(np.float16)
     else:
         q = rng.integers(-127, 128, (N, ng, G), dtype=np.int8)
@@ -79,25 +80,47 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    ap.add_argument("--formats", default="q4,q6,q8", help="comma-separated formats to measure (default: all)")
+    ap.add_argument("--only", default="gemv,gemm,expert,quant",
+                    help="comma-separated sections to run: gemv, gemm, expert, quant (default: all)")
     args = ap.parse_args(argv)
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     rng = np.random.default_rng(0)
+    fmts = [f for f in args.formats.split(",") if f]
+    only = set(args.only.split(","))
+    bad = [f for f in fmts if f not in Q.FORMATS] + sorted(only - {"gemv", "gemm", "expert", "quant"})
+    if bad:
+        ap.error(f"unknown format or section: {', '.join(bad)}")
 
     print(f"numba {numba.__version__}, {numba.get_num_threads()} threads")
-    print("\nGEMV (T=1), cold over ~256 MiB of matrices")
-    print(f"{'fmt':4} {'G':>4} {'shape':>10} {'bits/w':>6} {'us/call':>8} {'cold GB/s':>9} {'hot GB/s':>8}")
-    shapes = [(1024, 4096), (4096, 1024)]
-    cases = [("q4", 32), ("q4", 64), ("q4", 128), ("q8", 32), ("q8", 64), ("q8", 128)]
-    if args.quick:
-        shapes, cases = shapes[:1], [("q4", 64), ("q8", 64)]
+    if "gemv" in only:
+        bench_gemv_table(rng, fmts, args.quick)
+    if "gemm" in only:
+        bench_gemm_table(rng, fmts)
+    if "expert" in only:
+        bench_expert_table(rng, fmts)
+    if "quant" in only:
+        bench_quant_table(rng, fmts)
+
+
+def bench_gemv_table(rng, fmts, quick):
+    print("\nGEMV (T=1), cold over ~256 MiB of matrices; weights/ns = N*K / time")
+    print(f"{'fmt':4} {'G':>4} {'shape':>10} {'bits/w':>6} {'us/call':>8} {'cold GB/s':>9} {'hot GB/s':>8} {'w/ns':>6}")
+    shapes = [(1024, 4096), (4096, 1024), (4096, 4096)]
+    cases = [(f, G) for f in fmts for G in (32, 64, 128)]
+    if quick:
+        shapes, cases = shapes[:1], [(f, 64) for f in fmts]
     for fmt, G in cases:
         for N, K in shapes:
             us, cold, hot = bench_gemv(rng, fmt, N, K, G)
             bits = 8 * Q.layout_nbytes(fmt, (N, K), G) / (N * K)
-            print(f"{fmt:4} {G:>4} {f'{N}x{K}':>10} {bits:6.2f} {us:8.1f} {cold:9.1f} {hot:8.1f}", flush=True)
+            print(f"{fmt:4} {G:>4} {f'{N}x{K}':>10} {bits:6.2f} {us:8.1f} {cold:9.1f} {hot:8.1f} "
+                  f"{N * K / (us * 1e3):6.1f}", flush=True)
 
+
+def bench_gemm_table(rng, fmts):
     print("\nSmall GEMM (prefill through one 1024x4096 matrix), us per token")
-    for fmt, G in (("q4", 64), ("q8", 64)):
+    for fmt, G in ((f, 64) for f in fmts):
         row = []
         for T in (1, 4, 16, 64):
             m = random_qtensor(rng, fmt, 1024, 4096, G)
@@ -108,8 +131,10 @@ def main(argv=None):
             row.append(f"T={T}: {t * 1e6 / T:6.1f}")
         print(f"{fmt} G={G}: " + "  ".join(row), flush=True)
 
+
+def bench_expert_table(rng, fmts):
     print("\nOne routed expert (gate, up 1024x4096; down 4096x1024), cold over ~256 MiB of experts, us/expert")
-    for fmt, G in (("q4", 64), ("q8", 64)):
+    for fmt, G in ((f, 64) for f in fmts):
         per = Q.layout_nbytes(fmt, (1024, 4096), G) * 3
         experts = [tuple(random_qtensor(rng, fmt, *s, G) for s in ((1024, 4096), (1024, 4096), (4096, 1024)))
                    for _ in range(max(4, (256 << 20) // per))]
@@ -137,20 +162,22 @@ def main(argv=None):
             print(f"{fmt} G={G} T={T}: fused expert_q {tf * 1e6:6.0f}   3 x qmatmul + numpy silu {ts * 1e6:6.0f}"
                   f"   ({per / tf / 1e9:.1f} vs {per / ts / 1e9:.1f} GB/s)", flush=True)
 
+
+def bench_quant_table(rng, fmts):
     print("\nQuantization of a 1024x4096 matrix (one core): relative RMSE and M weights/s")
     dists = {"gauss": rng.standard_normal((1024, 4096)).astype(np.float32) * 0.02,
              "t(4)": (rng.standard_t(4, (1024, 4096)) * 0.02).astype(np.float32)}
     print(f"{'data':6} {'scheme':22} {'G':>4} {'bits/w':>6} {'naive':>7} {'search':>7} {'Mw/s':>6}")
     for dname, w in dists.items():
-        for fmt, G in (("q4", 32), ("q4", 64), ("q4", 128), ("q8", 64)):
+        for fmt, G in [(f, G) for f in fmts for G in ((32, 64, 128) if f != "q8" else (64,))]:
             qn = Q.quantize(w, fmt, G, method="naive")
             t0 = time.perf_counter()
             qs = Q.quantize(w, fmt, G, method="search")
             mws = w.size / (time.perf_counter() - t0) / 1e6
-            name = "q4 asym (scale+zero)" if fmt == "q4" else "q8 sym"
+            name = {"q4": "q4 asym (scale+zero)", "q6": "q6 asym (scale+zero)", "q8": "q8 sym"}[fmt]
             print(f"{dname:6} {name:22} {G:>4} {qs.bits_per_weight:6.2f} {rel_rmse(w, Q.dequantize(qn)):7.4f} "
                   f"{rel_rmse(w, Q.dequantize(qs)):7.4f} {mws:6.0f}", flush=True)
-        for G in (32, 64):
+        for G in (32, 64) if "q4" in fmts else ():
             en = rel_rmse(w, Q.quantize_q4_symmetric(w, G, "naive"))
             es = rel_rmse(w, Q.quantize_q4_symmetric(w, G, "search"))
             print(f"{dname:6} {'q4 sym (scale only)':22} {G:>4} {4 + 16 / G:6.2f} {en:7.4f} {es:7.4f} {'':>6}", flush=True)

@@ -38,7 +38,7 @@ def rel_err(out, ref):
     return float(np.abs(out.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
-CASES = [(fmt, G, N, mult) for fmt in ("q4", "q8") for G in (32, 64, 128)
+CASES = [(fmt, G, N, mult) for fmt in ("q4", "q6", "q8") for G in (32, 64, 128)
          for N, mult in ((5, 3), (37, 17))]
 
 
@@ -48,7 +48,7 @@ def test_qmatmul_matches_numpy(fmt, G, N, mult):
     qt = make(fmt, N, K, G, seed=G + N)
     W = Q.dequantize(qt).astype(np.float64)
     rng = np.random.default_rng(N * G)
-    for T in (1, 3, 17):
+    for T in (1, 3, 5, 17):
         x = rng.standard_normal((T, K)).astype(np.float32)
         out = QK.qmatmul(x, qt)
         assert out.shape == (T, N) and out.dtype == np.float32
@@ -56,7 +56,25 @@ def test_qmatmul_matches_numpy(fmt, G, N, mult):
         assert rel_err(out, x.astype(np.float64) @ W.T) < TRUE_X_TOL
 
 
-@pytest.mark.parametrize("fmt", ["q4", "q8"])
+@pytest.mark.parametrize("G", [32, 64, 128])
+def test_q6_every_level_and_byte_pattern(G):
+    """Random bytes (every level 0..63 in every lane, unlike quantized data) against the NumPy
+    dequantization: catches a wrong 2-bit plane order that quantized Gaussians might hide."""
+    rng = np.random.default_rng(G)
+    N, ng = 13, 5
+    qt = Q.QTensor(fmt="q6", shape=(N, ng * G), group=G, q=rng.integers(0, 256, (N, ng, 3 * G // 4), dtype=np.uint8),
+                   scale=(rng.random((N, ng)) * 0.01 + 1e-3).astype(np.float16),
+                   zero=(rng.standard_normal((N, ng)) * 0.05).astype(np.float16))
+    W = Q.dequantize(qt).astype(np.float64)
+    assert set(np.unique(Q._unpack_q6(qt.q))) == set(range(64))
+    x = rng.standard_normal((5, ng * G)).astype(np.float32)
+    x[1] = 1.0                               # xq = 32767 everywhere: the largest integer sums
+    out = QK.qmatmul(x, qt)
+    assert rel_err(out, rounded_x(x, G) @ W.T) < EXACT_TOL
+    assert rel_err(out, x.astype(np.float64) @ W.T) < TRUE_X_TOL
+
+
+@pytest.mark.parametrize("fmt", ["q4", "q6", "q8"])
 def test_model_sized_rows_and_out_argument(fmt):
     qt = make(fmt, 24, 4096, 64, seed=11)
     W = Q.dequantize(qt).astype(np.float64)
@@ -81,17 +99,23 @@ def test_low_level_kernels_and_prepared_x():
     QK.gemm_q8(xq, sx, q8.kargs[0], q8.kargs[1], out1)
     QK.matmul_q8(x, q8.kargs[0], q8.kargs[1], out2)
     np.testing.assert_array_equal(out1, out2)
+    q6 = make("q6", 16, 256, 64, seed=5)
+    QK.gemm_q6(xq, sx, xs, *q6.kargs, out1)
+    QK.matmul_q6(x, *q6.kargs, out2)
+    np.testing.assert_array_equal(out1, out2)
+    with pytest.raises(ValueError):          # q6 bytes handed to the q4 kernel: wrong group width
+        QK.gemm_q4(xq, sx, xs, *q6.kargs, out1)
 
 
 def test_zero_and_nan_activations():
-    for fmt in ("q4", "q8"):
+    for fmt in ("q4", "q6", "q8"):
         qt = make(fmt, 8, 128, 32, seed=5)
         x = np.zeros((3, 128), np.float32)
         x[1, 40] = np.nan
         x[2, :] = 1.0
         x[2, 100] = np.inf
         out = QK.qmatmul(x, qt)
-        assert np.all(out[0] == 0.0) or fmt == "q4" and np.allclose(out[0], 0.0)
+        assert np.all(out[0] == 0.0) or fmt != "q8" and np.allclose(out[0], 0.0)
         assert np.isnan(out[1]).all() and np.isnan(out[2]).all()
 
 
@@ -107,7 +131,7 @@ def test_bad_arguments_raise():
         QK.qmatmul(np.zeros((1, 128), np.float32), qt, np.zeros((1, 7), np.float32))
 
 
-@pytest.mark.parametrize("fmt,G", [("q4", 64), ("q4", 32), ("q8", 128)])
+@pytest.mark.parametrize("fmt,G", [("q4", 64), ("q4", 32), ("q8", 128), ("q6", 32), ("q6", 64), ("q6", 128)])
 def test_expert_matches_numpy(fmt, G):
     H, I = 256, 128
     gate, up, down = make(fmt, I, H, G, 1), make(fmt, I, H, G, 2), make(fmt, H, I, G, 3)
@@ -126,7 +150,9 @@ def test_expert_matches_numpy(fmt, G):
 def test_one_compiled_signature_with_read_only_weights():
     make_and_run = make("q8", 4, 64, 32, seed=8)
     QK.qmatmul(np.ones((1, 64), np.float32), make_and_run)
-    for kernel, wpos in ((QK.gemm_q4, 3), (QK.gemm_q8, 2), (QK.matmul_q4, 1), (QK.matmul_q8, 1)):
+    QK.qmatmul(np.ones((1, 64), np.float32), make("q6", 4, 64, 32, seed=8))
+    for kernel, wpos in ((QK.gemm_q4, 3), (QK.gemm_q6, 3), (QK.gemm_q8, 2), (QK.matmul_q4, 1), (QK.matmul_q6, 1),
+                         (QK.matmul_q8, 1)):
         for sig in kernel.signatures:
             assert not sig[wpos].mutable, f"{kernel.__name__} compiled for writable weights: {sig}"
 
@@ -142,3 +168,6 @@ def test_every_finite_float16_scale_and_zero_is_widened_exactly():
     q4 = Q.QTensor(fmt="q4", shape=(N, 32), group=32, q=np.zeros((N, 1, 16), np.uint8),
                    scale=np.zeros((N, 1), np.uint16), zero=bits[:, None])   # out = 32 * zero
     np.testing.assert_allclose(QK.qmatmul(ones, q4)[0] / 32, ref, rtol=1e-6, atol=0)
+    q6 = Q.QTensor(fmt="q6", shape=(N, 32), group=32, q=np.zeros((N, 1, 24), np.uint8),
+                   scale=np.zeros((N, 1), np.uint16), zero=bits[:, None])
+    np.testing.assert_allclose(QK.qmatmul(ones, q6)[0] / 32, ref, rtol=1e-6, atol=0)

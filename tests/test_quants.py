@@ -44,6 +44,51 @@ def test_q4_dequantize_reads_low_then_high_nibbles_per_group():
     assert np.sum(w[G:] != -1.0) == 2
 
 
+def test_q6_layout_hand_made_block():
+    # the documented example: G = 32, u0 = 45, u16 = 7; 0 and 63 present so scale = 1, zero = 0
+    u = np.random.default_rng(0).integers(0, 64, 32)
+    u[0], u[16], u[1], u[2] = 45, 7, 0, 63
+    nib = [(u[j] & 15) | (u[j + 16] & 15) << 4 for j in range(16)]
+    plane = [(u[i] >> 4) | (u[i + 8] >> 4) << 2 | (u[i + 16] >> 4) << 4 | (u[i + 24] >> 4) << 6 for i in range(8)]
+    expect = np.array(nib + plane, dtype=np.uint8)
+    assert expect[0] == 0x7D and expect[16] & 0b110011 == 0b10
+    for method in ("naive", "search"):
+        qt = Q.quantize(u[None, :].astype(np.float32), "q6", 32, method=method)
+        assert qt.q.shape == (1, 1, 24) and qt.q.dtype == np.uint8
+        assert float(qt.scale[0, 0]) == 1.0 and float(qt.zero[0, 0]) == 0.0
+        np.testing.assert_array_equal(qt.q[0, 0], expect)
+        np.testing.assert_array_equal(Q.dequantize(qt)[0], u)
+
+
+def test_q6_dequantize_reads_both_planes_per_group():
+    G, ng = 64, 2
+    q = np.zeros((1, ng, 48), dtype=np.uint8)
+    q[0, 1, 3] = 0x5A                        # group 1, nibble byte 3: elements 3 (10) and 35 (5)
+    q[0, 1, 32 + 3] = 0b11_10_01_00          # group 1, plane byte 3: high bits of 3, 19, 35, 51
+    s = np.array([[1.0, 2.0]], dtype=np.float16)
+    z = np.array([[0.0, -1.0]], dtype=np.float16)
+    w = Q.dequantize(Q.QTensor(fmt="q6", shape=(1, G * ng), group=G, q=q, scale=s, zero=z))[0]
+    assert np.all(w[:G] == 0.0)
+    got = {j: (w[G + j] + 1.0) / 2.0 for j in np.flatnonzero(w[G:] != -1.0)}
+    assert got == {3: 10, 19: 1 << 4, 35: 5 | 2 << 4, 51: 3 << 4}
+
+
+@pytest.mark.parametrize("G", [32, 64, 128])
+def test_q6_pack_unpack_round_trip_and_documented_decoder(G):
+    rng = np.random.default_rng(G)
+    u = rng.integers(0, 64, (3, 5, G)).astype(np.uint8)
+    b = Q._pack_q6(u)
+    assert b.shape == (3, 5, 3 * G // 4) and b.dtype == np.uint8
+    np.testing.assert_array_equal(Q._unpack_q6(b), u)
+    # every byte pattern decodes the way docs/store-format.md says
+    b = rng.integers(0, 256, (7, 3 * G // 4), dtype=np.uint8)
+    nib, pl = b[:, :G // 2], b[:, G // 2:]
+    lo = np.concatenate([nib & 15, nib >> 4], axis=1)
+    hi = np.concatenate([pl & 3, (pl >> 2) & 3, (pl >> 4) & 3, pl >> 6], axis=1)
+    np.testing.assert_array_equal(Q._unpack_q6(b), lo | hi << 4)
+    np.testing.assert_array_equal(Q._pack_q6(lo | hi << 4), b)
+
+
 def test_q8_layout_and_exact_levels():
     G = 32
     w = (np.arange(-64, 64, dtype=np.float32) * 0.5).reshape(1, 128)
@@ -59,6 +104,7 @@ def test_q8_layout_and_exact_levels():
 # ---- error bounds and the scale search ----------------------------------------------------------
 
 @pytest.mark.parametrize("fmt,G,bound", [("q4", 32, 0.080), ("q4", 64, 0.090), ("q4", 128, 0.100),
+                                         ("q6", 32, 0.019), ("q6", 64, 0.022), ("q6", 128, 0.025),
                                          ("q8", 32, 0.0060), ("q8", 64, 0.0065), ("q8", 128, 0.0070)])
 def test_round_trip_error(fmt, G, bound):
     w = gaussian(64, 1024, seed=G)
@@ -72,20 +118,30 @@ def test_round_trip_error(fmt, G, bound):
     assert np.all(err <= np.abs(w).reshape(64, -1, G).max(-1, keepdims=True) * 0.25 + step)
 
 
-@pytest.mark.parametrize("fmt,G", [("q4", 32), ("q4", 64), ("q4", 128), ("q8", 64)])
+@pytest.mark.parametrize("fmt,G", [("q4", 32), ("q4", 64), ("q4", 128), ("q6", 32), ("q6", 64), ("q6", 128),
+                                   ("q8", 64)])
 def test_search_beats_naive(fmt, G):
     w = gaussian(64, 1024, seed=7)
     naive = rel_rmse(w, Q.dequantize(Q.quantize(w, fmt, G, method="naive")))
     search = rel_rmse(w, Q.dequantize(Q.quantize(w, fmt, G, method="search")))
     if fmt == "q4":
         assert search < naive * 0.96          # measured ~6% lower
+    elif fmt == "q6":
+        assert search < naive * 0.985         # measured ~3-6% lower
     else:
         assert search <= naive
 
 
+@pytest.mark.parametrize("G", [32, 64, 128])
+def test_q6_error_is_about_4x_below_q4(G):
+    w = gaussian(64, 1024, seed=11)
+    e4, e6, e8 = (rel_rmse(w, Q.dequantize(Q.quantize(w, f, G))) for f in ("q4", "q6", "q8"))
+    assert e6 < e4 / 3.6 and e6 > e8          # measured 4.1-4.2x
+
+
 def test_search_never_worse_per_group():
     w = (np.random.default_rng(3).standard_t(3, (16, 512)) * 0.02).astype(np.float32)
-    for fmt in ("q4", "q8"):
+    for fmt in ("q4", "q6", "q8"):
         en = ((Q.dequantize(Q.quantize(w, fmt, 64, method="naive")) - w) ** 2).reshape(-1, 64).sum(1)
         es = ((Q.dequantize(Q.quantize(w, fmt, 64, method="search")) - w) ** 2).reshape(-1, 64).sum(1)
         assert np.all(es <= en * (1 + 1e-3) + 1e-12)
@@ -95,7 +151,7 @@ def test_degenerate_groups():
     w = np.zeros((3, 128), dtype=np.float32)
     w[1] = 0.25                               # constant row
     w[2, :64] = np.linspace(-1, 1, 64)
-    for fmt in ("q4", "q8"):
+    for fmt in ("q4", "q6", "q8"):
         for method in ("naive", "search"):
             d = Q.dequantize(Q.quantize(w, fmt, 64, method=method))
             assert np.isfinite(d).all()
@@ -117,7 +173,7 @@ def test_quantize_rejects_bad_input():
 
 def test_dequantize_rows_and_odd_shapes():
     w = gaussian(7, 96, seed=5)
-    for fmt in ("q4", "q8"):
+    for fmt in ("q4", "q6", "q8"):
         qt = Q.quantize(w, fmt, 32)
         full = Q.dequantize(qt)
         np.testing.assert_array_equal(Q.dequantize_rows(qt, [6, 0, 3]), full[[6, 0, 3]])
@@ -127,6 +183,8 @@ def test_bits_per_weight():
     assert Q.quantize(gaussian(4, 256), "q4", 64).bits_per_weight == 4.5
     assert Q.quantize(gaussian(4, 256), "q4", 128).bits_per_weight == 4.25
     assert Q.quantize(gaussian(4, 256), "q8", 64).bits_per_weight == 8.25
+    assert Q.quantize(gaussian(4, 256), "q6", 64).bits_per_weight == 6.5
+    assert Q.quantize(gaussian(4, 256), "q6", 128).bits_per_weight == 6.25
 
 
 # ---- QTensor and the byte layout -----------------------------------------------------------------
@@ -144,27 +202,37 @@ def test_qtensor_arrays_are_read_only_and_checked():
     qt2 = Q.QTensor(fmt="q4", shape=(4, 128), group=64, q=qt.q, scale=qt.scale.view(np.uint16),
                     zero=qt.zero.view(np.uint16))
     np.testing.assert_array_equal(Q.dequantize(qt2), Q.dequantize(qt))
+    q6 = Q.quantize(gaussian(4, 128), "q6", 64)
+    assert q6.q.shape == (4, 2, 48) and not q6.zero.flags.writeable and q6.kargs[2].dtype == np.uint16
+    with pytest.raises(ValueError):
+        Q.QTensor(fmt="q6", shape=(4, 128), group=64, q=q6.q, scale=q6.scale)           # no zero
+    with pytest.raises(ValueError):                                                   # q4-sized bytes
+        Q.QTensor(fmt="q6", shape=(4, 128), group=64, q=qt.q, scale=q6.scale, zero=q6.zero)
 
 
-@pytest.mark.parametrize("fmt,shape,G", [("q4", (5, 96), 32), ("q4", (3, 256), 128), ("q8", (7, 192), 64)])
+@pytest.mark.parametrize("fmt,shape,G", [("q4", (5, 96), 32), ("q4", (3, 256), 128), ("q8", (7, 192), 64),
+                                         ("q6", (5, 96), 32), ("q6", (3, 256), 128), ("q6", (7, 192), 64)])
 def test_layout_is_a_pure_function_of_fmt_shape_group(fmt, shape, G):
     N, K = shape
     ng = K // G
-    q_len = N * K // 2 if fmt == "q4" else N * K
+    q_len = {"q4": N * K // 2, "q6": 3 * N * K // 4, "q8": N * K}[fmt]
     a64 = lambda n: -(-n // 64) * 64  # noqa: E731
     secs = Q.section_offsets(fmt, shape, G)
     assert secs["q"] == (0, q_len)
     assert secs["scale"] == (a64(q_len), 2 * N * ng)
     end = a64(q_len) + 2 * N * ng
-    if fmt == "q4":
+    if fmt in ("q4", "q6"):
         assert secs["zero"] == (a64(end), 2 * N * ng)
         end = a64(end) + 2 * N * ng
     assert Q.layout_nbytes(fmt, shape, G) == a64(end)
     qt = Q.quantize(gaussian(N, K), fmt, G)
     assert qt.nbytes == a64(end) and len(qt.tobytes()) == a64(end)
+    shapes = Q.array_shapes(fmt, shape, G)
+    assert shapes["q"][0] == (N, ng, {"q4": G // 2, "q6": 3 * G // 4, "q8": G}[fmt])
+    assert ("zero" in shapes) == (fmt != "q8")
 
 
-@pytest.mark.parametrize("fmt", ["q4", "q8"])
+@pytest.mark.parametrize("fmt", ["q4", "q6", "q8"])
 def test_write_into_and_from_buffer_zero_copy(fmt):
     qt = Q.quantize(gaussian(6, 256, seed=2), fmt, 64)
     buf = np.full(64 + qt.nbytes + 64, 0xEE, dtype=np.uint8)
