@@ -213,26 +213,30 @@ def _q6_high_bits(builder, wg, G, ety):
     return hi
 
 
-def _make_rowdot(fmt: str, G: int, prefetch: int = 0):
+def _make_rowdot(fmt: str, G: int, prefetch: int = 0, tokens: int = 1):
     """An intrinsic `rowdot(w, s, [z,] xq, sx, [xs,] n, t) -> float32`: the dot product of row n
     of a quantized matrix with token t of prepared activations (see module docstring).
     `prefetch` > 0: prefetch the weight bytes that far ahead of each group (never faults).
+    `tokens` = TB > 1: returns a tuple of TB dot products, of row n with tokens t .. t+TB-1 (a
+    token index past the end is read as the last token; its result is to be ignored). The weights
+    are unpacked once per group for all TB tokens, and each token's float operations are exactly
+    those of the one-token version, so the results are bit-identical to TB separate calls.
     Shapes are trusted (the calling kernel checks them): w [N, ng, G/2 (q4), 3G/4 (q6) or G (q8)],
     s/z uint16 [N, ng], xq int16 [T, ng*G], sx/xs float32 [T, ng]."""
     asym = fmt in ("q4", "q6")            # has a zero array: rowdot(w, s, z, xq, sx, xs, n, t)
     bpg = {"q4": G // 2, "q6": 3 * G // 4, "q8": G}[fmt]     # weight bytes per group
     half = asym and G == 32               # a chunk is 16 levels -> 8 int32 lanes
     lanes = 8 if half else 16             # int32 accumulator lanes per group
+    TB = tokens
 
-    def group_dot(builder, wrow, xrow, g):
-        """<lanes x i32> partial sums of group g (integers, exact)."""
+    def unpack(builder, wrow, g):
+        """Group g's weights as int16 vectors, each with the offset of its inputs in the group."""
         wg = builder.gep(wrow, [builder.mul(g, _c64(bpg))])
-        xg = builder.gep(xrow, [builder.mul(g, _c64(G))])
         if prefetch:
             fn = _intrinsic_fn(builder, "llvm.prefetch.p0", ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32])
             pp = builder.bitcast(builder.gep(wg, [_c64(prefetch)]), _i8.as_pointer())
             builder.call(fn, [pp, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
-        acc = ir.Constant(_vt(_i32, lanes), None)
+        parts = []
         if asym:
             # q6, G >= 64: unpack in bytes and widen the combined levels (the shifts and masks
             # then run on half-width vectors): +13% hot at G=64, +3% at G=128, but -10% at G=32
@@ -246,12 +250,18 @@ def _make_rowdot(fmt: str, G: int, prefetch: int = 0):
                     hi = builder.or_(hi, hi2(G // 2 + c, nb))
                 if ety == _i8:
                     lo, hi = builder.zext(lo, _vt(_i16, nb)), builder.zext(hi, _vt(_i16, nb))
-                acc = _madd(builder, lo, _vload(builder, xg, _c64(c), _vt(_i16, nb), 2), acc)
-                acc = _madd(builder, hi, _vload(builder, xg, _c64(c + G // 2), _vt(_i16, nb), 2), acc)
+                parts += [(lo, c), (hi, c + G // 2)]
         else:
             for c in range(0, bpg, 32):
-                v = builder.sext(_vload(builder, wg, _c64(c), _vt(_i8, 32), 1), _vt(_i16, 32))
-                acc = _madd(builder, v, _vload(builder, xg, _c64(c), _vt(_i16, 32), 2), acc)
+                parts.append((builder.sext(_vload(builder, wg, _c64(c), _vt(_i8, 32), 1), _vt(_i16, 32)), c))
+        return parts
+
+    def group_dot(builder, parts, xrow, g):
+        """<lanes x i32> partial sums of group g for one token (integers, exact)."""
+        xg = builder.gep(xrow, [builder.mul(g, _c64(G))])
+        acc = ir.Constant(_vt(_i32, lanes), None)
+        for wv, c in parts:
+            acc = _madd(builder, wv, _vload(builder, xg, _c64(c), _vt(_i16, wv.type.count), 2), acc)
         return acc
 
     def typer(w, s, *rest):
@@ -262,7 +272,8 @@ def _make_rowdot(fmt: str, G: int, prefetch: int = 0):
         if not (_is_c(w, want_w, 3) and _is_c(s, types.uint16, 2) and len(arrs) == len(specs)
                 and all(_is_c(a, d, nd) for a, (d, nd) in zip(arrs, specs))):
             return None
-        return types.float32(w, s, *arrs, types.intp, types.intp)
+        ret = types.float32 if TB == 1 else types.UniTuple(types.float32, TB)
+        return ret(w, s, *arrs, types.intp, types.intp)
 
     def codegen(context, builder, sig, args):
         if asym:
@@ -273,26 +284,31 @@ def _make_rowdot(fmt: str, G: int, prefetch: int = 0):
             tw, ts, txq, tsx = sig.args[:4]
         wa, (_, ng, _) = _array(context, builder, tw, w)
         sa, _ = _array(context, builder, ts, s)
-        xa, (_, K) = _array(context, builder, txq, xq)
+        xa, (T, K) = _array(context, builder, txq, xq)
         sxa, _ = _array(context, builder, tsx, sx)
         wrow = builder.gep(wa.data, [builder.mul(n, builder.mul(ng, _c64(bpg)))])
         srow = builder.gep(sa.data, [builder.mul(n, ng)])
-        xrow = builder.gep(xa.data, [builder.mul(t, K)])
-        sxrow = builder.gep(sxa.data, [builder.mul(t, ng)])
         if asym:
             za, _ = _array(context, builder, tz, z)
             xsa, _ = _array(context, builder, txs, xs)
             zrow = builder.gep(za.data, [builder.mul(n, ng)])
-            xsrow = builder.gep(xsa.data, [builder.mul(t, ng)])
+        last = builder.sub(T, _c64(1))
+        toks = []
+        for j in range(TB):
+            tj = builder.add(t, _c64(j)) if j else t
+            toks.append(builder.select(builder.icmp_signed("<", tj, T), tj, last) if j else tj)
+        xrows = [builder.gep(xa.data, [builder.mul(tj, K)]) for tj in toks]
+        sxrows = [builder.gep(sxa.data, [builder.mul(tj, ng)]) for tj in toks]
+        xsrows = [builder.gep(xsa.data, [builder.mul(tj, ng)]) for tj in toks] if asym else None
 
         B = _BLOCK
         vB = _vt(_f32, B)
         vacc = _vt(_f32, lanes)
         fzero = ir.Constant(vacc, None)
-        faccs = [cgutils.alloca_once_value(builder, fzero) for _ in range(_UNROLL)]
-        zacc = cgutils.alloca_once_value(builder, ir.Constant(vB, None))
-        sbuf = cgutils.alloca_once(builder, vB)                     # 16 combined scales s*sx
-        sbuf_f = builder.bitcast(sbuf, _f32.as_pointer())
+        faccs = [[cgutils.alloca_once_value(builder, fzero) for _ in range(_UNROLL)] for _ in range(TB)]
+        zaccs = [cgutils.alloca_once_value(builder, ir.Constant(vB, None)) for _ in range(TB)]
+        sbufs = [cgutils.alloca_once(builder, vB) for _ in range(TB)]   # 16 combined scales s*sx
+        sbufs_f = [builder.bitcast(b, _f32.as_pointer()) for b in sbufs]
         iota = ir.Constant(_vt(_i64, B), list(range(B)))
 
         nblocks = builder.udiv(builder.add(ng, _c64(B - 1)), _c64(B))
@@ -301,34 +317,44 @@ def _make_rowdot(fmt: str, G: int, prefetch: int = 0):
             left = builder.sub(ng, gb)
             cnt = builder.select(builder.icmp_unsigned("<", left, _c64(B)), left, _c64(B))
             mask = builder.icmp_unsigned("<", iota, _splat(builder, cnt, B))
-            sv = _half_to_f32(builder, _masked_load(builder, srow, gb, _vt(_i16, B), mask, 2))
-            sv = builder.fmul(sv, _masked_load(builder, sxrow, gb, vB, mask, 4))
-            builder.store(sv, sbuf)
-            if asym:
-                zv = _half_to_f32(builder, _masked_load(builder, zrow, gb, _vt(_i16, B), mask, 2))
-                builder.store(_vfma(builder, zv, _masked_load(builder, xsrow, gb, vB, mask, 4), builder.load(zacc)), zacc)
+            sw = _half_to_f32(builder, _masked_load(builder, srow, gb, _vt(_i16, B), mask, 2))
+            zw = _half_to_f32(builder, _masked_load(builder, zrow, gb, _vt(_i16, B), mask, 2)) if asym else None
+            for j in range(TB):
+                builder.store(builder.fmul(sw, _masked_load(builder, sxrows[j], gb, vB, mask, 4)), sbufs[j])
+                if asym:
+                    builder.store(_vfma(builder, zw, _masked_load(builder, xsrows[j], gb, vB, mask, 4),
+                                        builder.load(zaccs[j])), zaccs[j])
 
-            def one(i, acc_ptr):
-                ia = group_dot(builder, wrow, xrow, builder.add(gb, i))
-                sc = _splat(builder, builder.load(builder.gep(sbuf_f, [i])), lanes)
-                builder.store(_vfma(builder, builder.sitofp(ia, vacc), sc, builder.load(acc_ptr)), acc_ptr)
+            def one(i, u):
+                g = builder.add(gb, i)
+                parts = unpack(builder, wrow, g)
+                for j in range(TB):
+                    ia = group_dot(builder, parts, xrows[j], g)
+                    sc = _splat(builder, builder.load(builder.gep(sbufs_f[j], [i])), lanes)
+                    acc = faccs[j][u]
+                    builder.store(_vfma(builder, builder.sitofp(ia, vacc), sc, builder.load(acc)), acc)
 
             nun = builder.udiv(cnt, _c64(_UNROLL))
             with cgutils.for_range(builder, nun) as lu:
                 i0 = builder.mul(lu.index, _c64(_UNROLL))
                 for u in range(_UNROLL):
-                    one(builder.add(i0, _c64(u)), faccs[u])
+                    one(builder.add(i0, _c64(u)), u)
             done = builder.mul(nun, _c64(_UNROLL))
             with cgutils.for_range(builder, builder.sub(cnt, done)) as lr:
-                one(builder.add(done, lr.index), faccs[0])
+                one(builder.add(done, lr.index), 0)
 
-        v = builder.load(faccs[0])
-        for a in faccs[1:]:
-            v = builder.fadd(v, builder.load(a))
-        total = _hsum(builder, v)
-        if asym:
-            total = builder.fadd(total, _hsum(builder, builder.load(zacc)))
-        return total
+        totals = []
+        for j in range(TB):
+            v = builder.load(faccs[j][0])
+            for a in faccs[j][1:]:
+                v = builder.fadd(v, builder.load(a))
+            total = _hsum(builder, v)
+            if asym:
+                total = builder.fadd(total, _hsum(builder, builder.load(zaccs[j])))
+            totals.append(total)
+        if TB == 1:
+            return totals[0]
+        return context.make_tuple(builder, sig.return_type, totals)
 
     if asym:
         def rowdot(typingctx, w, s, z, xq, sx, xs, n, t):
@@ -336,7 +362,7 @@ def _make_rowdot(fmt: str, G: int, prefetch: int = 0):
     else:
         def rowdot(typingctx, w, s, xq, sx, n, t):
             return typer(w, s, xq, sx, n, t), codegen
-    rowdot.__name__ = f"_rowdot_{fmt}_g{G}"
+    rowdot.__name__ = f"_rowdot_{fmt}_g{G}" + (f"_x{TB}" if TB > 1 else "")
     return intrinsic(rowdot)
 
 
@@ -358,6 +384,18 @@ _q6_g128 = _make_rowdot("q6", 128)
 _q8_g32 = _make_rowdot("q8", 32)
 _q8_g64 = _make_rowdot("q8", 64)
 _q8_g128 = _make_rowdot("q8", 128)
+# 4 tokens per unpack of the weights (prefill): +15-25% on q4/q8, more on q6, whose unpack costs
+# most; bit-identical to the one-token versions (see _make_rowdot)
+TB = 4
+_q4_g32_x4 = _make_rowdot("q4", 32, PREFETCH_Q4, TB)
+_q4_g64_x4 = _make_rowdot("q4", 64, PREFETCH_Q4, TB)
+_q4_g128_x4 = _make_rowdot("q4", 128, PREFETCH_Q4, TB)
+_q6_g32_x4 = _make_rowdot("q6", 32, 0, TB)
+_q6_g64_x4 = _make_rowdot("q6", 64, 0, TB)
+_q6_g128_x4 = _make_rowdot("q6", 128, 0, TB)
+_q8_g32_x4 = _make_rowdot("q8", 32, 0, TB)
+_q8_g64_x4 = _make_rowdot("q8", 64, 0, TB)
+_q8_g128_x4 = _make_rowdot("q8", 128, 0, TB)
 
 
 # ---- activations -> int16 --------------------------------------------------------------------
@@ -426,6 +464,41 @@ def _check(N, ng, G, xq, sx, out, s):
         raise ValueError("quantized matmul: scale array does not match the matrix")
 
 
+# TB-token row dots dispatched on the group size, read from the packed array's last dimension
+# (q4: G/2 bytes, q6: 3G/4, q8: G).
+
+@njit(inline="always", **JIT)
+def _q4_dotx(q, s, z, xq, sx, xs, n, t):
+    h = q.shape[2]
+    if h == 32:
+        return _q4_g64_x4(q, s, z, xq, sx, xs, n, t)
+    elif h == 64:
+        return _q4_g128_x4(q, s, z, xq, sx, xs, n, t)
+    return _q4_g32_x4(q, s, z, xq, sx, xs, n, t)
+
+
+@njit(inline="always", **JIT)
+def _q6_dotx(q, s, z, xq, sx, xs, n, t):
+    b = q.shape[2]
+    if b == 48:
+        return _q6_g64_x4(q, s, z, xq, sx, xs, n, t)
+    elif b == 96:
+        return _q6_g128_x4(q, s, z, xq, sx, xs, n, t)
+    return _q6_g32_x4(q, s, z, xq, sx, xs, n, t)
+
+
+@njit(inline="always", **JIT)
+def _q8_dotx(q, s, xq, sx, n, t):
+    G = q.shape[2]
+    if G == 64:
+        return _q8_g64_x4(q, s, xq, sx, n, t)
+    elif G == 128:
+        return _q8_g128_x4(q, s, xq, sx, n, t)
+    return _q8_g32_x4(q, s, xq, sx, n, t)
+
+
+# Each thread takes ROWS output rows and runs every token over them while they sit in L1.
+
 @njit(parallel=True, **JIT)
 def gemm_q4(xq, sx, xs, q, s, z, out):
     """out[T, N] = x @ W.T for a q4 matrix (q uint8 [N, ng, G/2], s/z uint16 bits [N, ng])
@@ -489,25 +562,110 @@ def gemm_q8(xq, sx, q, s, out):
                 out[t, n] = v
 
 
+# TB tokens at a time (one unpack of a row's weights for all of them): for T a multiple of TB.
+# Separate kernels from the one-token ones on purpose: with both loops in one kernel, LLVM
+# compiled the one-token loop ~40% slower (measured), and decode is all one-token calls.
+
+@njit(parallel=True, **JIT)
+def gemm_q4_x4(xq, sx, xs, q, s, z, out):
+    """out[T, N] = x @ W.T for a q4 matrix (q uint8 [N, ng, G/2], s/z uint16 bits [N, ng])
+    and activations prepared by prepare_x with the same group size."""
+    N, ng, h = q.shape
+    T = xq.shape[0]
+    _check(N, ng, 2 * h, xq, sx, out, s)
+    if z.shape[0] != N or z.shape[1] != ng or xs.shape[0] != T or xs.shape[1] != ng:
+        raise ValueError("quantized matmul: zero / group-sum arrays do not match")
+    for b in prange((N + ROWS - 1) // ROWS):
+        n1 = min(N, (b + 1) * ROWS)
+        for t in range(0, T, TB):
+            for n in range(b * ROWS, n1):
+                r = _q4_dotx(q, s, z, xq, sx, xs, n, t)
+                for j in range(TB):
+                    out[t + j, n] = r[j]
+
+
+@njit(parallel=True, **JIT)
+def gemm_q6_x4(xq, sx, xs, q, s, z, out):
+    """out[T, N] = x @ W.T for a q6 matrix (q uint8 [N, ng, 3G/4], s/z uint16 bits [N, ng])
+    and activations prepared by prepare_x with the same group size."""
+    N, ng, b = q.shape
+    T = xq.shape[0]
+    _check(N, ng, 4 * b // 3, xq, sx, out, s)        # b = 3G/4 bytes per group
+    if z.shape[0] != N or z.shape[1] != ng or xs.shape[0] != T or xs.shape[1] != ng:
+        raise ValueError("quantized matmul: zero / group-sum arrays do not match")
+    for blk in prange((N + ROWS - 1) // ROWS):
+        n1 = min(N, (blk + 1) * ROWS)
+        for t in range(0, T, TB):
+            for n in range(blk * ROWS, n1):
+                r = _q6_dotx(q, s, z, xq, sx, xs, n, t)
+                for j in range(TB):
+                    out[t + j, n] = r[j]
+
+
+@njit(parallel=True, **JIT)
+def gemm_q8_x4(xq, sx, q, s, out):
+    """out[T, N] = x @ W.T for a q8 matrix (q int8 [N, ng, G], s uint16 bits [N, ng])."""
+    N, ng, G = q.shape
+    _check(N, ng, G, xq, sx, out, s)
+    T = xq.shape[0]
+    for b in prange((N + ROWS - 1) // ROWS):
+        n1 = min(N, (b + 1) * ROWS)
+        for t in range(0, T, TB):
+            for n in range(b * ROWS, n1):
+                r = _q8_dotx(q, s, xq, sx, n, t)
+                for j in range(TB):
+                    out[t + j, n] = r[j]
+
+@njit(**JIT)
+def _gemm_q4_split(xq, sx, xs, q, s, z, out):
+    """gemm_q4 over any T: blocks of TB tokens, then the remaining tokens one by one."""
+    T = xq.shape[0]
+    tb = T - T % TB
+    if tb:
+        gemm_q4_x4(xq[:tb], sx[:tb], xs[:tb], q, s, z, out[:tb])
+    if T > tb:
+        gemm_q4(xq[tb:], sx[tb:], xs[tb:], q, s, z, out[tb:])
+
+
+@njit(**JIT)
+def _gemm_q6_split(xq, sx, xs, q, s, z, out):
+    T = xq.shape[0]
+    tb = T - T % TB
+    if tb:
+        gemm_q6_x4(xq[:tb], sx[:tb], xs[:tb], q, s, z, out[:tb])
+    if T > tb:
+        gemm_q6(xq[tb:], sx[tb:], xs[tb:], q, s, z, out[tb:])
+
+
+@njit(**JIT)
+def _gemm_q8_split(xq, sx, q, s, out):
+    T = xq.shape[0]
+    tb = T - T % TB
+    if tb:
+        gemm_q8_x4(xq[:tb], sx[:tb], q, s, out[:tb])
+    if T > tb:
+        gemm_q8(xq[tb:], sx[tb:], q, s, out[tb:])
+
+
 @njit(**JIT)
 def matmul_q4(x, q, s, z, out):
     """out[T, N] = x[T, K] @ W.T, W a q4 matrix given by its arrays (s, z as uint16 bits)."""
     xq, sx, xs = prepare_x(x, 2 * q.shape[2])
-    gemm_q4(xq, sx, xs, q, s, z, out)
+    _gemm_q4_split(xq, sx, xs, q, s, z, out)
 
 
 @njit(**JIT)
 def matmul_q6(x, q, s, z, out):
     """out[T, N] = x[T, K] @ W.T, W a q6 matrix given by its arrays (s, z as uint16 bits)."""
     xq, sx, xs = prepare_x(x, 4 * q.shape[2] // 3)
-    gemm_q6(xq, sx, xs, q, s, z, out)
+    _gemm_q6_split(xq, sx, xs, q, s, z, out)
 
 
 @njit(**JIT)
 def matmul_q8(x, q, s, out):
     """out[T, N] = x[T, K] @ W.T, W a q8 matrix given by its arrays (s as uint16 bits)."""
     xq, sx, xs = prepare_x(x, q.shape[2])
-    gemm_q8(xq, sx, q, s, out)
+    _gemm_q8_split(xq, sx, q, s, out)
 
 
 def qmatmul(x: np.ndarray, qt, out: np.ndarray | None = None) -> np.ndarray:
@@ -533,6 +691,11 @@ def qmatmul(x: np.ndarray, qt, out: np.ndarray | None = None) -> np.ndarray:
 
 
 # ---- one routed expert: down(silu(gate x) * up x) --------------------------------------------
+
+@njit(inline="always", **JIT)
+def _silu_mul(a, u):
+    return a / (F32(1.0) + np.exp(-a)) * u
+
 
 @njit(parallel=True, **JIT)
 def _gate_up_q4(xq, sx, xs, gq, gs, gz, uq, us, uz, h):
@@ -603,14 +766,94 @@ def _gate_up_q8(xq, sx, gq, gs, uq, us, h):
                 h[t, n] = a / (F32(1.0) + np.exp(-a)) * u
 
 
+@njit(parallel=True, **JIT)
+def _gate_up_q4_x4(xq, sx, xs, gq, gs, gz, uq, us, uz, h):
+    N, ng, hb = gq.shape
+    T = xq.shape[0]
+    _check(N, ng, 2 * hb, xq, sx, h, gs)
+    if uq.shape != gq.shape or us.shape != gs.shape or uz.shape != gz.shape or gz.shape != gs.shape:
+        raise ValueError("expert: gate and up matrices differ in shape")
+    for b in prange((N + ROWS - 1) // ROWS):
+        n1 = min(N, (b + 1) * ROWS)
+        for t in range(0, T, TB):
+            for n in range(b * ROWS, n1):
+                a = _q4_dotx(gq, gs, gz, xq, sx, xs, n, t)
+                u = _q4_dotx(uq, us, uz, xq, sx, xs, n, t)
+                for j in range(TB):
+                    h[t + j, n] = _silu_mul(a[j], u[j])
+
+
+@njit(parallel=True, **JIT)
+def _gate_up_q6_x4(xq, sx, xs, gq, gs, gz, uq, us, uz, h):
+    N, ng, b = gq.shape
+    T = xq.shape[0]
+    _check(N, ng, 4 * b // 3, xq, sx, h, gs)
+    if uq.shape != gq.shape or us.shape != gs.shape or uz.shape != gz.shape or gz.shape != gs.shape:
+        raise ValueError("expert: gate and up matrices differ in shape")
+    for blk in prange((N + ROWS - 1) // ROWS):
+        n1 = min(N, (blk + 1) * ROWS)
+        for t in range(0, T, TB):
+            for n in range(blk * ROWS, n1):
+                a = _q6_dotx(gq, gs, gz, xq, sx, xs, n, t)
+                u = _q6_dotx(uq, us, uz, xq, sx, xs, n, t)
+                for j in range(TB):
+                    h[t + j, n] = _silu_mul(a[j], u[j])
+
+
+@njit(parallel=True, **JIT)
+def _gate_up_q8_x4(xq, sx, gq, gs, uq, us, h):
+    N, ng, G = gq.shape
+    T = xq.shape[0]
+    _check(N, ng, G, xq, sx, h, gs)
+    if uq.shape != gq.shape or us.shape != gs.shape:
+        raise ValueError("expert: gate and up matrices differ in shape")
+    for b in prange((N + ROWS - 1) // ROWS):
+        n1 = min(N, (b + 1) * ROWS)
+        for t in range(0, T, TB):
+            for n in range(b * ROWS, n1):
+                a = _q8_dotx(gq, gs, xq, sx, n, t)
+                u = _q8_dotx(uq, us, xq, sx, n, t)
+                for j in range(TB):
+                    h[t + j, n] = _silu_mul(a[j], u[j])
+
+@njit(**JIT)
+def _gate_up_q4_split(xq, sx, xs, gq, gs, gz, uq, us, uz, h):
+    T = xq.shape[0]
+    tb = T - T % TB
+    if tb:
+        _gate_up_q4_x4(xq[:tb], sx[:tb], xs[:tb], gq, gs, gz, uq, us, uz, h[:tb])
+    if T > tb:
+        _gate_up_q4(xq[tb:], sx[tb:], xs[tb:], gq, gs, gz, uq, us, uz, h[tb:])
+
+
+@njit(**JIT)
+def _gate_up_q6_split(xq, sx, xs, gq, gs, gz, uq, us, uz, h):
+    T = xq.shape[0]
+    tb = T - T % TB
+    if tb:
+        _gate_up_q6_x4(xq[:tb], sx[:tb], xs[:tb], gq, gs, gz, uq, us, uz, h[:tb])
+    if T > tb:
+        _gate_up_q6(xq[tb:], sx[tb:], xs[tb:], gq, gs, gz, uq, us, uz, h[tb:])
+
+
+@njit(**JIT)
+def _gate_up_q8_split(xq, sx, gq, gs, uq, us, h):
+    T = xq.shape[0]
+    tb = T - T % TB
+    if tb:
+        _gate_up_q8_x4(xq[:tb], sx[:tb], gq, gs, uq, us, h[:tb])
+    if T > tb:
+        _gate_up_q8(xq[tb:], sx[tb:], gq, gs, uq, us, h[tb:])
+
+
 @njit(**JIT)
 def expert_q4(x, gq, gs, gz, uq, us, uz, dq, ds, dz, out):
     """out[T, H] = down(silu(gate x) * up x) for q4 gate/up [I, H] and down [H, I]."""
     xq, sx, xs = prepare_x(x, 2 * gq.shape[2])
     h = np.empty((x.shape[0], gq.shape[0]), dtype=np.float32)
-    _gate_up_q4(xq, sx, xs, gq, gs, gz, uq, us, uz, h)
+    _gate_up_q4_split(xq, sx, xs, gq, gs, gz, uq, us, uz, h)
     hq, hsx, hxs = prepare_x(h, 2 * dq.shape[2])
-    gemm_q4(hq, hsx, hxs, dq, ds, dz, out)
+    _gemm_q4_split(hq, hsx, hxs, dq, ds, dz, out)
 
 
 @njit(**JIT)
@@ -618,9 +861,9 @@ def expert_q6(x, gq, gs, gz, uq, us, uz, dq, ds, dz, out):
     """out[T, H] = down(silu(gate x) * up x) for q6 gate/up [I, H] and down [H, I]."""
     xq, sx, xs = prepare_x(x, 4 * gq.shape[2] // 3)
     h = np.empty((x.shape[0], gq.shape[0]), dtype=np.float32)
-    _gate_up_q6(xq, sx, xs, gq, gs, gz, uq, us, uz, h)
+    _gate_up_q6_split(xq, sx, xs, gq, gs, gz, uq, us, uz, h)
     hq, hsx, hxs = prepare_x(h, 4 * dq.shape[2] // 3)
-    gemm_q6(hq, hsx, hxs, dq, ds, dz, out)
+    _gemm_q6_split(hq, hsx, hxs, dq, ds, dz, out)
 
 
 @njit(**JIT)
@@ -628,9 +871,9 @@ def expert_q8(x, gq, gs, uq, us, dq, ds, out):
     """out[T, H] = down(silu(gate x) * up x) for q8 gate/up [I, H] and down [H, I]."""
     xq, sx, _ = prepare_x(x, gq.shape[2])
     h = np.empty((x.shape[0], gq.shape[0]), dtype=np.float32)
-    _gate_up_q8(xq, sx, gq, gs, uq, us, h)
+    _gate_up_q8_split(xq, sx, gq, gs, uq, us, h)
     hq, hsx, _ = prepare_x(h, dq.shape[2])
-    gemm_q8(hq, hsx, dq, ds, out)
+    _gemm_q8_split(hq, hsx, dq, ds, out)
 
 
 def expert_q(x: np.ndarray, gate, up, down, out: np.ndarray | None = None) -> np.ndarray:

@@ -171,3 +171,20 @@ def test_every_finite_float16_scale_and_zero_is_widened_exactly():
     q6 = Q.QTensor(fmt="q6", shape=(N, 32), group=32, q=np.zeros((N, 1, 24), np.uint8),
                    scale=np.zeros((N, 1), np.uint16), zero=bits[:, None])
     np.testing.assert_allclose(QK.qmatmul(ones, q6)[0] / 32, ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["q4", "q6", "q8"])
+@pytest.mark.parametrize("G", [32, 64, 128])
+def test_batched_tokens_are_bit_identical_to_one_at_a_time(fmt, G):
+    """Prefill runs TB tokens per unpack of the weights; each token's result must be exactly the
+    one-token result, so prefill-then-decode equals one full forward bit for bit."""
+    N, K, T = 19, 2 * 128, 11                       # 2 blocks of TB=4 tokens and a tail of 3
+    qt = make(fmt, N, K, G, seed=7)
+    x = np.random.default_rng(8).standard_normal((T, K)).astype(np.float32)
+    batched = QK.qmatmul(x, qt)
+    single = np.concatenate([QK.qmatmul(np.ascontiguousarray(x[t:t + 1]), qt) for t in range(T)])
+    np.testing.assert_array_equal(batched, single)
+    gate, up, down = make(fmt, 32, K, G, 9), make(fmt, 32, K, G, 10), make(fmt, K, 32, 32, 11)
+    eb = QK.expert_q(x, gate, up, down)
+    es = np.concatenate([QK.expert_q(np.ascontiguousarray(x[t:t + 1]), gate, up, down) for t in range(T)])
+    np.testing.assert_array_equal(eb, es)
