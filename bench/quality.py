@@ -3,6 +3,7 @@ unquantized forward pass, teacher-forced over real text, on synthetic models.
 
     python bench/quality.py                       # golden-like tiny + a flash-like medium model
     python bench/quality.py --ckpt DIR            # any checkpoint you have
+    python bench/quality.py --dense q8,q6 --groups  # which dense formats / group sizes
 Prints a Markdown table; the targets (issue: int8 <= 0.0015, int4 <= 0.02 mean KLD) are marked.
 """
 
@@ -45,6 +46,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", type=Path, action="append", help="checkpoint(s) to measure")
     ap.add_argument("--positions", type=int, default=300)
+    ap.add_argument("--dense", default="q8,q6,q4",
+                    help="formats of the non-expert weights to compare for int4 experts (group 64)")
+    ap.add_argument("--groups", action="store_true", help="also sweep group sizes 32/64/128 (dense q8)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -55,8 +59,10 @@ def main():
                                        head_dim=64, intermediate_size=1024, moe_intermediate_size=128,
                                        moe_shared_expert_intermediate_size=128, num_experts=64, vocab_size=4096)
             ckpts = [GOLDEN, medium]
-        settings = [Settings(bits=8, group_size=g) for g in (32, 64, 128)] + \
-                   [Settings(bits=4, group_size=g) for g in (32, 64, 128)]
+        groups = (32, 64, 128) if a.groups else (64,)
+        settings = [Settings(bits=8, group_size=g, dense="q8") for g in groups] + \
+                   [Settings(bits=4, group_size=g, dense="q8") for g in groups if g != 64] + \
+                   [Settings(bits=4, group_size=64, dense=d) for d in a.dense.split(",")]
         print("| model | experts | group | dense | mean KLD | p99 KLD | top-1 | target | quantize s |")
         print("|---|---|---:|---|---:|---:|---:|---|---:|")
         for ck in ckpts:
