@@ -45,6 +45,10 @@ class Result:
         return statistics.mean(self.tps)
 
     @property
+    def median(self) -> float:
+        return statistics.median(self.tps)
+
+    @property
     def sd(self) -> float:
         return statistics.stdev(self.tps) if len(self.tps) > 1 else 0.0
 

@@ -488,7 +488,8 @@ def bench(
                 if res is None:
                     continue
                 row = {"model": path.name, "size_gb": size / 1e9, "quant": qdesc, "threads": n, "test": res.test,
-                       "tps_mean": res.mean, "tps_sd": res.sd, "peak_rss_gb": rec["peak_rss"] / 1e9,
+                       "tps_mean": res.mean, "tps_sd": res.sd,
+                       "tps_median": res.median, "tps_samples": res.tps, "peak_rss_gb": rec["peak_rss"] / 1e9,
                        "compile_s": rec["compile_s"], "mem_bw_gbs": bw}
                 if res.test.startswith("pp"):
                     row["ttft_s"] = min(res.seconds)

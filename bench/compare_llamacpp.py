@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +81,7 @@ def llama_bench(bin_: str, gguf: Path, a) -> dict[str, float]:
     cmd = [bin_, "-m", str(gguf), "-p", str(a.p), "-n", str(a.n), "-r", str(a.r), "-t", str(a.threads), "-o", "json"]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     rows = json.loads(subprocess.run(cmd, stdout=subprocess.PIPE, check=True, text=True).stdout)
-    return {("pp" if r["n_prompt"] else "tg"): r["avg_ts"] for r in rows}
+    return {("pp" if r["n_prompt"] else "tg"): (r["avg_ts"], statistics.median(r["samples_ts"])) for r in rows}
 
 
 def amed_bench(store: Path, a) -> dict[str, float]:
@@ -88,7 +89,7 @@ def amed_bench(store: Path, a) -> dict[str, float]:
            "-t", str(a.threads), "-o", "json"]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     rows = json.loads(subprocess.run(cmd, stdout=subprocess.PIPE, check=True, text=True).stdout)
-    return {r["test"][:2]: r["tps_mean"] for r in rows}
+    return {r["test"][:2]: (r["tps_mean"], r["tps_median"]) for r in rows}
 
 
 def main() -> None:
@@ -116,7 +117,9 @@ def main() -> None:
         print("llama-bench not found: running amed only. To compare, build llama.cpp's llama-bench "
               "(see the top of this file) and pass --llama-bench PATH or set $LLAMA_BENCH.", file=sys.stderr)
 
-    table = ["| pair | test | amed t/s | llama.cpp t/s | amed / llama.cpp |", "|---|---|---:|---:|---:|"]
+    # means (what both tools print) and medians (robust to the stalls of a shared machine)
+    table = ["| pair | test | amed t/s mean / median | llama.cpp t/s mean / median | amed / llama.cpp mean / median |",
+             "|---|---|---:|---:|---:|"]
     for pair in pairs:
         store, gguf = (a.amed_q4, a.gguf_q4) if pair == "q4" else (a.amed_q8, a.gguf_q8)
         name = f"amed {store.name} vs {gguf.name}"
@@ -131,8 +134,8 @@ def main() -> None:
         ours = amed_bench(store, a)
         for t, n in (("pp", a.p), ("tg", a.n)):
             us, them = ours.get(t), theirs.get(t)
-            cells = [f"{us:.2f}" if us else "-", f"{them:.2f}" if them else "-",
-                     f"{us / them:.2f}x" if us and them else "-"]
+            cells = [f"{us[0]:.2f} / {us[1]:.2f}" if us else "-", f"{them[0]:.2f} / {them[1]:.2f}" if them else "-",
+                     f"{us[0] / them[0]:.2f}x / {us[1] / them[1]:.2f}x" if us and them else "-"]
             table.append(f"| {name} | {t}{n} | " + " | ".join(cells) + " |")
     if len(table) > 2:
         print(f"\n{a.threads} threads, {a.r} repetitions\n\n" + "\n".join(table))
