@@ -5,7 +5,7 @@ Pairs: amed int4 store vs GGUF Q4_0, amed int8 store vs GGUF Q8_0, all made from
 (default: the 4-layer flash-shaped synthetic one under ~/.cache/amed/bench). Prints a Markdown
 table of prefill (ppN) and decode (tgN) t/s and the ratios amed / llama.cpp.
 
-    python bench/compare_llamacpp.py -p 64 -n 32 -r 3 -t 2
+    python bench/compare_llamacpp.py -p 64 -n 32 -r 5 -t 2 --rounds 3
 
 llama-bench is found via --llama-bench, $LLAMA_BENCH or PATH; without it only amed runs.
 To get llama.cpp (outside this repo): a llama.cpp checkout, or the copy vendored in the
@@ -102,6 +102,9 @@ def main() -> None:
     ap.add_argument("-p", type=int, default=64, help="prompt tokens (ppN)")
     ap.add_argument("-n", type=int, default=32, help="generated tokens (tgN)")
     ap.add_argument("-r", type=int, default=3, help="repetitions")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternate the two tools this many times; the ratio is the median of the "
+                         "rounds' ratios (a shared machine's speed drifts between runs)")
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
     ap.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench"))
     ap.add_argument("--convert", type=Path, metavar="CKPT", help="make the missing GGUFs from this HF checkpoint")
@@ -126,19 +129,26 @@ def main() -> None:
         if not store.exists():
             print(f"skipping {pair}: no amed store at {store}", file=sys.stderr)
             continue
-        theirs = {}
-        if a.llama_bench and gguf.exists():
-            theirs = llama_bench(a.llama_bench, gguf, a)
-        elif a.llama_bench:
+        if a.llama_bench and not gguf.exists():
             print(f"no GGUF at {gguf} (make it with --convert CKPT --llama-src SRC)", file=sys.stderr)
-        ours = amed_bench(store, a)
+        rounds = []                         # (ours, theirs) per round, each {test: (mean, median)}
+        for _ in range(max(1, a.rounds)):
+            theirs = llama_bench(a.llama_bench, gguf, a) if a.llama_bench and gguf.exists() else {}
+            rounds.append((amed_bench(store, a), theirs))
         for t, n in (("pp", a.p), ("tg", a.n)):
-            us, them = ours.get(t), theirs.get(t)
-            cells = [f"{us[0]:.2f} / {us[1]:.2f}" if us else "-", f"{them[0]:.2f} / {them[1]:.2f}" if them else "-",
-                     f"{us[0] / them[0]:.2f}x / {us[1] / them[1]:.2f}x" if us and them else "-"]
+            us = [r[0][t] for r in rounds if t in r[0]]
+            them = [r[1][t] for r in rounds if t in r[1]]
+            med = statistics.median
+            cells = [f"{med(u[0] for u in us):.2f} / {med(u[1] for u in us):.2f}" if us else "-",
+                     f"{med(x[0] for x in them):.2f} / {med(x[1] for x in them):.2f}" if them else "-"]
+            if us and them and len(us) == len(them):
+                cells.append(f"{med(u[0] / x[0] for u, x in zip(us, them)):.2f}x / "
+                             f"{med(u[1] / x[1] for u, x in zip(us, them)):.2f}x")
+            else:
+                cells.append("-")
             table.append(f"| {name} | {t}{n} | " + " | ".join(cells) + " |")
     if len(table) > 2:
-        print(f"\n{a.threads} threads, {a.r} repetitions\n\n" + "\n".join(table))
+        print(f"\n{a.threads} threads, {a.r} repetitions, {a.rounds} round(s)\n\n" + "\n".join(table))
 
 
 if __name__ == "__main__":
