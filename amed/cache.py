@@ -333,28 +333,12 @@ class ExpertCache:
         self.chosen = (layer, set(experts))
         if not self.bounded or not self.prefetch_enabled:
             return
-        room = self.budget // 2                        # never prefetch more than half the budget
-        for e in experts:
-            key = (layer, e)
-            if key in self._lru:
-                continue
-            n = self.cost(layer, e)
-            if n > room:
-                break                                  # the rest are faulted in on use
-            room -= n
-            self._admit(key)
-            self._fresh[key] = "prefetched"
-            self._read_ahead(key, 0)
+        self._read_ahead_all(layer, experts, self.budget // 2, "prefetched", 0)   # at most half the budget
 
-    def guess(self, layer: int, experts, issue: bool = True) -> None:
-        """Look-ahead predicted `experts` for `layer`; read the non-resident ones if `issue`."""
-        experts = [int(e) for e in experts]
-        self.stats.predicted += len(experts)
-        if not issue or not self.bounded:
-            return
-        room = self.budget // 4
-        mine = self._guess.setdefault(layer, set())
-        busy, self._busy = self._busy, self._busy | {(layer, e) for e in experts}
+    def _read_ahead_all(self, layer: int, experts, room: int, kind: str, priority: int) -> list[int]:
+        """Admit and start reading the non-resident `experts` in order while they fit in `room`
+        bytes (the rest are faulted in on use); returns the ones admitted."""
+        admitted = []
         for e in experts:
             key = (layer, e)
             if key in self._lru:
@@ -364,10 +348,22 @@ class ExpertCache:
                 break
             room -= n
             self._admit(key)
-            self._fresh[key] = "guessed"
-            mine.add(e)
-            self.stats.guesses += 1
-            self._read_ahead(key, 1)
+            self._fresh[key] = kind
+            self._read_ahead(key, priority)
+            admitted.append(e)
+        return admitted
+
+    def guess(self, layer: int, experts, issue: bool = True) -> None:
+        """Look-ahead predicted `experts` for `layer`; read the non-resident ones if `issue`."""
+        experts = [int(e) for e in experts]
+        self.stats.predicted += len(experts)
+        if not issue or not self.bounded:
+            return
+        mine = self._guess.setdefault(layer, set())
+        busy, self._busy = self._busy, self._busy | {(layer, e) for e in experts}
+        new = self._read_ahead_all(layer, experts, self.budget // 4, "guessed", 1)
+        mine.update(new)
+        self.stats.guesses += len(new)
         self._busy = busy | {(layer, e) for e in mine}
 
     def ready_first(self, layer: int, experts: list[int]) -> list[int]:

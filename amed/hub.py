@@ -574,21 +574,18 @@ class _NullProgress:
         yield lambda n: None
 
 
-class DownloadProgress(_NullProgress):
-    """Rich, on stderr: one overall bar (bytes, rate, ETA) and a line per file in flight."""
+class RichBars:
+    """Byte progress bars on stderr (Rich), shared by `amed download` and the streaming quantizer:
+    a description, a bar, bytes, rate, `extra` columns, ETA; notes printed above the bars."""
 
-    def __init__(self, console=None):
+    def __init__(self, console=None, description: str = "{task.description}", extra=()):
         from rich.console import Console
         from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                    TransferSpeedColumn)
 
         self.console = console or Console(stderr=True, highlight=False)
-        self._p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                           TimeRemainingColumn(), console=self.console, transient=False)
-        self._total = None
-
-    def start(self, total: int, done: int) -> None:
-        self._total = self._p.add_task("[bold]total", total=total, completed=done)
+        self._p = Progress(TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                           *(TextColumn(c) for c in extra), TimeRemainingColumn(), console=self.console)
 
     def note(self, msg: str) -> None:
         self._p.console.print(f"[yellow]{msg}[/]")
@@ -600,6 +597,17 @@ class DownloadProgress(_NullProgress):
     def __exit__(self, *exc):
         self._p.stop()
         return False
+
+
+class DownloadProgress(RichBars, _NullProgress):
+    """Rich, on stderr: one overall bar (bytes, rate, ETA) and a line per file in flight."""
+
+    def __init__(self, console=None):
+        super().__init__(console)
+        self._total = None
+
+    def start(self, total: int, done: int) -> None:
+        self._total = self._p.add_task("[bold]total", total=total, completed=done)
 
     @contextlib.contextmanager
     def file(self, f: RemoteFile, have: int = 0):

@@ -306,18 +306,11 @@ def _check_disk(dst: Path, dl: Path, store_need: int, shard_need: int, largest: 
                             f"is free; free some space, or choose another -o or --local-dir.")
 
 
-class RichStreamProgress(StreamProgress):
+class RichStreamProgress(hub.RichBars, StreamProgress):
     """Two bars on stderr: the download (bytes) and the conversion (source bytes, tensors)."""
 
     def __init__(self, console=None):
-        from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
-
-        self.console = console or Console(stderr=True, highlight=False)
-        self._p = Progress(TextColumn("[bold]{task.description:<9}"), BarColumn(), DownloadColumn(),
-                           TransferSpeedColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                           console=self.console)
+        super().__init__(console, "[bold]{task.description:<9}", extra=("{task.fields[info]}",))
         self._dl = self._q = None
 
     def start(self, download_total, download_done, convert_total, convert_done, tensors_done):
@@ -336,14 +329,3 @@ class RichStreamProgress(StreamProgress):
     def shard(self, name, event):
         if self._dl is not None and event in ("downloaded", "deleted"):
             self._p.update(self._dl, info=f"{name} {event}")
-
-    def note(self, msg):
-        self._p.console.print(f"[yellow]{msg}[/]")
-
-    def __enter__(self):
-        self._p.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._p.stop()
-        return False
