@@ -21,6 +21,11 @@ app = typer.Typer(
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+# store formats, shared by quantize, download --quantize and synth --bits
+DENSE_HELP = "Attention, shared expert, dense MLP and embeddings: q8, q6, q4 or bf16."
+HEAD_HELP = ("lm_head (the output layer, read whole for every token): q8, q6, q4, bf16 or auto "
+             "(q6; q8 with --bits 8 --dense q8; bf16 with --dense bf16).")
+
 
 def fail(message: str, code: int = 1):
     """Print one clear sentence on stderr and exit (no traceback)."""
@@ -69,8 +74,8 @@ def download(
              "(default: .STORE.download next to it), which is emptied and removed at the end.")] = None,
     group_size: Annotated[int, typer.Option("--group-size", "-g", rich_help_panel="Quantize while downloading",
                                             help="Weights per scale: 32, 64 or 128.")] = 64,
-    dense: Annotated[str, typer.Option(rich_help_panel="Quantize while downloading",
-                                       help="Attention, shared expert, dense MLP, embeddings, lm_head: q8, q6, q4 or bf16.")] = "q8",
+    dense: Annotated[str, typer.Option(rich_help_panel="Quantize while downloading", help=DENSE_HELP)] = "q8",
+    head: Annotated[str, typer.Option(rich_help_panel="Quantize while downloading", help=HEAD_HELP)] = "auto",
     force: Annotated[bool, typer.Option("--force", rich_help_panel="Quantize while downloading",
                                         help="Overwrite an existing store or unfinished job.")] = False,
 ):
@@ -88,7 +93,7 @@ def download(
 
     if quantize_bits is not None:
         _download_quantize(repo_id, revision, local_dir, include, exclude, token, source, dry_run,
-                           quantize_bits, output, group_size, dense, force)
+                           quantize_bits, output, group_size, dense, head, force)
         return
     if output is not None or force:
         fail("-o/--output and --force go with --quantize 4|8 (download and quantize in one go).")
@@ -143,7 +148,7 @@ def download(
 
 
 def _download_quantize(repo_id, revision, local_dir, include, exclude, token, source, dry_run, bits, output,
-                       group_size, dense, force) -> None:
+                       group_size, dense, head, force) -> None:
     """`amed download --quantize`: see amed/stream.py."""
     from . import hub
     from .quantize import Settings
@@ -155,7 +160,7 @@ def _download_quantize(repo_id, revision, local_dir, include, exclude, token, so
         fail("--dry-run cannot be combined with --quantize.")
     if include or exclude:
         fail("--include/--exclude cannot be combined with --quantize (it fetches exactly what the store needs).")
-    settings = Settings(bits=bits, group_size=group_size, dense=dense)
+    settings = Settings(bits=bits, group_size=group_size, dense=dense, head=head)
     settings.validate()
     store = output or default_store_dir().parent / f"{repo_id.split('/')[-1]}-q{bits}"
     plan = hub.list_files(repo_id, revision=revision, token=token)
@@ -181,13 +186,14 @@ def quantize(
     output: Annotated[Path, typer.Option("-o", "--output", help="Store directory to write.")],
     bits: Annotated[int, typer.Option("--bits", "-b", help="Routed experts: 4 (int4) or 8 (int8).")] = 4,
     group_size: Annotated[int, typer.Option("--group-size", "-g", help="Weights per scale: 32, 64 or 128.")] = 64,
-    dense: Annotated[str, typer.Option(help="Attention, shared expert, dense MLP, embeddings, lm_head: q8, q6, q4 or bf16.")] = "q8",
+    dense: Annotated[str, typer.Option(help=DENSE_HELP)] = "q8",
+    head: Annotated[str, typer.Option(help=HEAD_HELP)] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing store or unfinished job.")] = False,
 ):
     """Convert a checkpoint into an int4/int8 amed store (streaming, resumable: rerun to continue)."""
     from .quantize import Settings
 
-    run_quantize(src, output, Settings(bits=bits, group_size=group_size, dense=dense), force)
+    run_quantize(src, output, Settings(bits=bits, group_size=group_size, dense=dense, head=head), force)
 
 
 def run_quantize(src, output: Path, settings, force: bool) -> None:
@@ -539,7 +545,8 @@ def synth(
         "--bits", "-b", help="Write a quantized amed store (4 or 8) directly, with no bf16 copy on "
         "disk: how a store larger than RAM is made.")] = None,
     group_size: Annotated[int, typer.Option("--group-size", "-g", help="With --bits: weights per scale.")] = 64,
-    dense: Annotated[str, typer.Option(help="With --bits: format of the non-expert weights (q8, q6, q4 or bf16).")] = "q8",
+    dense: Annotated[str, typer.Option(help="With --bits: " + DENSE_HELP)] = "q8",
+    head: Annotated[str, typer.Option(help="With --bits: " + HEAD_HELP)] = "auto",
 ):
     """Write a random BailingMoeV2 checkpoint (for tests and benchmarks; no download needed).
 
@@ -551,7 +558,7 @@ def synth(
         from .synth import SyntheticSource
 
         run_quantize(SyntheticSource(preset, layers, seed), out.expanduser(),
-                     Settings(bits=bits, group_size=group_size, dense=dense), force)
+                     Settings(bits=bits, group_size=group_size, dense=dense, head=head), force)
         return
 
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,

@@ -37,7 +37,7 @@ POLICY = {
     "attn": "dense",       # fused QKV and output projection
     "ffn": "dense",        # the dense SwiGLU of the first layer(s)
     "embed": "dense",      # token embeddings (only looked up by row)
-    "output": "dense",     # lm_head
+    "output": "head",      # lm_head: the largest single read of a decoded token (see Settings.head)
     "router": "source",
     "bias": "f32",
     "norm": "f32",
@@ -49,7 +49,22 @@ ROW_CHUNK_ELEMS = 8 << 20  # quantize big matrices in row chunks of ~8M weights 
 class Settings:
     bits: int = 4           # routed experts: 4 -> q4, 8 -> q8
     group_size: int = 64
-    dense: str = "q8"       # attention, shared expert, dense MLP, embeddings, lm_head: q8 | q6 | q4 | bf16
+    dense: str = "q8"       # attention, shared expert, dense MLP, embeddings: q8 | q6 | q4 | bf16
+    # lm_head: q8 | q6 | q4 | bf16, or "auto": q6, except q8 in an all-q8 store (--bits 8, dense q8)
+    # and bf16 with --dense bf16. The lm_head is read whole for every decoded token (0.69 GB at q8 for
+    # AntAngelMed's 157184 x 4096), while its error barely moves the output distribution
+    # (bench/quality.py, int4 experts: mean KLD 8.1e-5 -> 1.1e-4 on the golden-like model, 0.0205
+    # -> 0.0207 on the flash-like one), so q6 saves 23% of those bytes where memory bandwidth is the
+    # limit. llama.cpp makes the same choice (Q6_K output in its 4-bit types, Q8_0 in Q8_0).
+    head: str = "auto"
+
+    @property
+    def head_fmt(self) -> str:
+        if self.head != "auto":
+            return self.head
+        if self.dense == "bf16":
+            return "bf16"
+        return "q8" if (self.bits, self.dense) == (8, "q8") else "q6"
 
     def fmt(self, kind: str) -> str:
         p = POLICY[kind]
@@ -57,6 +72,8 @@ class Settings:
             return f"q{self.bits}"
         if p == "dense":
             return self.dense
+        if p == "head":
+            return self.head_fmt
         return p
 
     def choose(self, spec: TensorSpec) -> tuple[str, int | None]:
@@ -80,6 +97,8 @@ class Settings:
             raise AmedError(f"--group-size must be 32, 64 or 128, not {self.group_size}.")
         if self.dense not in ("q8", "q6", "q4", "bf16"):
             raise AmedError(f"--dense must be q8, q6, q4 or bf16, not {self.dense!r}.")
+        if self.head not in ("auto", "q8", "q6", "q4", "bf16"):
+            raise AmedError(f"--head must be auto, q8, q6, q4 or bf16, not {self.head!r}.")
 
 
 # ---- planning ---------------------------------------------------------------------------------
