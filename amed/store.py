@@ -178,6 +178,30 @@ class Store:
         info = self.experts_info[str(layer)]
         return info["file"], info["offset"] + e * info["stride"], info["stride"]
 
+    def expert_in(self, layer: int, e: int, buf) -> tuple:
+        """(gate, up, down) of expert e of `layer` over a copy of its byte range in `buf` (a
+        writable buffer at least `stride` long, e.g. a slot of the expert cache). Each component
+        sits at the same place relative to the start of the range as in the file."""
+        from .weights import as_matrix
+
+        fname, start, stride = self.expert_region(layer, e)
+        out = []
+        for m in ("gate", "up", "down"):
+            name = f"blk.{layer}.ffn_{m}_exps.{e}"
+            info = self._expert_weight_info(name)
+            fmt, shape, group = info["format"], tuple(info["shape"]), info.get("group")
+            parts = {}
+            for suffix, _, _ in component_specs(fmt, shape, group):
+                t = self.tensors[name + suffix]
+                if t.path.name != fname or not start <= t.start <= t.start + t.nbytes <= start + stride:
+                    raise AmedError(f"{self.path}: tensor {name + suffix} lies outside its expert's byte "
+                                    f"range; the store is damaged: re-run `amed quantize`.")
+                dt = np.dtype(DTYPES[t.dtype])
+                parts[suffix.lstrip(".") or "w"] = np.frombuffer(
+                    buf, dtype=dt, count=t.nbytes // dt.itemsize, offset=t.start - start).reshape(t.shape)
+            out.append(as_matrix(fmt, parts, shape, group))
+        return tuple(out)
+
     def verify(self, progress=None) -> list[str]:
         """Hash every file against the manifest; returns the names of damaged files."""
         from .container import sha256_file

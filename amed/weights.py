@@ -69,13 +69,16 @@ class Weights:
 
     def expert(self, layer: int, e: int):
         key = (layer, e)
+        if self.cache is not None:
+            w = self.cache.use(layer, e)
+            if w is not None:              # a slot cache serves its own copy (amed/cache.py)
+                self.touched.add(key)
+                return w
         w = self._experts.get(key)
         if w is None:
             w = self._fetch_expert(layer, e)
             self._experts[key] = w
             self.touched.add(key)
-        if self.cache is not None:
-            self.cache.use(layer, e)
         return w
 
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """amed vs llama.cpp on the same weights: `amed bench` and `llama-bench`, one after the other.
 
-Pairs: amed int4 store vs GGUF Q4_0, amed int8 store vs GGUF Q8_0, all made from one checkpoint
-(default: the 4-layer flash-shaped synthetic one under ~/.cache/amed/bench). Prints a Markdown
-table of prefill (ppN) and decode (tgN) t/s and the ratios amed / llama.cpp.
+Pairs: amed int4 store vs GGUF Q4_0 (`q4`), amed int8 store vs GGUF Q8_0 (`q8`), and amed int4 with
+`--dense q4` vs Q4_0 (`q4m`: the same bytes per token as Q4_0, which keeps everything in 4-bit but
+its output in Q6_K), all made from one checkpoint (default: the 4-layer flash-shaped synthetic one
+under ~/.cache/amed/bench). Prints a Markdown table of prefill (ppN) and decode (tgN) t/s and the
+ratios amed / llama.cpp.
 
     python bench/compare_llamacpp.py -p 64 -n 32 -r 5 -t 2 --rounds 3
 
@@ -18,6 +20,7 @@ vendor/llama.cpp), then
 
 Making the inputs (all from the bf16 checkpoint CKPT):
     amed quantize CKPT -o DIR/flash-4-q4 --bits 4 ; amed quantize CKPT -o DIR/flash-4-q8 --bits 8
+    amed quantize CKPT -o DIR/flash-4-q4-dq4 --bits 4 --dense q4          # for --pairs q4m
     python bench/compare_llamacpp.py --convert CKPT --llama-src LLAMA_SRC --python VENV/bin/python
 The last runs llama.cpp's own convert_hf_to_gguf.py (--outtype q8_0, so no bf16 GGUF is written)
 and then `llama-quantize --allow-requantize Q8_0 -> Q4_0`. VENV needs torch, numpy, transformers,
@@ -96,9 +99,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--amed-q4", type=Path, default=DIR / "flash-4-q4")
     ap.add_argument("--amed-q8", type=Path, default=DIR / "flash-4-q8")
+    ap.add_argument("--amed-q4m", type=Path, default=DIR / "flash-4-q4-dq4")
     ap.add_argument("--gguf-q4", type=Path, default=DIR / "flash-4-q4_0.gguf")
     ap.add_argument("--gguf-q8", type=Path, default=DIR / "flash-4-q8_0.gguf")
-    ap.add_argument("--pairs", default="q4,q8", help="pairs to run: q4 (amed int4 vs Q4_0), q8 (int8 vs Q8_0)")
+    ap.add_argument("--pairs", default="q4,q8",
+                    help="pairs to run: q4 (amed int4 vs Q4_0), q8 (int8 vs Q8_0), q4m (int4 with "
+                         "--dense q4 vs Q4_0: equal bytes per token)")
     ap.add_argument("-p", type=int, default=64, help="prompt tokens (ppN)")
     ap.add_argument("-n", type=int, default=32, help="generated tokens (tgN)")
     ap.add_argument("-r", type=int, default=3, help="repetitions")
@@ -112,8 +118,8 @@ def main() -> None:
     ap.add_argument("--python", default=sys.executable, help="python with the converter's deps (for --convert)")
     a = ap.parse_args()
     pairs = [x for x in a.pairs.split(",") if x]
-    if not set(pairs) <= {"q4", "q8"}:
-        ap.error("--pairs takes q4, q8 or q4,q8 (or '' with --convert to only convert)")
+    if not set(pairs) <= {"q4", "q8", "q4m"}:
+        ap.error("--pairs takes a list of q4, q8, q4m (or '' with --convert to only convert)")
     if a.convert:
         convert(a, a.llama_bench)
     if not a.llama_bench:
@@ -124,7 +130,8 @@ def main() -> None:
     table = ["| pair | test | amed t/s mean / median | llama.cpp t/s mean / median | amed / llama.cpp mean / median |",
              "|---|---|---:|---:|---:|"]
     for pair in pairs:
-        store, gguf = (a.amed_q4, a.gguf_q4) if pair == "q4" else (a.amed_q8, a.gguf_q8)
+        store, gguf = {"q4": (a.amed_q4, a.gguf_q4), "q8": (a.amed_q8, a.gguf_q8),
+                       "q4m": (a.amed_q4m, a.gguf_q4)}[pair]
         name = f"amed {store.name} vs {gguf.name}"
         if not store.exists():
             print(f"skipping {pair}: no amed store at {store}", file=sys.stderr)

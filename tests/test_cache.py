@@ -77,8 +77,16 @@ def test_parse_size():
         parse_size("lots")
 
 
+@pytest.fixture(params=["slots", "mmap"])
+def io(request, monkeypatch):
+    """Both ways of holding experts under a budget: slots (pread into our memory, the default)
+    and the file mapping with madvise (AMED_EXPERT_IO=mmap)."""
+    monkeypatch.setenv("AMED_EXPERT_IO", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("prefetch", [True, False])
-def test_budget_respected_under_random_routing(store, run_ids, reference, prefetch):
+def test_budget_respected_under_random_routing(store, run_ids, reference, prefetch, io):
     m = amed.load(store, prefetch=prefetch, lookahead="off")
     budget = 20 * stride(m)                  # 20 of the 192 experts
     cache = attach(m, prefetch=prefetch, lookahead="off", expert_budget=budget)
@@ -91,10 +99,16 @@ def test_budget_respected_under_random_routing(store, run_ids, reference, prefet
     # the kernel's view: what stays mapped of the layer files is the cache plus the dense weights
     dense_in_layers = sum(t.nbytes for n, t in m.source.tensors.items()
                           if n.startswith("blk.") and "_exps." not in n)
-    assert layer_files_rss(m) <= budget + dense_in_layers
+    if io == "mmap":
+        assert layer_files_rss(m) <= budget + dense_in_layers
+    else:           # experts live in the slots only: the file mappings hold no expert page
+        assert isinstance(cache, amed.cache.SlotCache)
+        assert layer_files_rss(m) <= dense_in_layers + 64 * 1024 * len(m.weights.layers)
+        assert len(cache._slots) * cache.slot_size <= budget
 
 
-def test_eviction_never_drops_dense_weights(store, run_ids, reference):
+def test_eviction_never_drops_dense_weights(store, run_ids, reference, monkeypatch):
+    monkeypatch.setenv("AMED_EXPERT_IO", "mmap")        # the madvise eviction of the mapping cache
     m = amed.load(store, lookahead="on")
     cache = attach(m, lookahead="on", expert_budget=17 * stride(m), evict="pageout")
     cache.record_releases = True
@@ -117,7 +131,7 @@ def test_eviction_never_drops_dense_weights(store, run_ids, reference):
         assert resident_fraction(st._maps[t.path.name], t.start, t.end - t.start) == 1.0, n
 
 
-def test_prefetched_experts_are_the_ones_used(store, run_ids, reference):
+def test_prefetched_experts_are_the_ones_used(store, run_ids, reference, io):
     m = amed.load(store, lookahead="off")
     cache = attach(m, lookahead="off", expert_budget=40 * stride(m))
     np.testing.assert_array_equal(run(m, run_ids), reference)
@@ -137,7 +151,7 @@ def test_prefetched_experts_are_the_ones_used(store, run_ids, reference):
     assert d.hits == d.uses == 24
 
 
-def test_lookahead_guesses_are_counted(store, run_ids, reference):
+def test_lookahead_guesses_are_counted(store, run_ids, reference, io):
     m = amed.load(store, lookahead="on")
     cache = attach(m, lookahead="on", expert_budget=50 * stride(m))
     np.testing.assert_array_equal(run(m, run_ids), reference)
@@ -149,7 +163,7 @@ def test_lookahead_guesses_are_counted(store, run_ids, reference):
     assert cache.peak <= cache.budget
 
 
-def test_max_ram_plumbing(store, run_ids, reference):
+def test_max_ram_plumbing(store, run_ids, reference, io):
     msgs = []
     m = amed.load(store, max_ram="1M", log=msgs.append)       # far too small: runs on a minimal cache
     assert m.weights.cache.bounded and msgs and "minimal cache" in msgs[0]
@@ -172,7 +186,7 @@ def vm_flags(addr: int) -> set[str]:
     raise AssertionError(f"no mapping holds {addr:#x}")
 
 
-def test_reclaim_sees_dense_weights_and_cached_experts_in_use(store):
+def test_reclaim_sees_dense_weights_and_cached_experts_in_use(store, monkeypatch):
     """Linux >= 6.3 ignores accesses through MADV_RANDOM ("rr") mappings when reclaiming: once
     memory is bounded, only the embeddings keep it (no read-around when everything fits)."""
     m = amed.load(store)
@@ -186,7 +200,7 @@ def test_reclaim_sees_dense_weights_and_cached_experts_in_use(store):
     assert "rr" not in vm_flags(experts) and "rr" not in vm_flags(qkv) and "rr" in vm_flags(embd)
 
 
-def test_resident_experts_run_first_and_the_sum_order_is_kept(store, run_ids, reference):
+def test_resident_experts_run_first_and_the_sum_order_is_kept(store, run_ids, reference, io):
     m = amed.load(store, lookahead="off")
     cache = attach(m, lookahead="off", expert_budget=12 * stride(m))   # the last layer's experts stay
     np.testing.assert_array_equal(run(m, run_ids), reference)   # whatever order experts ran in
@@ -198,3 +212,32 @@ def test_resident_experts_run_first_and_the_sum_order_is_kept(store, run_ids, re
     cache._queued[(3, resident[0])] = object()          # still being read: not ready
     assert cache.ready_first(3, mixed)[0] == resident[-1]
     cache._queued.clear()
+
+
+def test_slot_cache_reads_without_o_direct(store, run_ids, reference, monkeypatch):
+    """A filesystem without O_DIRECT (or a platform without it): buffered reads, same results."""
+    monkeypatch.delattr(amed.cache.os, "O_DIRECT", raising=False)
+    m = amed.load(store, lookahead="on")
+    cache = attach(m, lookahead="on", expert_budget=16 * stride(m))
+    assert isinstance(cache, amed.cache.SlotCache)
+    np.testing.assert_array_equal(run(m, run_ids), reference)
+    assert cache._fds and not any(direct for _, direct in cache._fds.values())
+    assert cache.stats.evictions > 0
+
+
+def test_slot_cache_truncated_store_is_one_clear_error(store, tmp_path):
+    """A layer file cut short after the store was opened: the read of an expert past the end
+    fails with one sentence naming the file, whether a reader thread or the model hit it."""
+    import shutil
+
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    m = amed.load(copy, lookahead="off")
+    cache = attach(m, lookahead="off", expert_budget=16 * stride(m))
+    info = m.source.experts_info["1"]
+    with open(copy / info["file"], "r+b") as f:                # keep the first expert only
+        f.truncate(info["offset"] + info["stride"])
+    with pytest.raises(AmedError, match=r"layer-001\.safetensors is truncated .*re-run `amed quantize`"):
+        for t in range(40):
+            m.forward([t * 37 % 2048])
+    cache.close()
