@@ -116,11 +116,14 @@ def resident_fraction(m: mmap.mmap, offset: int, length: int) -> float:
     return sum(v & 1 for v in vec) / npages
 
 
-def expert_residency(source) -> float | None:
-    """Resident fraction of all routed-expert bytes of a store (None for checkpoints)."""
+def expert_residency(source, cache=None) -> float | None:
+    """Resident fraction of all routed-expert bytes of a store (None for checkpoints): what the
+    slot cache holds, or else what the kernel has in RAM of the expert regions (mincore)."""
     info = getattr(source, "experts_info", None)
     if not info:
         return None
+    if getattr(cache, "slot_size", None):
+        return len(cache._loaded) * cache.slot_size / sum(e["stride"] * e["count"] for e in info.values())
     got = total = 0
     for e in info.values():
         n = e["stride"] * e["count"]
@@ -157,18 +160,23 @@ def memory_bandwidth_gbs(cache_file: Path | None = None, refresh: bool = False) 
 # ---- disk read bandwidth probe ---------------------------------------------------------------
 
 def disk_read_gbs(store, cache_file: Path | None = None, refresh: bool = False, nbytes: int = 1 << 30,
-                  segment: int = 32 << 20) -> float | None:
-    """Sequential read bandwidth (GB/s) of the disk that holds `store`: `nbytes` of routed-expert bytes
-    in `segment`-sized runs spread over every layer file, read in 8 MiB requests after dropping them
-    from the page cache (POSIX_FADV_DONTNEED), checked against /proc/self/io so that a read served
-    by the page cache cannot pass for the disk. Cached per device unless `refresh`."""
+                  threads: int = 4) -> float | None:
+    """Read bandwidth (GB/s) of the disk that holds `store`, measured the way the expert cache
+    reads (amed/cache.py SlotCache): whole experts, one request each, by `threads` readers at once,
+    with O_DIRECT where the filesystem allows it (else buffered, after dropping them from the page
+    cache), `nbytes` in all at positions spread over every layer. Checked against /proc/self/io so
+    that a read served by the page cache cannot pass for the disk. Cached per device unless
+    `refresh`."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from .cache import disk_read_bytes
 
     info = getattr(store, "experts_info", None)
     if not info:
         return None
-    regions = [(store.path / i["file"], i["offset"], i["stride"] * i["count"]) for i in info.values()]
-    dev = str(os.stat(regions[0][0]).st_dev)
+    layers = list(info.values())
+    stride = max(i["stride"] for i in layers)
+    dev = str(os.stat(store.path / layers[0]["file"]).st_dev)
     cached = {}
     if cache_file and cache_file.exists():
         try:
@@ -177,28 +185,39 @@ def disk_read_gbs(store, cache_file: Path | None = None, refresh: bool = False, 
             cached = {}
     if dev in cached and not refresh:
         return float(cached[dev])
-    nseg = max(1, nbytes // segment)
     plan = []                                  # (file, offset, length), spread evenly
-    for j in range(nseg):
-        f, off, length = regions[j % len(regions)]
-        k = j // len(regions)
-        slots = max(1, length // segment)
-        pos = off + (k * 7919 % slots) * segment
-        plan.append((f, pos, min(segment, off + length - pos)))
-    fds = {f: os.open(f, os.O_RDONLY) for f, _, _ in plan}
+    for j in range(max(1, nbytes // stride)):
+        i = layers[j % len(layers)]
+        e = (j // len(layers)) * 7919 % i["count"]
+        plan.append((i["file"], i["offset"] + e * i["stride"], i["stride"]))
+    fds = {}
+    direct = getattr(os, "O_DIRECT", 0)
+    for f in {f for f, _, _ in plan}:
+        try:
+            fds[f] = os.open(store.path / f, os.O_RDONLY | direct)
+        except OSError:
+            direct = 0
+    if not direct:
+        for fd in fds.values():
+            os.close(fd)
+        fds = {f: os.open(store.path / f, os.O_RDONLY) for f, _, _ in plan}
+    bufs = [mmap.mmap(-1, stride, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) for _ in range(threads)]
+    for b in bufs:
+        b.write(b"\0" * stride)                # fault the buffers in before timing
+
+    def read(k):
+        f, pos, length = plan[k]
+        with memoryview(bufs[k % threads]) as mv:
+            return os.preadv(fds[f], [mv[:length]], pos)
+
     try:
         for f, pos, length in plan:
             os.posix_fadvise(fds[f], pos, length, os.POSIX_FADV_DONTNEED)
-        buf = memoryview(bytearray(8 << 20))
-        io0, t, done = disk_read_bytes(), time.perf_counter(), 0
-        for f, pos, length in plan:
-            got = 0
-            while got < length:
-                n = os.preadv(fds[f], [buf[: min(len(buf), length - got)]], pos + got)
-                if n <= 0:
-                    break
-                got += n
-            done += got
+        io0, t = disk_read_bytes(), time.perf_counter()
+        with ThreadPoolExecutor(threads) as ex:   # reader k % threads owns buffer k % threads
+            done = 0
+            for start in range(0, len(plan), threads):
+                done += sum(ex.map(read, range(start, min(len(plan), start + threads))))
         dt = time.perf_counter() - t
         io1 = disk_read_bytes()
         for f, pos, length in plan:
@@ -206,6 +225,8 @@ def disk_read_gbs(store, cache_file: Path | None = None, refresh: bool = False, 
     finally:
         for fd in fds.values():
             os.close(fd)
+        for b in bufs:
+            b.close()
     from_disk = (io1 - io0) if io0 is not None and io1 is not None else done
     if from_disk < 0.5 * done:
         return None                   # the bytes would not leave the page cache: no honest number
@@ -321,7 +342,7 @@ def run_bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, reps: int
     ntg = n_gen * reps
     return {"pp": pp if n_prompt else None, "tg": tg if n_gen else None, "compile_s": compile_s,
             "peak_rss": peak_rss_bytes(), "bytes_per_token": bytes_per_token(model),
-            "expert_resident": expert_residency(model.source),
+            "expert_resident": expert_residency(model.source, cache),
             "disk_bytes_per_token": tg_disk / ntg if ntg else 0.0, "tg_cache": tg_stats,
             "rss": current_rss_bytes()}
 

@@ -468,7 +468,8 @@ class SlotCache(ExpertCache):
         if self._free:
             i = self._free.pop()
         else:          # every slot is busy (the floor budget): one more, as the mmap cache would
-            self._slots.append(mmap.mmap(-1, self.slot_size))
+            # private: MADV_DONTNEED really frees it (a shared anonymous map is shmem, kept)
+            self._slots.append(mmap.mmap(-1, self.slot_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
             i = len(self._slots) - 1
         self._slot_of[key] = i
         self._done[key] = threading.Event()

@@ -429,7 +429,7 @@ def bench(
     """Measure prefill and decode speed, memory, and how close that is to the hardware.
 
     With a store larger than --max-ram it also reports the expert-cache hit rate, bytes read from
-    disk per token and the disk-bound ceiling (those bytes / the disk's sequential read speed)."""
+    disk per token and the disk-bound ceiling (those bytes / the disk's read speed for whole experts)."""
     if output not in ("md", "json", "csv"):
         fail(f"-o must be md, json or csv, not {output!r}.")
     path = synthetic_store(synthetic, layers, bits) if synthetic else resolve_model(model)
@@ -469,9 +469,6 @@ def bench(
     qdesc = f"q{quant['bits']}/g{quant['group_size']}" if quant else "bf16"
     cache = m.weights.cache
     disk_bw = None
-    if cache is not None and cache.bounded:
-        err.print("[dim]measuring the disk's sequential read speed (1 GiB of the store)...[/]")
-        disk_bw = disk_read_gbs(src, home / "diskbw.json", refresh=True)   # shared/virtual disks vary
     variants = [(p, la) for p in prefetches for la in (lookaheads if p == "on" else ["off"])]
     rows = []
     for pf, la in variants:
@@ -483,6 +480,9 @@ def bench(
             attach(m, ram, prefetch=pf == "on", lookahead=la,
                    expert_budget=old.budget if old.bounded else old.expert_total)
         cache = m.weights.cache
+        if cache is not None and cache.bounded:      # each variant's ceiling from the disk of that moment
+            err.print("[dim]measuring the disk's read speed for experts (1 GiB of the store)...[/]")
+            disk_bw = disk_read_gbs(src, home / "diskbw.json", refresh=True)   # shared/virtual disks vary
         for n in counts:
             set_threads(n)
             if cold:
