@@ -186,9 +186,10 @@ def disk_read_gbs(store, cache_file: Path | None = None, refresh: bool = False, 
     if dev in cached and not refresh:
         return float(cached[dev])
     plan = []                                  # (file, offset, length), spread evenly
-    for j in range(max(1, nbytes // stride)):
+    first = int.from_bytes(os.urandom(4), "little")    # new places each time: a VM host's cache
+    for j in range(max(1, nbytes // stride)):          # of the last probe cannot serve this one
         i = layers[j % len(layers)]
-        e = (j // len(layers)) * 7919 % i["count"]
+        e = (first + (j // len(layers)) * 7919) % i["count"]
         plan.append((i["file"], i["offset"] + e * i["stride"], i["stride"]))
     fds = {}
     direct = getattr(os, "O_DIRECT", 0)
@@ -379,8 +380,8 @@ class MemoryReport:
 def memory_table(rows: list[dict]) -> str:
     """The larger-than-RAM view of decode rows: cache, disk and the disk-bound ceiling."""
     lines = ["| prefetch | look-ahead | max RAM | expert cache | test | t/s | hit rate | look-ahead acc. | "
-             "disk read/token | read GB/s | disk GB/s | disk-bound ceiling | % of ceiling | peak RSS |",
-             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "missed/token | disk read/token | read GB/s | disk GB/s | disk-bound ceiling | % of ceiling | peak RSS |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "disk_bytes_per_token" not in r:
             continue
@@ -389,6 +390,7 @@ def memory_table(rows: list[dict]) -> str:
         cells = [r["prefetch"], r["lookahead"], r["max_ram"], r["cache_budget"], r["test"],
                  f"{r['tps_mean']:.2f}", "" if r["hit_rate"] is None else f"{100 * r['hit_rate']:.1f}%",
                  "" if acc is None else f"{100 * acc:.0f}%",
+                 f"{r.get('miss_bytes_per_token', 0) / 1e6:.1f} MB",
                  f"{r['disk_bytes_per_token'] / 1e6:.1f} MB",
                  f"{r['disk_bytes_per_token'] * r['tps_mean'] / 1e9:.2f}",
                  "" if r.get("disk_gbs") is None else f"{r['disk_gbs']:.2f}",

@@ -505,13 +505,17 @@ def bench(
                                experts_resident=rec["expert_resident"])
                     if cache is not None:
                         st, dpt = rec["tg_cache"], rec["disk_bytes_per_token"]
-                        ceiling = disk_bw * 1e9 / dpt if disk_bw and dpt > 0.01 * bpt else None
+                        # the ceiling: bytes of the expert misses per token at the disk's
+                        # speed (reads of wrong look-ahead guesses are extra work, not the ceiling)
+                        mpt = st.miss_bytes / (n_gen * reps) if cache.bounded else 0.0
+                        ceiling = disk_bw * 1e9 / mpt if disk_bw and mpt > 0.01 * bpt else None
                         row.update(prefetch=pf, lookahead=la if cache.bounded else "off",
                                    max_ram=fmt_size(ram) if ram else "auto",
                                    cache_budget=fmt_size(cache.budget) if cache.bounded else "all",
                                    hit_rate=st.hit_rate if st.uses else None,
                                    lookahead_acc=st.lookahead_accuracy if st.predicted else None,
-                                   disk_bytes_per_token=dpt, disk_gbs=disk_bw, ceiling_tps=ceiling,
+                                   disk_bytes_per_token=dpt, miss_bytes_per_token=mpt,
+                                   disk_gbs=disk_bw, ceiling_tps=ceiling,
                                    rss_gb=rec["rss"] / 1e9)
                 rows.append(row)
     print(format_rows(rows, output))
