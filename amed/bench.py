@@ -113,7 +113,7 @@ def resident_fraction(m: mmap.mmap, offset: int, length: int) -> float:
     vec = (ctypes.c_ubyte * npages)()
     if _libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(end - start), vec) != 0:
         return float("nan")
-    return sum(v & 1 for v in vec) / npages
+    return float((np.frombuffer(vec, np.uint8) & 1).mean())
 
 
 def expert_residency(source, cache=None) -> float | None:

@@ -469,7 +469,7 @@ class SlotCache(ExpertCache):
         self._loaded: set = set()        # keys whose bytes are in their slot
         self._done: dict = {}            # key -> Event, set when its read ended (well or not)
         self._views: dict = {}           # key -> (gate, up, down) over its slot
-        self._fds: dict = {}             # file name -> (fd, O_DIRECT?)
+        self._fds: dict = {}             # (file name, O_DIRECT wanted) -> (fd, O_DIRECT?)
 
     def cost(self, layer: int, e: int) -> int:
         return self.slot_size
@@ -521,28 +521,36 @@ class SlotCache(ExpertCache):
                 self._running.discard(key)
             done.set()
 
-    def _fd(self, fname: str) -> tuple[int, bool]:
-        if fname not in self._fds:
+    def _fd(self, fname: str, direct: bool) -> tuple[int, bool]:
+        if (fname, direct) not in self._fds:
             path = str(self.store.path / fname)
-            direct = getattr(os, "O_DIRECT", 0)
+            flag = getattr(os, "O_DIRECT", 0) if direct else 0
             try:
-                self._fds[fname] = (os.open(path, os.O_RDONLY | direct), bool(direct))
+                self._fds[fname, direct] = (os.open(path, os.O_RDONLY | flag), bool(flag))
             except OSError:          # a filesystem without O_DIRECT (tmpfs): buffered reads
-                self._fds[fname] = (os.open(path, os.O_RDONLY), False)
-        return self._fds[fname]
+                self._fds[fname, direct] = (os.open(path, os.O_RDONLY), False)
+        return self._fds[fname, direct]
+
+    def _in_page_cache(self, fname: str, off: int, length: int) -> bool:
+        """Whether the kernel still holds the expert's bytes (an earlier run, free RAM beyond the
+        budget): then a buffered read is a memory copy, where O_DIRECT would go to the disk."""
+        from .bench import resident_fraction
+
+        return resident_fraction(self.store._maps[fname], off, length) >= 0.99
 
     def _read(self, key) -> None:
         """Copy the expert's bytes into its slot (any thread; the GIL is released meanwhile)."""
         L, e = key
         fname, off, length = self.store.expert_region(L, e)
-        fd, direct = self._fd(fname)
+        cached = self._in_page_cache(fname, off, length)
+        fd, direct = self._fd(fname, direct=not cached)
         buf = memoryview(self._slots[self._slot_of[key]])[:length]
         try:
             n = os.preadv(fd, [buf], off)
         except OSError as err:
             if direct and err.errno == errno.EINVAL:    # O_DIRECT refused at read time: buffered
                 os.close(fd)
-                self._fds[fname] = (os.open(str(self.store.path / fname), os.O_RDONLY), False)
+                self._fds[fname, True] = (os.open(str(self.store.path / fname), os.O_RDONLY), False)
                 return self._read(key)
             raise AmedError(f"cannot read expert {e} of layer {L} from {self.store.path / fname}: "
                             f"{err.strerror}.") from None
@@ -551,7 +559,7 @@ class SlotCache(ExpertCache):
         if n != length:
             raise AmedError(f"{self.store.path / fname} is truncated (expert {e} of layer {L} is "
                             f"cut short); re-run `amed quantize`.")
-        if not direct:               # keep no second copy in the page cache
+        if not direct and not cached:    # read from disk without O_DIRECT: keep no second copy
             os.posix_fadvise(fd, off, length, os.POSIX_FADV_DONTNEED)
         with self._lock:
             if key in self._slot_of:

@@ -241,3 +241,19 @@ def test_slot_cache_truncated_store_is_one_clear_error(store, tmp_path):
         for t in range(40):
             m.forward([t * 37 % 2048])
     cache.close()
+
+
+def test_slot_cache_reads_cold_experts_with_o_direct_and_cached_ones_buffered(store, run_ids, reference):
+    """Experts the page cache still holds are copied from it (a buffered read is a memory copy);
+    the others are read from the disk with O_DIRECT, which keeps no second copy in RAM."""
+    import gc
+
+    from amed.bench import drop_expert_pages
+
+    gc.collect()                               # no other model keeps expert pages mapped
+    m = amed.load(store, lookahead="off")
+    cache = attach(m, lookahead="off", expert_budget=16 * stride(m))
+    drop_expert_pages(m.source)
+    np.testing.assert_array_equal(run(m, run_ids), reference)
+    kinds = {direct for _, direct in cache._fds.values()}
+    assert True in kinds or not hasattr(amed.cache.os, "O_DIRECT")
