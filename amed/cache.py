@@ -30,8 +30,8 @@ Measured side by side on the 2-vCPU VM (31 GB flash-shaped int4 store, --max-ram
 decode tokens, cold): slots 4.1-4.4 t/s, mmap 2.8-3.8 t/s. On a miss, the first compute on a
 freshly paged-in expert took 0.4-6 ms in the mapping (page mapping, and the VM host backing the
 new page-cache pages), 0.21-0.27 ms on a reused slot, and an O_DIRECT read costs no CPU while
-it waits. What mmap has for it: experts it evicts stay in the page cache while RAM allows (it
-read 20-30% fewer bytes from disk per token here, where the budget was 8 GB under the RAM).
+it waits. An expert that the page cache still holds (mincore on our mapping says so) is copied
+with a buffered read instead, so what an earlier run or the mmap path left in RAM is used.
 
 When the whole store fits the budget nothing of this runs: `Weights.expert` only counts, and the
 store's own MADV_WILLNEED prefetch is used as before (the in-RAM path is unchanged).
