@@ -299,6 +299,10 @@ class ExpertCache:
         self._fresh.pop(key, None)
         self.stats.evictions += 1
         self.stats.evicted_bytes += n
+        self._drop(key)
+
+    def _drop(self, key) -> None:
+        """Give an evicted expert's memory back: its pages leave our mapping."""
         addr, length = self.span(*key)
         lo, hi = self.region(key[0])
         # widen by the fault-around window so pages mapped next to the expert go too, but never
@@ -486,12 +490,8 @@ class SlotCache(ExpertCache):
         self._done[key] = threading.Event()
         return n
 
-    def _release(self, key) -> None:
-        n = self._lru.pop(key)
-        self.used -= n
-        self._fresh.pop(key, None)
-        self.stats.evictions += 1
-        self.stats.evicted_bytes += n
+    def _drop(self, key) -> None:
+        """An evicted expert's slot goes back to the free list."""
         if self.record_releases:
             self.released.append((key,) + self.region(key[0]))
         self._views.pop(key, None)

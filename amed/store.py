@@ -124,21 +124,23 @@ class Store:
                 self._advise(self.tensors[c], MADV_RANDOM)
 
     # -- raw access
-    def array(self, name: str) -> np.ndarray:
+    def array(self, name: str, copy=None) -> np.ndarray:
+        """A tensor as a read-only view of its file's mapping, or with `copy=(buf, origin)` of a
+        buffer holding a copy of the file's bytes from offset `origin` on (an expert-cache slot)."""
         t = self.tensors.get(name)
         if t is None:
             raise AmedError(f"tensor '{name}' is missing from the store {self.path}.")
         dt = np.dtype(DTYPES[t.dtype])
-        m = self._maps[t.path.name]
-        return np.frombuffer(m, dtype=dt, count=t.nbytes // dt.itemsize, offset=t.start).reshape(t.shape)
+        buf, origin = copy if copy is not None else (self._maps[t.path.name], 0)
+        return np.frombuffer(buf, dtype=dt, count=t.nbytes // dt.itemsize, offset=t.start - origin).reshape(t.shape)
 
     # -- weights for the model
-    def matrix(self, name: str):
+    def matrix(self, name: str, copy=None):
         from .weights import as_matrix
 
         info = self.weights_info.get(name) or self._expert_weight_info(name)
         fmt, shape, group = info["format"], tuple(info["shape"]), info.get("group")
-        parts = {suffix.lstrip(".") or "w": self.array(name + suffix)
+        parts = {suffix.lstrip(".") or "w": self.array(name + suffix, copy)
                  for suffix, _, _ in component_specs(fmt, shape, group)}
         return as_matrix(fmt, parts, shape, group)
 
@@ -182,25 +184,16 @@ class Store:
         """(gate, up, down) of expert e of `layer` over a copy of its byte range in `buf` (a
         writable buffer at least `stride` long, e.g. a slot of the expert cache). Each component
         sits at the same place relative to the start of the range as in the file."""
-        from .weights import as_matrix
-
         fname, start, stride = self.expert_region(layer, e)
-        out = []
-        for m in ("gate", "up", "down"):
-            name = f"blk.{layer}.ffn_{m}_exps.{e}"
+        names = [f"blk.{layer}.ffn_{m}_exps.{e}" for m in ("gate", "up", "down")]
+        for name in names:
             info = self._expert_weight_info(name)
-            fmt, shape, group = info["format"], tuple(info["shape"]), info.get("group")
-            parts = {}
-            for suffix, _, _ in component_specs(fmt, shape, group):
-                t = self.tensors[name + suffix]
+            for c in components(name, info["format"]):
+                t = self.tensors[c]
                 if t.path.name != fname or not start <= t.start <= t.start + t.nbytes <= start + stride:
-                    raise AmedError(f"{self.path}: tensor {name + suffix} lies outside its expert's byte "
-                                    f"range; the store is damaged: re-run `amed quantize`.")
-                dt = np.dtype(DTYPES[t.dtype])
-                parts[suffix.lstrip(".") or "w"] = np.frombuffer(
-                    buf, dtype=dt, count=t.nbytes // dt.itemsize, offset=t.start - start).reshape(t.shape)
-            out.append(as_matrix(fmt, parts, shape, group))
-        return tuple(out)
+                    raise AmedError(f"{self.path}: tensor {c} lies outside its expert's byte range; "
+                                    f"the store is damaged: re-run `amed quantize`.")
+        return tuple(self.matrix(name, (buf, start)) for name in names)
 
     def verify(self, progress=None) -> list[str]:
         """Hash every file against the manifest; returns the names of damaged files."""
