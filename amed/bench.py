@@ -264,7 +264,7 @@ def bytes_per_token(model) -> int:
     for L, lw in enumerate(w.layers):
         total += nb(lw.qkv) + nb(lw.attn_out)
         if lw.router is None:
-            total += nb(lw.gate) + nb(lw.up) + nb(lw.down)
+            total += sum(nb(m) for m in lw.mlp)
         else:
             total += nb(lw.router)
             if lw.shared:

@@ -21,8 +21,6 @@ import numpy as np
 from . import kernels as K
 from .config import ModelConfig
 from .errors import AmedError
-from .qkernels import expert_q
-from .weights import Quant
 
 F32 = np.float32
 
@@ -92,7 +90,7 @@ class Model:
             x += self._attention(L, lw, h)
             K.rmsnorm(x, lw.ffn_norm, c.rms_norm_eps, h)
             if lw.router is None:
-                x += self._mlp(lw.gate, lw.up, lw.down, h)
+                x += lw.mlp(h)                                             # SwiGLU
             else:
                 x += self._moe(L, lw, h)
         self.pos += T
@@ -127,18 +125,6 @@ class Model:
         K.attention(q, self.k_cache[L], self.v_cache[L], self.pos, att)    # [T, nh d]
         return lw.attn_out.matmul(att, np.empty((T, c.hidden_size), F32))  # [T, H]
 
-    @staticmethod
-    def _mlp(gate, up, down, h: np.ndarray) -> np.ndarray:
-        """SwiGLU: down(silu(gate h) * up h)."""
-        if type(gate) is Quant and type(up) is Quant and type(down) is Quant \
-                and gate.qt.fmt == up.qt.fmt == down.qt.fmt and gate.qt.group == up.qt.group:
-            return expert_q(h, gate.qt, up.qt, down.qt)          # one fused call per expert
-        T, I = h.shape[0], gate.shape[0]
-        g = gate.matmul(h, np.empty((T, I), F32))
-        u = up.matmul(h, np.empty((T, I), F32))
-        K.silu_mul(g, u, g)
-        return down.matmul(g, np.empty((T, down.shape[0]), F32))
-
     def _moe(self, L: int, lw, h: np.ndarray) -> np.ndarray:
         c = self.config
         T, k = h.shape[0], c.num_experts_per_tok
@@ -147,6 +133,8 @@ class Model:
         wts = np.empty((T, k), F32)
         K.route(logits, lw.expert_bias, c.n_group, c.topk_group, k, c.routed_scaling_factor, idx, wts)
 
+        if T == 1:
+            return self._moe_one_token(L, lw, h, idx[0], wts[0])
         out = np.zeros_like(h)
         # Group tokens by expert so each chosen expert's weights are read once for the batch;
         # experts nobody chose are never touched (their pages never leave the disk).
@@ -167,13 +155,38 @@ class Model:
         for e in run:
             sel = order[span[e][0]:span[e][1]]
             xe = h if T == 1 else np.ascontiguousarray(h[sel // k])      # tokens routed to e
-            ys[e] = self._mlp(*self.weights.expert(L, e), xe)             # [n, H]
+            ys[e] = self.weights.expert(L, e)(xe)                          # [n, H]
             while ys and next(iter(span)) in ys:    # sum in expert-id order, whatever the run order
                 d = next(iter(span))
                 a, b = span.pop(d)
                 out[order[a:b] // k] += wsel[order[a:b]][:, None] * ys.pop(d)
         if lw.shared is not None:
-            out += self._mlp(*lw.shared, h)                                # shared expert, weight 1
+            out += lw.shared(h)                                            # shared expert, weight 1
+        return out
+
+    def _moe_one_token(self, L: int, lw, h: np.ndarray, idx: np.ndarray, wts: np.ndarray) -> np.ndarray:
+        """_moe for one token (decode), without the grouping: the same sums in the same order
+        (expert-id order, then the shared expert), so the logits are bit-identical. Python work per
+        layer matters here: it is paid 32 times per decoded token."""
+        order = np.argsort(idx)
+        experts = idx[order].tolist()                                      # ascending ids
+        wsel = wts[order]
+        w = self.weights
+        if w.prefetch is not None:
+            w.prefetch(L, experts)
+        if w.lookahead is not None:
+            w.lookahead(L, h)
+        run = experts if w.cache is None else w.cache.ready_first(L, experts)
+        out = np.zeros_like(h)
+        ys = {}
+        nxt = 0                                     # next expert (in id order) to add to the sum
+        for e in run:
+            ys[e] = w.expert(L, e)(h)
+            while nxt < len(experts) and experts[nxt] in ys:
+                out += wsel[nxt] * ys.pop(experts[nxt])
+                nxt += 1
+        if lw.shared is not None:
+            out += lw.shared(h)
         return out
 
 

@@ -678,16 +678,22 @@ def qmatmul(x: np.ndarray, qt, out: np.ndarray | None = None) -> np.ndarray:
         raise TypeError("qmatmul: out must be a C-contiguous float32 array")
     x2 = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
     o2 = out if out.ndim == 2 else out.reshape(-1, out.shape[-1])
+    kernel, args = matmul_call(qt)
+    kernel(x2, *args, o2)
+    return out
+
+
+def matmul_call(qt):
+    """(kernel, weight arguments) for `kernel(x, *args, out)`: out[T, N] = x[T, K] @ W.T, x and out
+    2-D C-contiguous float32 (what qmatmul checks). For callers that bind a matrix once."""
     q, s, z = qt.kargs
     if qt.fmt == "q4":
-        matmul_q4(x2, q, s, z, o2)
-    elif qt.fmt == "q6":
-        matmul_q6(x2, q, s, z, o2)
-    elif qt.fmt == "q8":
-        matmul_q8(x2, q, s, o2)
-    else:
-        raise ValueError(f"qmatmul: unknown quantized format {qt.fmt!r}")
-    return out
+        return matmul_q4, (q, s, z)
+    if qt.fmt == "q6":
+        return matmul_q6, (q, s, z)
+    if qt.fmt == "q8":
+        return matmul_q8, (q, s)
+    raise ValueError(f"qmatmul: unknown quantized format {qt.fmt!r}")
 
 
 # ---- one routed expert: down(silu(gate x) * up x) --------------------------------------------
@@ -876,6 +882,20 @@ def expert_q8(x, gq, gs, uq, us, dq, ds, out):
     _gemm_q8_split(hq, hsx, dq, ds, out)
 
 
+def _expert_call(gate, up, down):
+    """(kernel, weight arguments) of the fused expert kernel for three QTensors, checked."""
+    if not (gate.fmt == up.fmt == down.fmt and gate.group == up.group and gate.shape == up.shape):
+        raise ValueError("expert_q: gate, up and down must share a format, and gate/up a group size and shape")
+    g, u, d = gate.kargs, up.kargs, down.kargs
+    if gate.fmt == "q4":
+        return expert_q4, (g[0], g[1], g[2], u[0], u[1], u[2], d[0], d[1], d[2])
+    if gate.fmt == "q6":
+        return expert_q6, (g[0], g[1], g[2], u[0], u[1], u[2], d[0], d[1], d[2])
+    if gate.fmt == "q8":
+        return expert_q8, (g[0], g[1], u[0], u[1], d[0], d[1])
+    raise ValueError(f"expert_q: unknown quantized format {gate.fmt!r}")
+
+
 def expert_q(x: np.ndarray, gate, up, down, out: np.ndarray | None = None) -> np.ndarray:
     """out[T, H] = down @ (silu(gate @ x) * (up @ x)) for one expert given as three QTensors
     (gate, up [I, H]; down [H, I]); x float32 [T, H] C-contiguous. One call from Python: gate and
@@ -886,15 +906,20 @@ def expert_q(x: np.ndarray, gate, up, down, out: np.ndarray | None = None) -> np
         out = np.empty((x.shape[0], down.shape[0]), dtype=np.float32)
     elif out.dtype != np.float32 or not out.flags.c_contiguous:
         raise TypeError("expert_q: out must be a C-contiguous float32 array")
-    if not (gate.fmt == up.fmt == down.fmt and gate.group == up.group and gate.shape == up.shape):
-        raise ValueError("expert_q: gate, up and down must share a format, and gate/up a group size and shape")
-    g, u, d = gate.kargs, up.kargs, down.kargs
-    if gate.fmt == "q4":
-        expert_q4(x, g[0], g[1], g[2], u[0], u[1], u[2], d[0], d[1], d[2], out)
-    elif gate.fmt == "q6":
-        expert_q6(x, g[0], g[1], g[2], u[0], u[1], u[2], d[0], d[1], d[2], out)
-    elif gate.fmt == "q8":
-        expert_q8(x, g[0], g[1], u[0], u[1], d[0], d[1], out)
-    else:
-        raise ValueError(f"expert_q: unknown quantized format {gate.fmt!r}")
+    kernel, args = _expert_call(gate, up, down)
+    kernel(x, *args, out)
     return out
+
+
+def expert_runner(gate, up, down):
+    """`run(x) -> out` for one expert (three QTensors), with expert_q's checks on the weights
+    done once here rather than on every call: decode runs ~300 experts per token, and Python
+    work per call adds up. x must be a 2-D C-contiguous float32 array (the model's own)."""
+    kernel, args = _expert_call(gate, up, down)
+    H = down.shape[0]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        out = np.empty((x.shape[0], H), dtype=np.float32)
+        kernel(x, *args, out)
+        return out
+    return run

@@ -180,7 +180,7 @@ class Store:
         info = self.experts_info[str(layer)]
         return info["file"], info["offset"] + e * info["stride"], info["stride"]
 
-    def expert_in(self, layer: int, e: int, buf) -> tuple:
+    def expert_in(self, layer: int, e: int, buf):
         """(gate, up, down) of expert e of `layer` over a copy of its byte range in `buf` (a
         writable buffer at least `stride` long, e.g. a slot of the expert cache). Each component
         sits at the same place relative to the start of the range as in the file."""
@@ -193,7 +193,9 @@ class Store:
                 if t.path.name != fname or not start <= t.start <= t.start + t.nbytes <= start + stride:
                     raise AmedError(f"{self.path}: tensor {c} lies outside its expert's byte range; "
                                     f"the store is damaged: re-run `amed quantize`.")
-        return tuple(self.matrix(name, (buf, start)) for name in names)
+        from .weights import SwiGLU
+
+        return SwiGLU(*(self.matrix(name, (buf, start)) for name in names))
 
     def verify(self, progress=None) -> list[str]:
         """Hash every file against the manifest; returns the names of damaged files."""

@@ -38,13 +38,41 @@ class Dense:
         return self.rows_f32(np.arange(self.shape[0]))
 
 
+class SwiGLU(tuple):
+    """(gate, up, down) of a SwiGLU block (a routed or shared expert, a dense MLP); calling it
+    computes down(silu(gate x) * up x). Three quantized matrices of one format run as one fused
+    kernel call (qkernels.expert_runner), prepared once here, not per token."""
+
+    def __new__(cls, gate, up, down):
+        self = super().__new__(cls, (gate, up, down))
+        self._run = None
+        if type(gate) is Quant and type(up) is Quant and type(down) is Quant \
+                and gate.qt.fmt == up.qt.fmt == down.qt.fmt and gate.qt.group == up.qt.group:
+            from .qkernels import expert_runner
+
+            self._run = expert_runner(gate.qt, up.qt, down.qt)
+        return self
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x float32 [T, H] C-contiguous -> [T, H]."""
+        if self._run is not None:
+            return self._run(x)
+        gate, up, down = self
+        T, I = x.shape[0], gate.shape[0]
+        g = gate.matmul(x, np.empty((T, I), np.float32))
+        u = up.matmul(x, np.empty((T, I), np.float32))
+        kernels.silu_mul(g, u, g)
+        return down.matmul(g, np.empty((T, down.shape[0]), np.float32))
+
+
 class Layer:
-    """One decoder layer's weights. Dense-MLP layers set gate/up/down; MoE layers set router,
-    expert_bias and shared; routed experts are fetched lazily through `Weights.expert`."""
+    """One decoder layer's weights. Dense-MLP layers set mlp (a SwiGLU); MoE layers set router,
+    expert_bias and shared (a SwiGLU or None); routed experts are fetched lazily through
+    `Weights.expert`."""
 
     def __init__(self, **kw):
         self.attn_norm = self.qkv = self.q_norm = self.k_norm = self.attn_out = self.ffn_norm = None
-        self.gate = self.up = self.down = None          # dense SwiGLU (first_k_dense_replace layers)
+        self.mlp = None                                 # dense SwiGLU (first_k_dense_replace layers)
         self.router = self.expert_bias = self.shared = None  # MoE layers
         for k, v in kw.items():
             setattr(self, k, v)
@@ -94,33 +122,36 @@ def build_weights(cfg, matrix, vector) -> Weights:
         if cfg.use_qk_norm:
             lw.q_norm, lw.k_norm = vector(b + "attn_q_norm"), vector(b + "attn_k_norm")
         if not cfg.is_moe_layer(L):
-            lw.gate, lw.up, lw.down = (matrix(b + f"ffn_{m}") for m in ("gate", "up", "down"))
+            lw.mlp = SwiGLU(*(matrix(b + f"ffn_{m}") for m in ("gate", "up", "down")))
         else:
             lw.router = matrix(b + "ffn_gate_inp")   # bf16/f32 only: the router runs in fp32 (§2d)
             lw.expert_bias = (vector(b + "exp_probs_b") if cfg.moe_router_enable_expert_bias
                               else np.zeros(cfg.num_experts, np.float32))
             if cfg.num_shared_experts:
-                lw.shared = tuple(matrix(b + f"ffn_{m}_shexp") for m in ("gate", "up", "down"))
+                lw.shared = SwiGLU(*(matrix(b + f"ffn_{m}_shexp") for m in ("gate", "up", "down")))
         layers.append(lw)
 
     def fetch_expert(L, e):
-        return tuple(matrix(f"blk.{L}.ffn_{m}_exps.{e}") for m in ("gate", "up", "down"))
+        return SwiGLU(*(matrix(f"blk.{L}.ffn_{m}_exps.{e}") for m in ("gate", "up", "down")))
 
     return Weights(matrix("token_embd"), layers, vector("output_norm"), matrix("output"), fetch_expert)
 
 
 class Quant:
     """A quantized matrix (see quants.py for the formats); matmul dequantizes inside the kernel."""
-    __slots__ = ("qt", "shape")
+    __slots__ = ("qt", "shape", "_kernel", "_args")
 
     def __init__(self, qt):
+        from .qkernels import matmul_call
+
         self.qt = qt
         self.shape = tuple(qt.shape)
+        self._kernel, self._args = matmul_call(qt)     # bound once: matmul runs ~100x per token
 
     def matmul(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        from .qkernels import qmatmul
-
-        qmatmul(x, self.qt, out)
+        """out[T, N] = x[T, K] @ W.T; x and out 2-D C-contiguous float32 (qkernels.qmatmul checks
+        for other callers)."""
+        self._kernel(x, *self._args, out)
         return out
 
     def rows_f32(self, rows: np.ndarray) -> np.ndarray:
