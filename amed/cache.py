@@ -19,8 +19,12 @@ otherwise MADV_RANDOM, so a plain page fault would read 4 KiB at a time) and a j
 pool of reader threads that calls `MADV_POPULATE_READ` (waits for the read and maps the pages)
 with the GIL released, so the compute thread does not pay the faults. Look-ahead: the next
 layer's router is applied to this layer's hidden state to guess its experts and read them while
-this layer computes; in "auto" mode the guesses are issued only while they have been right at
-least half of the time recently (they are always computed, which costs one small matmul).
+this layer computes; in "auto" mode the guesses are issued only while the reads they cause have
+been right at least 60% of the time recently (they are always computed, which costs one small
+matmul, and always scored). A wrong guess costs a whole expert read of disk time, which the
+model's own reads then share: on random weights, where 54% of those reads were right, look-ahead
+was 5-15% slower than none (4 A/B pairs, 31 GB store); published measurements on trained MoE
+models find next-layer routing far more predictable.
 
 Where a resident expert lives (AMED_EXPERT_IO): "slots" (the default, SlotCache) reads each
 admitted expert with pread, O_DIRECT where the filesystem allows it, into a slot of our own
@@ -41,10 +45,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import heapq
 import itertools
 import mmap
 import os
-import queue
 import re
 import threading
 from collections import OrderedDict
@@ -156,6 +160,7 @@ class CacheStats:
     evicted_bytes: int = 0
     guesses: int = 0         # experts read ahead by look-ahead
     guesses_right: int = 0   # ... that the router then chose
+    guesses_cancelled: int = 0  # ... that it did not choose, cancelled before their read started
     predicted: int = 0       # experts predicted by look-ahead (issued or not)
     predicted_right: int = 0
 
@@ -184,12 +189,19 @@ class CacheStats:
 # ---- reader threads ------------------------------------------------------------------------------
 
 class ReaderPool:
-    """A few daemon threads that run page-in jobs by priority (routed before guessed)."""
+    """A few daemon threads that run page-in jobs by priority: 0 (the router chose the expert)
+    before 1 (look-ahead guessed it). At most `guess_limit` guessed reads run at once, so a read
+    the model is about to wait for never shares the disk with more than that many guesses, and a
+    guess still queued when the router proves it wrong can be cancelled before it costs anything."""
 
-    def __init__(self, n: int = 4):
+    def __init__(self, n: int = 4, guess_limit: int = 2):
         self.n = n
-        self._q: queue.PriorityQueue = queue.PriorityQueue()
+        self.guess_limit = max(1, guess_limit)
+        self._cv = threading.Condition()
+        self._jobs: list = []                # heap of (priority, seq, fn, args)
         self._seq = itertools.count()
+        self._guessing = 0                   # guessed reads running
+        self._pending = 0                    # jobs submitted and not finished
         self._threads: list[threading.Thread] = []
 
     def submit(self, priority: int, fn, *args) -> None:
@@ -198,11 +210,26 @@ class ReaderPool:
                 t = threading.Thread(target=self._run, name=f"amed-reader-{i}", daemon=True)
                 t.start()
                 self._threads.append(t)
-        self._q.put((priority, next(self._seq), fn, args))
+        with self._cv:
+            heapq.heappush(self._jobs, (priority, next(self._seq), fn, args))
+            self._pending += 1
+            self._cv.notify()
+
+    def _take(self):
+        with self._cv:
+            while True:
+                if self._jobs:
+                    priority, _, fn, _ = self._jobs[0]
+                    if priority == 0 or fn is None or self._guessing < self.guess_limit:
+                        job = heapq.heappop(self._jobs)
+                        if priority and fn is not None:
+                            self._guessing += 1
+                        return job
+                self._cv.wait()
 
     def _run(self) -> None:
         while True:
-            _, _, fn, args = self._q.get()
+            priority, _, fn, args = self._take()
             if fn is None:
                 return
             try:
@@ -210,16 +237,23 @@ class ReaderPool:
             except Exception:       # a failed read-ahead only costs speed: the fault path reads it
                 pass
             finally:
-                self._q.task_done()
+                with self._cv:
+                    self._pending -= 1
+                    if priority:
+                        self._guessing -= 1
+                    self._cv.notify_all()
 
     def drain(self) -> None:
         """Wait for every queued job (tests)."""
-        if self._threads:
-            self._q.join()
+        with self._cv:
+            while self._pending:
+                self._cv.wait()
 
     def close(self) -> None:
-        for _ in self._threads:
-            self._q.put((1 << 30, next(self._seq), None, ()))
+        with self._cv:
+            for _ in self._threads:
+                heapq.heappush(self._jobs, (1 << 30, next(self._seq), None, ()))
+            self._cv.notify_all()
         self._threads = []
 
 
@@ -232,7 +266,7 @@ class ExpertCache:
     (lo, hi) addresses of the layer's whole expert region (eviction never leaves it)."""
 
     def __init__(self, budget: int | None, span, region, *, prefetch: bool = True,
-                 evict: str = "dontneed", populate: bool = True, readers: int = 4):
+                 evict: str = "dontneed", populate: bool = True, readers: int = 4, guess_readers: int = 2):
         if evict not in EVICT_ADVICE:
             raise AmedError(f"unknown eviction mode {evict!r}; use one of {', '.join(EVICT_ADVICE)}.")
         self.budget = budget
@@ -242,7 +276,8 @@ class ExpertCache:
         self.evict_mode = evict
         self._advice = EVICT_ADVICE[evict]
         self.populate = populate
-        self.pool = ReaderPool(readers) if (budget is not None and prefetch and populate and readers) else None
+        self.pool = ReaderPool(readers, guess_readers) \
+            if (budget is not None and prefetch and populate and readers) else None
         self.stats = CacheStats()
         self.used = 0              # bytes admitted and not evicted
         self.peak = 0
@@ -343,8 +378,15 @@ class ExpertCache:
         if guessed is not None:
             chosen = set(experts)
             self.stats.guesses_right += len(guessed & chosen)
-            for e in guessed - chosen:                 # wrong guesses become plain cache entries
-                self._fresh.pop((layer, e), None)
+            for e in guessed - chosen:                 # wrong guesses become plain cache entries,
+                key = (layer, e)
+                self._fresh.pop(key, None)
+                with self._lock:                       # or, if their read has not started, nothing:
+                    cancel = self._queued.pop(key, None) is not None     # no disk time on them
+                if cancel:
+                    self.used -= self._lru.pop(key)
+                    self._drop(key)
+                    self.stats.guesses_cancelled += 1
         self._busy = {(layer, e) for e in experts}
         self.chosen = (layer, set(experts))
         if not self.bounded or not self.prefetch_enabled:
@@ -438,7 +480,7 @@ class ExpertCache:
         s = s or self.stats
         lim = fmt_size(self.budget) if self.bounded else "unbounded"
         return (f"expert cache {fmt_size(self.used)} of {lim}: hit rate {100 * s.hit_rate:.1f}% "
-                f"({s.hits} hits, {s.prefetched} prefetched, {s.guessed} looked ahead, {s.demand} faulted, "
+                f"({s.hits} hits, {s.prefetched} prefetched, {s.guessed} looked ahead ({s.guesses_cancelled} wrong guesses cancelled), {s.demand} faulted, "
                 f"{s.evictions} evicted)")
 
 
@@ -454,7 +496,7 @@ class SlotCache(ExpertCache):
     needs no CPU while it waits, which leaves both cores to the compute. Eviction only returns the
     slot to the free list. Same LRU, budget, prefetch and look-ahead as ExpertCache."""
 
-    def __init__(self, budget: int, store, *, prefetch: bool = True, readers: int = 4):
+    def __init__(self, budget: int, store, *, prefetch: bool = True, readers: int = 4, guess_readers: int = 2):
         def span(L, e):
             _, off, stride = store.expert_region(L, e)
             return off, stride
@@ -464,7 +506,7 @@ class SlotCache(ExpertCache):
             return i["offset"], i["offset"] + i["stride"] * i["count"]
 
         super().__init__(budget, span, region, prefetch=prefetch, readers=0)
-        self.pool = ReaderPool(readers) if (prefetch and readers) else None
+        self.pool = ReaderPool(readers, guess_readers) if (prefetch and readers) else None
         self.store = store
         self.slot_size = max(i["stride"] for i in store.experts_info.values())
         self._slots: list = []           # anonymous mmaps of slot_size bytes
@@ -595,6 +637,9 @@ class SlotCache(ExpertCache):
         self._fds = {}
 
 
+AUTO_ACCURACY = 0.6     # "auto" look-ahead issues guesses while this share of their reads is right
+
+
 class LookAhead:
     """Apply layer L+1's router to layer L's hidden state and prefetch the experts it picks."""
 
@@ -602,8 +647,8 @@ class LookAhead:
         self.config = config
         self.layers = layers
         self.cache = cache
-        self.mode = mode             # "on": always issue; "auto": while recently right >= half the time
-        self.accuracy = 1.0          # running (exponential) accuracy of the predictions
+        self.mode = mode             # "on": always issue; "auto": while recently right often enough
+        self.accuracy = 1.0          # running (exponential) accuracy of the reads guesses cause
         self._last = None
 
     def __call__(self, L: int, h: np.ndarray) -> None:
@@ -620,10 +665,11 @@ class LookAhead:
         idx = np.empty((T, k), np.int64)
         wts = np.empty((T, k), np.float32)
         K.route(logits, lw.expert_bias, c.n_group, c.topk_group, k, c.routed_scaling_factor, idx, wts)
-        experts = np.unique(idx)
-        issue = self.mode == "on" or self.accuracy >= 0.5
+        experts = np.unique(idx).tolist()
+        reads = {e for e in experts if (nxt, e) not in self.cache._lru}    # what issuing would read
+        issue = self.mode == "on" or self.accuracy >= AUTO_ACCURACY
         self.cache.guess(nxt, experts, issue=issue)
-        self._last = (nxt, set(experts.tolist()))
+        self._last = (nxt, set(experts), reads)
 
     def _score(self, L: int) -> None:
         """Compare the prediction made for layer L with what L's router chose (set by prefetch)."""
@@ -632,10 +678,10 @@ class LookAhead:
         layer, chosen = self.cache.chosen
         if layer != L:
             return
-        pred = self._last[1]
-        right = len(pred & chosen)
-        self.cache.stats.predicted_right += right
-        self.accuracy = 0.8 * self.accuracy + 0.2 * (right / max(1, len(pred)))
+        _, pred, reads = self._last
+        self.cache.stats.predicted_right += len(pred & chosen)
+        if reads:              # only guesses that cost a read count: resident ones are free
+            self.accuracy = 0.95 * self.accuracy + 0.05 * (len(reads & chosen) / len(reads))
         self._last = None
 
 
@@ -659,6 +705,7 @@ def attach(model, max_ram=None, *, prefetch: bool = True, lookahead: str = "auto
     evict = evict or os.environ.get("AMED_EVICT", "dontneed")
     populate = os.environ.get("AMED_POPULATE", "1") != "0"
     readers = int(os.environ.get("AMED_READERS", "4"))
+    guess_readers = int(os.environ.get("AMED_GUESS_READERS", "2"))
     expert_total = sum(i["stride"] * i["count"] for i in info.values())
     dense = store.dense_nbytes()
     kv = kv_cache_bytes(model)
@@ -694,10 +741,10 @@ def attach(model, max_ram=None, *, prefetch: bool = True, lookahead: str = "auto
     if io not in ("slots", "mmap"):
         raise AmedError(f"AMED_EXPERT_IO must be slots or mmap, not {io!r}.")
     if budget is not None and io == "slots":
-        cache = SlotCache(budget, store, prefetch=prefetch, readers=readers)
+        cache = SlotCache(budget, store, prefetch=prefetch, readers=readers, guess_readers=guess_readers)
     else:
         cache = ExpertCache(budget, span, region, prefetch=prefetch, evict=evict, populate=populate,
-                            readers=readers)
+                            readers=readers, guess_readers=guess_readers)
     cache.expert_total = expert_total
     cache.dense_bytes = dense
     cache.max_ram = max_ram

@@ -35,8 +35,16 @@ def bf16_to_f32(typingctx, u):
 # One thread per block of output rows; each weight row is read once from memory and reused for
 # every token while it sits in L1 (the "loop of GEMVs" shape that measured best for small T).
 
+@njit(**JIT)
+def _check_matmul(x, w, out):
+    """Numba does not bounds-check: a shape mismatch would read or write past an array."""
+    if w.shape[1] != x.shape[1] or out.shape[0] != x.shape[0] or out.shape[1] != w.shape[0]:
+        raise ValueError("matmul: shapes do not match (x [T, K], W [N, K], out [T, N])")
+
+
 @njit(parallel=True, **JIT)
 def matmul_bf16(x, w, out):
+    _check_matmul(x, w, out)
     T, K = x.shape
     N = w.shape[0]
     for n in prange(N):
@@ -49,6 +57,7 @@ def matmul_bf16(x, w, out):
 
 @njit(parallel=True, **JIT)
 def matmul_f32(x, w, out):
+    _check_matmul(x, w, out)
     T, K = x.shape
     N = w.shape[0]
     for n in prange(N):

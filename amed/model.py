@@ -177,6 +177,8 @@ class Model:
         if w.lookahead is not None:
             w.lookahead(L, h)
         run = experts if w.cache is None else w.cache.ready_first(L, experts)
+        # the shared expert first: it needs no expert read, so the readers get a head start
+        shared = lw.shared(h) if lw.shared is not None else None
         out = np.zeros_like(h)
         ys = {}
         nxt = 0                                     # next expert (in id order) to add to the sum
@@ -185,8 +187,8 @@ class Model:
             while nxt < len(experts) and experts[nxt] in ys:
                 out += wsel[nxt] * ys.pop(experts[nxt])
                 nxt += 1
-        if lw.shared is not None:
-            out += lw.shared(h)
+        if shared is not None:
+            out += shared
         return out
 
 

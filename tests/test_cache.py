@@ -163,6 +163,33 @@ def test_lookahead_guesses_are_counted(store, run_ids, reference, io):
     assert cache.peak <= cache.budget
 
 
+def test_wrong_guesses_not_yet_read_are_cancelled(store, io):
+    """Look-ahead guessed experts 3 and 5 of layer 2; the router then chose 3 and 7. Expert 5's
+    read had not started: it is cancelled (no disk time, no memory), not kept as a cache entry."""
+    class Held:                          # a reader pool whose jobs never start
+        def submit(self, *job):
+            pass
+
+        def drain(self):
+            pass
+
+        def close(self):
+            pass
+
+    m = amed.load(store, lookahead="on")
+    cache = attach(m, lookahead="on", expert_budget=50 * stride(m))
+    cache.pool = Held()
+    cache.guess(2, [3, 5])
+    used = cache.used
+    cache.prefetch(2, [3, 7])
+    assert (2, 5) not in cache._lru and (2, 5) not in cache._queued
+    assert (2, 3) in cache._lru and (2, 7) in cache._lru
+    assert cache.stats.guesses_cancelled == 1 and cache.stats.guesses_right == 1
+    assert cache.used == used - cache.cost(2, 5) + cache.cost(2, 7)
+    if io == "slots":
+        assert len(cache._slots) == 2 and len(cache._slot_of) == 2     # 7 took over 5's slot
+
+
 def test_max_ram_plumbing(store, run_ids, reference, io):
     msgs = []
     m = amed.load(store, max_ram="1M", log=msgs.append)       # far too small: runs on a minimal cache

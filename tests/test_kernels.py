@@ -33,6 +33,18 @@ def test_matmul_bf16_and_f32(T):
     np.testing.assert_allclose(out, x.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
 
 
+def test_matmul_shape_mismatch_is_an_error_not_a_stray_write():
+    w = readonly(f32(37, 64))
+    wb = readonly(w.astype(ml_dtypes.bfloat16).view(np.uint16))
+    for x, out in [(f32(4, 64), np.empty((1, 37), np.float32)),      # out has too few rows
+                   (f32(1, 32), np.empty((1, 37), np.float32)),      # x too narrow
+                   (f32(1, 64), np.empty((1, 36), np.float32))]:     # out too narrow
+        with pytest.raises(ValueError, match="shapes do not match"):
+            K.matmul_f32(x, w, out)
+        with pytest.raises(ValueError, match="shapes do not match"):
+            K.matmul_bf16(x, wb, out)
+
+
 def test_bf16_rows():
     w = f32(10, 8).astype(ml_dtypes.bfloat16)
     out = np.empty((3, 8), np.float32)
