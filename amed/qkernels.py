@@ -203,6 +203,22 @@ def _q6_high_bits(builder, wg, G, ety):
             v = p
         return builder.and_(v, m)
 
+    if ety == _i8 and G == 64:
+        # 32-byte chunks span two 16-byte quarters. Shift [p, p] as 16-bit lanes by a different
+        # count in each half (vpsllvw / vpsrlvw): bits 4-5 of every byte then come from that same
+        # byte, so one mask with 0x30 finishes both quarters: 5 instructions where two quarters
+        # and a concatenation took 6 each.
+        pp = builder.shuffle_vector(p, p, ir.Constant(_vt(_i32, 32), list(range(16)) * 2))
+        w16 = builder.bitcast(pp, _vt(_i16, 16))
+        m32 = ir.Constant(_vt(_i8, 32), [0x30] * 32)
+
+        def both(op, first, second):   # quarters (0, 1): p << 4, p << 2; (2, 3): p, p >> 2
+            v = op(w16, ir.Constant(_vt(_i16, 16), [first] * 8 + [second] * 8))
+            return builder.and_(builder.bitcast(v, _vt(_i8, 32)), m32)
+
+        low, high = both(builder.shl, 4, 2), both(builder.lshr, 0, 2)
+        return lambda e0, nb: low if e0 == 0 else high
+
     def hi(e0, nb):
         parts = [quarter(k) for k in range(e0 // Q, (e0 + nb) // Q)]
         if len(parts) == 1:
@@ -374,10 +390,11 @@ _q4_g64 = _make_rowdot("q4", 64, PREFETCH_Q4)
 _q4_g128 = _make_rowdot("q4", 128, PREFETCH_Q4)
 # q6 rows are not prefetched: cold 4096x4096 GEMV, 2 threads, 0 / 1024 / 2048 / 3072 / 4096 bytes
 # ahead measured within 1% of each other at G=64 (2048: +3% at G=32, -4% at G=128).
-# Speed (bench/bench_qkernels.py, 2 threads, G=64): in cache ~52 weights/ns against ~75 for q4
-# and q8 (the 2-bit plane costs about as much as the rest of the unpack), so a cold q6 GEMV runs
-# at DRAM speed only while DRAM gives <= ~42 GB/s (this VM: 30-55 GB/s, varying), and q6 prefill
-# (T > 1) is compute-bound at ~1.5x q8's time per token.
+# Speed (bench/bench_qkernels.py, 2 threads, G=64): in cache ~57 weights/ns against ~75 for q4
+# and q8 (the 2-bit plane costs about as much as the rest of the unpack; ~52 before the two-quarter
+# shifts in _q6_high_bits: hot 4096x4096 GEMV 39.5-41.7 -> 44.8-47.0 GB/s, A/B in one session), so
+# a cold q6 GEMV runs at DRAM speed only while DRAM gives <= ~46 GB/s (this VM: 30-55 GB/s,
+# varying), and q6 prefill (T > 1) is compute-bound.
 _q6_g32 = _make_rowdot("q6", 32)
 _q6_g64 = _make_rowdot("q6", 64)
 _q6_g128 = _make_rowdot("q6", 128)
