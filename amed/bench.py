@@ -176,6 +176,7 @@ def disk_read_gbs(store, cache_file: Path | None = None, refresh: bool = False, 
         return None
     layers = list(info.values())
     stride = max(i["stride"] for i in layers)
+    nbytes = min(nbytes, sum(i["stride"] * i["count"] for i in layers))   # each expert at most once
     dev = str(os.stat(store.path / layers[0]["file"]).st_dev)
     cached = {}
     if cache_file and cache_file.exists():

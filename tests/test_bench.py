@@ -44,3 +44,24 @@ def test_depth_keeps_the_context_between_tests(golden_dir):
     timed = [(pos, n) for pos, n in seen if n == 6]
     assert timed[-2:] == [(30, 6), (30, 6)]                  # every timed prefill starts at depth 30
     assert sum(1 for pos, n in seen if pos == 0 and n == 30) == 1   # the context is prefilled once
+
+
+def test_bench_bounded_cache_reports_the_disk_ceiling(tmp_path):
+    """Under --max-ram the decode rows carry the cache columns, and the ceiling is the missed bytes
+    per token at the disk speed (the faster of the probes before and after the run)."""
+    from amed.synth import SyntheticSource
+    from amed.quantize import Settings, quantize_model
+
+    store = tmp_path / "store"
+    quantize_model(SyntheticSource(preset="tiny"), store, Settings(bits=4))
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "membw.json").write_text(json.dumps({"read_gbs": 20.0}))
+    r = subprocess.run([sys.executable, "-m", "amed", "bench", "-m", str(store), "-p", "4", "-n", "6", "-r", "1",
+                        "--max-ram", "1M", "--random-ids", "-o", "json"], capture_output=True, text=True,
+                       env={**ENV, "AMED_HOME": str(home)}, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    tg = [row for row in json.loads(r.stdout) if row["test"].startswith("tg")][0]
+    assert tg["cache_budget"] != "all" and 0 <= tg["hit_rate"] <= 1 and tg["miss_bytes_per_token"] > 0
+    if tg["disk_gbs"]:            # None where the filesystem cannot bypass the page cache (tmpfs)
+        assert abs(tg["ceiling_tps"] - tg["disk_gbs"] * 1e9 / tg["miss_bytes_per_token"]) < 1e-6 * tg["ceiling_tps"]
