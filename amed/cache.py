@@ -328,12 +328,14 @@ class ExpertCache:
         for key in victims:
             self._release(key)
 
-    def _release(self, key) -> None:
+    def _release(self, key, evicted: bool = True) -> None:
+        """Forget an admitted expert and free its memory (evicted=False: a cancelled guess)."""
         n = self._lru.pop(key)
         self.used -= n
         self._fresh.pop(key, None)
-        self.stats.evictions += 1
-        self.stats.evicted_bytes += n
+        if evicted:
+            self.stats.evictions += 1
+            self.stats.evicted_bytes += n
         self._drop(key)
 
     def _drop(self, key) -> None:
@@ -384,8 +386,7 @@ class ExpertCache:
                 with self._lock:                       # or, if their read has not started, nothing:
                     cancel = self._queued.pop(key, None) is not None     # no disk time on them
                 if cancel:
-                    self.used -= self._lru.pop(key)
-                    self._drop(key)
+                    self._release(key, evicted=False)
                     self.stats.guesses_cancelled += 1
         self._busy = {(layer, e) for e in experts}
         self.chosen = (layer, set(experts))
@@ -480,8 +481,8 @@ class ExpertCache:
         s = s or self.stats
         lim = fmt_size(self.budget) if self.bounded else "unbounded"
         return (f"expert cache {fmt_size(self.used)} of {lim}: hit rate {100 * s.hit_rate:.1f}% "
-                f"({s.hits} hits, {s.prefetched} prefetched, {s.guessed} looked ahead ({s.guesses_cancelled} wrong guesses cancelled), {s.demand} faulted, "
-                f"{s.evictions} evicted)")
+                f"({s.hits} hits, {s.prefetched} prefetched, {s.guessed} looked ahead, {s.demand} faulted, "
+                f"{s.evictions} evicted, {s.guesses_cancelled} wrong guesses cancelled)")
 
 
 class SlotCache(ExpertCache):

@@ -506,28 +506,29 @@ def bench(
                                experts_resident=rec["expert_resident"])
                     if cache is not None:
                         st, dpt = rec["tg_cache"], rec["disk_bytes_per_token"]
-                        # the ceiling: bytes of the expert misses per token at the disk's
-                        # speed (reads of wrong look-ahead guesses are extra work, not the ceiling)
                         mpt = st.miss_bytes / (n_gen * reps) if cache.bounded else 0.0
-                        ceiling = disk_bw * 1e9 / mpt if disk_bw and mpt > 0.01 * bpt else None
                         row.update(prefetch=pf, lookahead=la if cache.bounded else "off",
                                    max_ram=fmt_size(ram) if ram else "auto",
                                    cache_budget=fmt_size(cache.budget) if cache.bounded else "all",
                                    hit_rate=st.hit_rate if st.uses else None,
                                    lookahead_acc=st.lookahead_accuracy if st.predicted else None,
                                    disk_bytes_per_token=dpt, miss_bytes_per_token=mpt,
-                                   disk_gbs=disk_bw, ceiling_tps=ceiling,
-                                   rss_gb=rec["rss"] / 1e9)
+                                   disk_gbs=None, ceiling_tps=None, rss_gb=rec["rss"] / 1e9)
                 rows.append(row)
-        if cache is not None and cache.bounded and disk_bw:
+        if cache is not None and cache.bounded:
             # and again after it: the faster of the two probes sets the ceiling (the strictest;
             # this VM's disk swung 0.1-2.5 GB/s between one minute and the next)
             after = disk_read_gbs(src, home / "diskbw.json", refresh=True)
-            disk_bw = max(disk_bw, after or 0.0)
+            disk_bw = max((b for b in (disk_bw, after) if b), default=None)
             for row in rows[first_row:]:
-                mpt = row.get("miss_bytes_per_token") or 0.0
-                if row.get("ceiling_tps") is not None and mpt > 0:
-                    row.update(disk_gbs=disk_bw, ceiling_tps=disk_bw * 1e9 / mpt)
+                if "miss_bytes_per_token" not in row:
+                    continue
+                # the ceiling: bytes of the expert misses per token at the disk's speed
+                # (reads of wrong look-ahead guesses are extra work, not the ceiling)
+                mpt = row["miss_bytes_per_token"]
+                row["disk_gbs"] = disk_bw
+                if disk_bw and mpt > 0.01 * row["bytes_per_token"]:
+                    row["ceiling_tps"] = disk_bw * 1e9 / mpt
     print(format_rows(rows, output))
     from_disk = any(r.get("disk_bytes_per_token", 0) > 0.01 * r.get("bytes_per_token", 1) for r in rows)
     if output == "md" and cache is not None and (cache.bounded or len(variants) > 1 or from_disk):

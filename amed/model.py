@@ -135,33 +135,27 @@ class Model:
 
         if T == 1:
             return self._moe_one_token(L, lw, h, idx[0], wts[0])
-        out = np.zeros_like(h)
         # Group tokens by expert so each chosen expert's weights are read once for the batch;
         # experts nobody chose are never touched (their pages never leave the disk).
         flat = idx.reshape(-1)
         order = np.argsort(flat, kind="stable")
         experts, starts = np.unique(flat[order], return_index=True)
         ends = np.append(starts[1:], len(flat))
-        if self.weights.prefetch is not None:       # ask the OS for all chosen experts at once
-            self.weights.prefetch(L, experts)
-        if self.weights.lookahead is not None:      # and for layer L+1's likely ones (amed/cache.py)
-            self.weights.lookahead(L, h)
         span = {e: (a, b) for e, a, b in zip(experts.tolist(), starts.tolist(), ends.tolist())}
-        run = list(span)
-        if self.weights.cache is not None:          # resident experts first, while others load
-            run = self.weights.cache.ready_first(L, run)
+        run = self._start_experts(L, list(span), h)
+        shared = lw.shared(h) if lw.shared is not None else None
+        out = np.zeros_like(h)
         wsel = wts.reshape(-1)
         ys = {}                                     # outputs computed ahead of their turn in the sum
         for e in run:
             sel = order[span[e][0]:span[e][1]]
-            xe = h if T == 1 else np.ascontiguousarray(h[sel // k])      # tokens routed to e
-            ys[e] = self.weights.expert(L, e)(xe)                          # [n, H]
+            ys[e] = self.weights.expert(L, e)(np.ascontiguousarray(h[sel // k]))   # [n, H]
             while ys and next(iter(span)) in ys:    # sum in expert-id order, whatever the run order
                 d = next(iter(span))
                 a, b = span.pop(d)
                 out[order[a:b] // k] += wsel[order[a:b]][:, None] * ys.pop(d)
-        if lw.shared is not None:
-            out += lw.shared(h)                                            # shared expert, weight 1
+        if shared is not None:
+            out += shared                                                  # shared expert, weight 1
         return out
 
     def _moe_one_token(self, L: int, lw, h: np.ndarray, idx: np.ndarray, wts: np.ndarray) -> np.ndarray:
@@ -171,19 +165,13 @@ class Model:
         order = np.argsort(idx)
         experts = idx[order].tolist()                                      # ascending ids
         wsel = wts[order]
-        w = self.weights
-        if w.prefetch is not None:
-            w.prefetch(L, experts)
-        if w.lookahead is not None:
-            w.lookahead(L, h)
-        run = experts if w.cache is None else w.cache.ready_first(L, experts)
-        # the shared expert first: it needs no expert read, so the readers get a head start
+        run = self._start_experts(L, experts, h)
         shared = lw.shared(h) if lw.shared is not None else None
         out = np.zeros_like(h)
         ys = {}
         nxt = 0                                     # next expert (in id order) to add to the sum
         for e in run:
-            ys[e] = w.expert(L, e)(h)
+            ys[e] = self.weights.expert(L, e)(h)
             while nxt < len(experts) and experts[nxt] in ys:
                 out += wsel[nxt] * ys.pop(experts[nxt])
                 nxt += 1
@@ -191,6 +179,17 @@ class Model:
             out += shared
         return out
 
+    def _start_experts(self, L: int, experts: list[int], h: np.ndarray) -> list[int]:
+        """Layer L's router chose `experts` (ascending ids): start reading the ones not resident,
+        and layer L+1's likely ones (amed/cache.py). Returns the order to compute them in:
+        resident ones first, while the others load. The callers then compute the shared expert
+        before any routed one: it needs no read, so the readers get a head start."""
+        w = self.weights
+        if w.prefetch is not None:
+            w.prefetch(L, experts)
+        if w.lookahead is not None:
+            w.lookahead(L, h)
+        return experts if w.cache is None else w.cache.ready_first(L, experts)
 
 def load(path, ctx_size: int = 4096, max_ram=None, prefetch: bool = True, lookahead: str = "auto",
          log=None) -> Model:
