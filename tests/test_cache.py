@@ -190,6 +190,25 @@ def test_wrong_guesses_not_yet_read_are_cancelled(store, io):
         assert len(cache._slots) == 2 and len(cache._slot_of) == 2     # 7 took over 5's slot
 
 
+def test_slots_come_from_one_arena_faulted_in_ahead(store, run_ids, reference, monkeypatch):
+    """SlotCache: the budget's slots are one arena, handed out in order and faulted in ahead of
+    need by a reader, never past what the budget pays for; the floor path adds separate maps."""
+    monkeypatch.setenv("AMED_EXPERT_IO", "slots")
+    m = amed.load(store, lookahead="off")
+    cache = attach(m, lookahead="off", expert_budget=30 * stride(m))
+    assert cache.capacity == 30 * stride(m) // cache.slot_size
+    np.testing.assert_array_equal(run(m, run_ids), reference)
+    arena = amed.cache.map_address(cache._arena)
+    for i, slot in enumerate(cache._slots):
+        assert np.frombuffer(slot, np.uint8, count=1).ctypes.data == arena + i * cache.slot_size
+    assert len(cache._slots) <= cache.capacity
+    assert cache._handed <= cache._faulted <= cache.capacity            # prefaulted ahead, bounded
+    assert cache._faulted >= min(cache.capacity, cache._handed + amed.cache.PREFAULT_AHEAD)
+    cache.clear()
+    assert cache._handed == 0 and not cache._free and cache.used == 0
+    np.testing.assert_array_equal(run(m, run_ids), reference)           # reused slots, same bytes
+
+
 def test_max_ram_plumbing(store, run_ids, reference, io):
     msgs = []
     m = amed.load(store, max_ram="1M", log=msgs.append)       # far too small: runs on a minimal cache
