@@ -1,7 +1,8 @@
 """Bounded memory for models larger than RAM: the routed-expert cache, prefetch and look-ahead.
 
 Dense weights (attention, shared experts, routers, norms, lm_head, the embedding rows in use) stay
-resident. Routed experts are kept in an LRU over (layer, expert) whose bytes are held under
+resident. Routed experts are kept in a cache over (layer, expert), least used (decayed count,
+see Frecency) evicted first, whose bytes are held under
 
     expert budget = max_ram - dense bytes - KV cache - runtime (the process RSS at load + margin)
 
@@ -47,11 +48,11 @@ import ctypes
 import errno
 import heapq
 import itertools
+import math
 import mmap
 import os
 import re
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -261,16 +262,101 @@ class ReaderPool:
         self._threads = []
 
 
+# ---- eviction order ------------------------------------------------------------------------------
+
+HALF_LIFE_TOKENS = 200      # how long a use of an expert keeps counting for its residency
+
+
+class Frecency:
+    """Which resident expert to evict: the one with the lowest decayed use count (LRFU). Each use
+    adds 1 to an expert's score, and scores halve every `half_life` uses (of all experts), so an
+    expert used often stays resident through the stretches it is not used, and one used once
+    goes first; an expert admitted but never used (a wrong guess) goes before any used one.
+    The score survives eviction: an often-used expert read again is kept longer at once.
+
+    Why not LRU: on a recorded decode trace (31 GB flash-shaped store, 2093 of 4096 experts
+    cached, random tokens) LRU hit 78.1%, LFU 84.3%, this with a 200-token half-life 84.3% (50:
+    83.3%, 5: 78.3%), the offline optimum (Belady) 92.3%: 28% fewer misses than LRU, while
+    still following a shift of topic within a few hundred tokens. The experts of the last token
+    are evicted only after all others (`recent`; consecutive tokens of real text share experts,
+    which a count alone would not see; the same 84.3% on that trace).
+
+    Kept as the log of the score plus the time over the half-life, which orders experts the same
+    at any later moment (all scores decay alike), so a heap holds them: stale entries (an expert
+    used again since) are skipped when they surface."""
+
+    NEVER = -1e12               # priority base of an expert admitted but not yet used
+
+    def __init__(self, half_life: float, recent: int = 0):
+        self.tau = float(half_life)
+        self.recent = recent
+        self.clock = 0
+        self._hist: dict = {}       # key -> (score at its last use, time of that use), kept forever
+        self._prio: dict = {}       # resident key -> its priority (the valid heap entry)
+        self._heap: list = []
+
+    def _priority(self, key) -> float:
+        h = self._hist.get(key)
+        if h is None:
+            return self.NEVER + self.clock / self.tau     # first in, first out among these
+        score, t = h
+        return math.log2(score) + t / self.tau
+
+    def _push(self, key) -> None:
+        p = self._priority(key)
+        self._prio[key] = p
+        heapq.heappush(self._heap, (p, key))
+        if len(self._heap) > 4 * len(self._prio) + 64:      # drop the stale entries
+            self._heap = [(p, k) for k, p in self._prio.items()]
+            heapq.heapify(self._heap)
+
+    def admit(self, key) -> None:
+        self._push(key)
+
+    def use(self, key) -> None:
+        self.clock += 1
+        h = self._hist.get(key)
+        score = 1.0 if h is None else h[0] * 2.0 ** ((h[1] - self.clock) / self.tau) + 1.0
+        self._hist[key] = (score, self.clock)
+        if key in self._prio:
+            self._push(key)
+
+    def remove(self, key) -> None:
+        self._prio.pop(key, None)
+
+    def victims(self, keep):
+        """Resident keys from the first to evict on, skipping those `keep(key)` protects (they
+        stay in the order); each key taken is the caller's to evict: stop iterating when enough
+        are taken. Experts used within the last `recent` uses (the last token) come only after
+        all others: consecutive tokens often share experts, which a pure count would not see."""
+        for recent_too in (False, True):
+            skipped = []
+            try:
+                while self._heap:
+                    p, key = heapq.heappop(self._heap)
+                    if self._prio.get(key) != p:
+                        continue                            # stale, or no longer resident
+                    if keep(key) or (not recent_too and key in self._hist
+                                     and self._hist[key][1] > self.clock - self.recent):
+                        skipped.append((p, key))
+                        continue
+                    yield key
+            finally:
+                for item in skipped:
+                    heapq.heappush(self._heap, item)
+
+
 # ---- the cache -----------------------------------------------------------------------------------
 
 class ExpertCache:
-    """LRU residency of routed experts under a byte budget (None: unbounded, counting only).
+    """Residency of routed experts under a byte budget (None: unbounded, counting only).
 
     `span(layer, e)` -> (address, length) of the expert's bytes in our mapping, `region(layer)` ->
     (lo, hi) addresses of the layer's whole expert region (eviction never leaves it)."""
 
     def __init__(self, budget: int | None, span, region, *, prefetch: bool = True,
-                 evict: str = "dontneed", populate: bool = True, readers: int = 4, guess_readers: int = 2):
+                 evict: str = "dontneed", populate: bool = True, readers: int = 4, guess_readers: int = 2,
+                 half_life: float = HALF_LIFE_TOKENS * 64, recent: int = 64):
         if evict not in EVICT_ADVICE:
             raise AmedError(f"unknown eviction mode {evict!r}; use one of {', '.join(EVICT_ADVICE)}.")
         self.budget = budget
@@ -285,7 +371,8 @@ class ExpertCache:
         self.stats = CacheStats()
         self.used = 0              # bytes admitted and not evicted
         self.peak = 0
-        self._lru: OrderedDict = OrderedDict()   # (layer, e) -> bytes, oldest first
+        self._resident: dict = {}                # (layer, e) -> bytes charged
+        self.order = Frecency(half_life, recent)  # which resident expert to evict first
         self._fresh: dict = {}                   # admitted ahead of use: key -> "prefetched" | "guessed"
         self._guess: dict = {}                   # layer -> set of guessed experts not yet routed
         self._queued: dict = {}                  # key -> token of its queued reader job (cancellable)
@@ -311,7 +398,8 @@ class ExpertCache:
         n = self.cost(*key)
         if self.budget is not None and self.used + n > self.budget:
             self._evict_to(self.budget - n)
-        self._lru[key] = n
+        self._resident[key] = n
+        self.order.admit(key)
         self.used += n
         if self.used > self.peak:
             self.peak = self.used
@@ -321,20 +409,20 @@ class ExpertCache:
         with self._lock:
             victims = []
             freed = 0
-            for key, n in self._lru.items():           # oldest first
-                if self.used - freed <= limit:
-                    break
-                if key in self._running or key in self._busy:
-                    continue
-                victims.append(key)
-                self._queued.pop(key, None)          # cancel its read-ahead if it has not started
-                freed += n
+            if self.used > limit:
+                for key in self.order.victims(lambda k: k in self._running or k in self._busy):
+                    victims.append(key)
+                    self._queued.pop(key, None)      # cancel its read-ahead if it has not started
+                    freed += self._resident[key]
+                    if self.used - freed <= limit:
+                        break
         for key in victims:
             self._release(key)
 
     def _release(self, key, evicted: bool = True) -> None:
         """Forget an admitted expert and free its memory (evicted=False: a cancelled guess)."""
-        n = self._lru.pop(key)
+        n = self._resident.pop(key)
+        self.order.remove(key)
         self.used -= n
         self._fresh.pop(key, None)
         if evicted:
@@ -404,7 +492,7 @@ class ExpertCache:
         admitted = []
         for e in experts:
             key = (layer, e)
-            if key in self._lru:
+            if key in self._resident:
                 continue
             n = self.cost(layer, e)
             if n > room:
@@ -437,7 +525,7 @@ class ExpertCache:
         with self._lock:
             def ready(e):
                 key = (layer, e)
-                return key in self._lru and key not in self._queued and key not in self._running
+                return key in self._resident and key not in self._queued and key not in self._running
             return sorted(experts, key=lambda e: not ready(e))     # stable: ids ascending within
 
     def use(self, layer: int, e: int) -> None:
@@ -452,17 +540,18 @@ class ExpertCache:
         if kind is not None:
             setattr(st, kind, getattr(st, kind) + 1)
             st.miss_bytes += self.span(*key)[1]
-            self._lru.move_to_end(key)
+            self.order.use(key)
             if key in self._queued:            # its reader has not started: this thread faults it in now
                 with self._lock:
                     self._queued.pop(key, None)
-        elif key in self._lru:
+        elif key in self._resident:
             st.hits += 1
-            self._lru.move_to_end(key)
+            self.order.use(key)
         else:
             st.demand += 1
             st.miss_bytes += self.span(*key)[1]
             self._admit(key)
+            self.order.use(key)
 
     def drain(self) -> None:
         if self.pool is not None:
@@ -472,7 +561,7 @@ class ExpertCache:
         """Evict every expert (RSS drops back to the dense weights)."""
         self.drain()
         self._busy, self._current = set(), None
-        for key in list(self._lru):
+        for key in list(self._resident):
             self._release(key)
         self._fresh.clear()
         self._guess.clear()
@@ -499,9 +588,10 @@ class SlotCache(ExpertCache):
     map freshly read page-cache pages on first access), on a reused slot 0.21-0.27 ms every time;
     the read itself runs at the disk's speed either way (~1.2 GB/s here), and an O_DIRECT read
     needs no CPU while it waits, which leaves both cores to the compute. Eviction only returns the
-    slot to the free list. Same LRU, budget, prefetch and look-ahead as ExpertCache."""
+    slot to the free list. Same eviction order, budget, prefetch and look-ahead as ExpertCache."""
 
-    def __init__(self, budget: int, store, *, prefetch: bool = True, readers: int = 4, guess_readers: int = 2):
+    def __init__(self, budget: int, store, *, prefetch: bool = True, readers: int = 4, guess_readers: int = 2,
+                 half_life: float = HALF_LIFE_TOKENS * 64, recent: int = 64):
         def span(L, e):
             _, off, stride = store.expert_region(L, e)
             return off, stride
@@ -510,7 +600,8 @@ class SlotCache(ExpertCache):
             i = store.experts_info[str(L)]
             return i["offset"], i["offset"] + i["stride"] * i["count"]
 
-        super().__init__(budget, span, region, prefetch=prefetch, readers=0)
+        super().__init__(budget, span, region, prefetch=prefetch, readers=0, half_life=half_life,
+                         recent=recent)
         self.pool = ReaderPool(readers, guess_readers) if (prefetch and readers) else None
         self.store = store
         self.slot_size = S = max(i["stride"] for i in store.experts_info.values())
@@ -717,7 +808,7 @@ class LookAhead:
         wts = np.empty((T, k), np.float32)
         K.route(logits, lw.expert_bias, c.n_group, c.topk_group, k, c.routed_scaling_factor, idx, wts)
         experts = np.unique(idx).tolist()
-        reads = {e for e in experts if (nxt, e) not in self.cache._lru}    # what issuing would read
+        reads = {e for e in experts if (nxt, e) not in self.cache._resident}    # what issuing would read
         issue = self.mode == "on" or self.accuracy >= AUTO_ACCURACY
         self.cache.guess(nxt, experts, issue=issue)
         self._last = (nxt, set(experts), reads)
@@ -791,11 +882,16 @@ def attach(model, max_ram=None, *, prefetch: bool = True, lookahead: str = "auto
     io = os.environ.get("AMED_EXPERT_IO", "slots")
     if io not in ("slots", "mmap"):
         raise AmedError(f"AMED_EXPERT_IO must be slots or mmap, not {io!r}.")
+    c = model.config
+    moe_layers = sum(c.is_moe_layer(L) for L in range(c.num_hidden_layers))
+    per_token = c.num_experts_per_tok * max(1, moe_layers)                        # expert uses
+    order = dict(half_life=HALF_LIFE_TOKENS * per_token, recent=per_token)
     if budget is not None and io == "slots":
-        cache = SlotCache(budget, store, prefetch=prefetch, readers=readers, guess_readers=guess_readers)
+        cache = SlotCache(budget, store, prefetch=prefetch, readers=readers, guess_readers=guess_readers,
+                          **order)
     else:
         cache = ExpertCache(budget, span, region, prefetch=prefetch, evict=evict, populate=populate,
-                            readers=readers, guess_readers=guess_readers)
+                            readers=readers, guess_readers=guess_readers, **order)
     cache.expert_total = expert_total
     cache.dense_bytes = dense
     cache.max_ram = max_ram

@@ -182,8 +182,8 @@ def test_wrong_guesses_not_yet_read_are_cancelled(store, io):
     cache.guess(2, [3, 5])
     used = cache.used
     cache.prefetch(2, [3, 7])
-    assert (2, 5) not in cache._lru and (2, 5) not in cache._queued
-    assert (2, 3) in cache._lru and (2, 7) in cache._lru
+    assert (2, 5) not in cache._resident and (2, 5) not in cache._queued
+    assert (2, 3) in cache._resident and (2, 7) in cache._resident
     assert cache.stats.guesses_cancelled == 1 and cache.stats.guesses_right == 1
     assert cache.used == used - cache.cost(2, 5) + cache.cost(2, 7)
     if io == "slots":
@@ -250,7 +250,7 @@ def test_resident_experts_run_first_and_the_sum_order_is_kept(store, run_ids, re
     m = amed.load(store, lookahead="off")
     cache = attach(m, lookahead="off", expert_budget=12 * stride(m))   # the last layer's experts stay
     np.testing.assert_array_equal(run(m, run_ids), reference)   # whatever order experts ran in
-    resident = sorted(e for (L, e) in cache._lru if L == 3)
+    resident = sorted(e for (L, e) in cache._resident if L == 3)
     absent = sorted(set(range(64)) - set(resident))
     assert resident and absent
     mixed = sorted([absent[0], resident[0], absent[-1], resident[-1]])
@@ -303,3 +303,37 @@ def test_slot_cache_reads_cold_experts_with_o_direct_and_cached_ones_buffered(st
     np.testing.assert_array_equal(run(m, run_ids), reference)
     kinds = {direct for _, direct in cache._fds.values()}
     assert True in kinds or not hasattr(amed.cache.os, "O_DIRECT")
+
+
+def test_frecency_keeps_often_used_experts_and_evicts_wrong_guesses_first():
+    from amed.cache import Frecency
+
+    order = Frecency(half_life=100, recent=2)
+    for key in ("hot", "once", "guess"):
+        order.admit(key)
+    for _ in range(5):
+        order.use("hot")
+    order.use("once")                       # used after "hot", but once
+    for t in range(4):                      # other experts' uses: "once" is no longer recent
+        order.admit(t)
+        order.use(t)
+    first = list(order.victims(lambda k: False))
+    assert first[0] == "guess"              # admitted, never used
+    assert first.index("once") < first.index("hot")
+    assert set(first) == {"hot", "once", "guess", 0, 1, 2, 3}
+    assert first[-2:] == [2, 3]             # the last `recent` uses go last
+
+
+def test_frecency_victims_skip_protected_and_keep_them():
+    from amed.cache import Frecency
+
+    order = Frecency(half_life=100)
+    for key in "abc":
+        order.admit(key)
+        order.use(key)
+    it = order.victims(lambda k: k == "a")
+    assert next(it) == "b"
+    it.close()                              # the caller took what it needed
+    order.remove("b")                       # every key taken is evicted by the caller
+    order.use("a")                          # a stale heap entry of "a" is skipped, not doubled
+    assert list(order.victims(lambda k: False)) == ["c", "a"]
