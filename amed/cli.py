@@ -468,6 +468,10 @@ def bench(
     quant = getattr(src, "manifest", {}).get("quantization", {})
     qdesc = f"q{quant['bits']}/g{quant['group_size']}" if quant else "bf16"
     cache = m.weights.cache
+    if cache is not None and hasattr(cache, "touch_memory"):
+        err.print(f"[dim]touching {fmt_size(cache.capacity * cache.slot_size)} of memory for the expert "
+                  f"cache once (untimed: a VM's first touch would slow only the first variant)...[/]")
+        cache.touch_memory()
     disk_bw = None
     variants = [(p, la) for p in prefetches for la in (lookaheads if p == "on" else ["off"])]
     rows = []
