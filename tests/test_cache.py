@@ -338,3 +338,45 @@ def test_frecency_victims_skip_protected_and_keep_them():
     order.remove("b")                       # every key taken is evicted by the caller
     order.use("a")                          # a stale heap entry of "a" is skipped, not doubled
     assert list(order.victims(lambda k: False)) == ["c", "a"]
+
+
+def test_a_wrong_guess_being_read_is_abandoned(store, monkeypatch):
+    """SlotCache: a guessed read yields between chunks; when the router proves the guess wrong
+    while it is being read, it stops, and its slot is released at the next layer."""
+    import threading
+    import time
+
+    monkeypatch.setenv("AMED_EXPERT_IO", "slots")
+    m = amed.load(store, lookahead="on")
+    cache = attach(m, lookahead="on", expert_budget=50 * stride(m))
+    gate = threading.Event()
+    may_read = cache._may_read
+
+    def held(key):                          # the guess's reader stops before its first chunk
+        gate.wait(10)
+        return may_read(key)
+    cache._may_read = held
+    cache.guess(2, [5])
+    deadline = time.monotonic() + 10
+    while (2, 5) not in cache._running and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert (2, 5) in cache._running
+    cache.prefetch(2, [3, 7])               # 5 was wrong, and its read has started
+    assert (2, 5) in cache._abandon and cache.stats.guesses_cancelled == 1
+    gate.set()
+    cache.drain()
+    assert (2, 5) not in cache._loaded and (2, 3) in cache._loaded and (2, 7) in cache._loaded
+    slots_in_use = len(cache._slot_of)
+    cache.prefetch(3, [])                   # the next layer: the stopped guess is released
+    assert (2, 5) not in cache._resident and len(cache._slot_of) == slots_in_use - 1
+    assert not cache._abandon and not cache._abandoned
+
+
+def test_guessed_reads_in_small_chunks_give_the_same_logits(store, run_ids, reference, monkeypatch):
+    monkeypatch.setenv("AMED_EXPERT_IO", "slots")
+    monkeypatch.setattr(amed.cache, "GUESS_CHUNK", 4096)     # many chunks per expert
+    m = amed.load(store, lookahead="on")
+    cache = attach(m, lookahead="on", expert_budget=30 * stride(m))
+    assert cache.slot_size > 4 * 4096
+    np.testing.assert_array_equal(run(m, run_ids), reference)
+    assert cache.stats.guesses > 0 and cache.stats.guessed > 0
