@@ -196,7 +196,8 @@ def load(path, ctx_size: int = 4096, max_ram=None, prefetch: bool = True, lookah
     """Open a Hugging Face checkpoint directory or an amed store directory.
 
     For a store, `max_ram` (bytes or "16G"; default: from available memory) bounds what stays
-    resident: dense weights always, routed experts in a cache within the rest (least-frequently-used out first) (amed/cache.py).
+    resident: dense weights always, routed experts in a cache within the rest, the least used
+    evicted first (amed/cache.py).
     `prefetch` reads chosen experts ahead; `lookahead` ("auto", "on", "off") also guesses the next
     layer's. `log(message)` receives warnings."""
     path = Path(path).expanduser()

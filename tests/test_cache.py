@@ -204,6 +204,10 @@ def test_slots_come_from_one_arena_faulted_in_ahead(store, run_ids, reference, m
     assert len(cache._slots) <= cache.capacity
     assert cache._handed <= cache._faulted <= cache.capacity            # prefaulted ahead, bounded
     assert cache._faulted >= min(cache.capacity, cache._handed + amed.cache.PREFAULT_AHEAD)
+    cache.touch_memory()                    # with experts loaded: only the unused slots
+    assert cache._faulted <= cache._handed
+    m.truncate(len(run_ids[0]))
+    np.testing.assert_array_equal(m.forward([run_ids[1][0]]), reference[1])
     cache.clear()
     assert cache._handed == 0 and not cache._free and cache.used == 0
     cache.touch_memory()                                                # what amed bench does first
