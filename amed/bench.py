@@ -284,10 +284,13 @@ def weight_nbytes(m) -> int:
 # ---- the run ---------------------------------------------------------------------------------
 
 def run_bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, reps: int = 5,
-              random_ids: bool = False, log=None, depth: int = 0) -> dict:
+              random_ids: bool = False, log=None, depth: int = 0, warm_prompt: bool = True) -> dict:
     """Time ppN and tgN `reps` times after a warm-up; returns a record of everything measured.
     With `depth`, every test starts after that many tokens already in the KV cache (prefilled once,
-    untimed, like llama-bench's -d), so attention over a long context is part of what is timed."""
+    untimed, like llama-bench's -d), so attention over a long context is part of what is timed.
+    The warm-up runs the whole prompt once, as llama-bench's does (`warm_prompt=False`: 8 tokens,
+    for runs meant to start from a cold expert cache): a prompt's first run maps every expert it
+    touches for the first time, which made the first repetition of pp64 1.5x slower than the rest."""
     vocab = model.config.vocab_size
     ids = prompt_ids(tokenizer, max(n_prompt, 1), vocab, random_ids)
     context = prompt_ids(tokenizer, depth, vocab, random_ids, seed=2) if depth else []
@@ -310,6 +313,9 @@ def run_bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, reps: int
     model.forward(ids[: min(8, len(ids))])
     model.forward([ids[0]])
     compile_s = time.perf_counter() - t0
+    if warm_prompt and n_prompt > 8:
+        start()
+        model.forward(ids[:n_prompt])
 
     from .cache import CacheStats, disk_read_bytes
 

@@ -494,7 +494,7 @@ def bench(
                 drop_expert_pages(src)
             err.print(f"[dim]{path.name}: {n} threads, prefetch {pf}, look-ahead {la}, pp{n_prompt} tg{n_gen} "
                       f"x {reps}...[/]")
-            rec = run_bench(m, tok, n_prompt, n_gen, reps, random_ids, depth=depth)
+            rec = run_bench(m, tok, n_prompt, n_gen, reps, random_ids, depth=depth, warm_prompt=not cold)
             for res in (rec["pp"], rec["tg"]):
                 if res is None:
                     continue
