@@ -46,6 +46,18 @@ def test_depth_keeps_the_context_between_tests(golden_dir):
     assert sum(1 for pos, n in seen if pos == 0 and n == 30) == 1   # the context is prefilled once
 
 
+
+def test_warm_up_runs_the_whole_prompt_once(golden_dir):
+    """Like llama-bench: the untimed warm-up runs the whole prompt, so the first timed repetition
+    does not pay the first mapping of every expert; warm_prompt=False (--cold) keeps it short."""
+    m = amed.load(golden_dir, ctx_size=128)
+    tok = Tokenizer.from_dir(golden_dir)
+    for warm, extra in ((True, 12), (False, 0)):
+        before = m.tokens_forwarded
+        run_bench(m, tok, n_prompt=12, n_gen=2, reps=1, warm_prompt=warm)
+        # compile warm-up 8 + 1, the warm prompt, then pp12 and tg2 (one token to start, two timed)
+        assert m.tokens_forwarded - before == 8 + 1 + extra + 12 + 1 + 2
+
 def test_bench_bounded_cache_reports_the_disk_ceiling(tmp_path):
     """Under --max-ram the decode rows carry the cache columns, and the ceiling is the missed bytes
     per token at the disk speed (the faster of the probes before and after the run)."""
