@@ -6,7 +6,6 @@ expert bytes resident in RAM after the run.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import mmap
 import os
@@ -94,36 +93,16 @@ def current_rss_bytes() -> int:
 
 # ---- page residency (mincore) ----------------------------------------------------------------
 
-_libc = None
-
-
-def resident_fraction(m: mmap.mmap, offset: int, length: int) -> float:
-    """Fraction of pages of m[offset:offset+length] resident in RAM (page cache), via mincore."""
-    global _libc
-    if length <= 0:
-        return 0.0
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    page = mmap.PAGESIZE
-    base = np.frombuffer(m, np.uint8, count=1).ctypes.data   # address of the mapping
-    start = (base + offset) // page * page
-    end = base + offset + length
-    npages = -(-(end - start) // page)
-    vec = (ctypes.c_ubyte * npages)()
-    if _libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(end - start), vec) != 0:
-        return float("nan")
-    return float((np.frombuffer(vec, np.uint8) & 1).mean())
-
-
 def expert_residency(source, cache=None) -> float | None:
     """Resident fraction of all routed-expert bytes of a store (None for checkpoints): what the
     slot cache holds, or else what the kernel has in RAM of the expert regions (mincore)."""
     info = getattr(source, "experts_info", None)
     if not info:
         return None
-    if getattr(cache, "slot_size", None):
-        return len(cache._loaded) * cache.slot_size / sum(e["stride"] * e["count"] for e in info.values())
+    if hasattr(cache, "loaded_bytes"):                 # a slot cache: its own copies
+        return cache.loaded_bytes / sum(e["stride"] * e["count"] for e in info.values())
+    from .cache import resident_fraction
+
     got = total = 0
     for e in info.values():
         n = e["stride"] * e["count"]

@@ -134,26 +134,45 @@ def disk_read_bytes() -> int | None:
     return None
 
 
-# ---- madvise with the GIL released ---------------------------------------------------------------
+# ---- madvise and mincore (ctypes: the GIL is released) ---------------------------------------------
 
 _libc = None
 
 
-def madvise(addr: int, length: int, advice: int) -> int:
-    """madvise(2) through ctypes (which releases the GIL); returns 0 or the errno."""
+def _lib():
     global _libc
     if _libc is None:
         lib = ctypes.CDLL(None, use_errno=True)
         lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         lib.madvise.restype = ctypes.c_int
+        lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         _libc = lib
+    return _libc
+
+
+def madvise(addr: int, length: int, advice: int) -> int:
+    """madvise(2) through ctypes (which releases the GIL); returns 0 or the errno."""
     if length <= 0:
         return 0
-    return 0 if _libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), advice) == 0 else ctypes.get_errno()
+    return 0 if _lib().madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), advice) == 0 else ctypes.get_errno()
 
 
 def map_address(m: mmap.mmap) -> int:
     return np.frombuffer(m, np.uint8, count=1).ctypes.data
+
+
+def resident_fraction(m: mmap.mmap, offset: int, length: int) -> float:
+    """Fraction of pages of m[offset:offset+length] resident in RAM (page cache), via mincore."""
+    if length <= 0:
+        return 0.0
+    page = mmap.PAGESIZE
+    start = (map_address(m) + offset) // page * page
+    end = map_address(m) + offset + length
+    npages = -(-(end - start) // page)
+    vec = (ctypes.c_ubyte * npages)()
+    if _lib().mincore(ctypes.c_void_p(start), ctypes.c_size_t(end - start), vec) != 0:
+        return float("nan")
+    return float((np.frombuffer(vec, np.uint8) & 1).mean())
 
 
 # ---- statistics --------------------------------------------------------------------------------
@@ -651,6 +670,11 @@ class SlotCache(ExpertCache):
     def cost(self, layer: int, e: int) -> int:
         return self.slot_size
 
+    @property
+    def loaded_bytes(self) -> int:
+        """Bytes of the slots that hold a loaded expert."""
+        return len(self._loaded) * self.slot_size
+
     def _admit(self, key) -> int:
         n = super()._admit(key)
         if self._free:
@@ -796,8 +820,6 @@ class SlotCache(ExpertCache):
     def _in_page_cache(self, fname: str, off: int, length: int) -> bool:
         """Whether the kernel still holds the expert's bytes (an earlier run, free RAM beyond the
         budget): then a buffered read is a memory copy, where O_DIRECT would go to the disk."""
-        from .bench import resident_fraction
-
         return resident_fraction(self.store._maps[fname], off, length) >= 0.99
 
     def _read(self, key, yielding: bool = False) -> None:

@@ -191,6 +191,7 @@ class Model:
             w.lookahead(L, h)
         return experts if w.cache is None else w.cache.ready_first(L, experts)
 
+
 def load(path, ctx_size: int = 4096, max_ram=None, prefetch: bool = True, lookahead: str = "auto",
          log=None) -> Model:
     """Open a Hugging Face checkpoint directory or an amed store directory.

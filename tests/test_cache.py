@@ -124,7 +124,7 @@ def test_eviction_never_drops_dense_weights(store, run_ids, reference, monkeypat
         assert base <= lo < hi <= base + info["stride"] * info["count"]
         assert not any(a < hi and lo < b for a, b in dense)
     # and the dense weights are all still in the page cache after MADV_PAGEOUT of the experts
-    from amed.bench import resident_fraction
+    from amed.cache import resident_fraction
 
     for n in ("blk.1.attn_qkv.q", "blk.2.ffn_gate_inp", "blk.3.ffn_up_shexp.q", "output.q"):
         t = st.tensors[n]

@@ -107,7 +107,7 @@ def test_layout_experts_are_page_aligned_contiguous_ranges(medium_q4):
 
 def test_only_routed_experts_become_resident(medium_q4):
     """mincore after dropping the store from the page cache: one token pages in ~k/E experts."""
-    from amed.bench import resident_fraction
+    from amed.cache import resident_fraction
 
     for f in medium_q4.glob("*.safetensors"):
         fd = os.open(f, os.O_RDONLY)
