@@ -188,12 +188,15 @@ def quantize(
     group_size: Annotated[int, typer.Option("--group-size", "-g", help="Weights per scale: 32, 64 or 128.")] = 64,
     dense: Annotated[str, typer.Option(help=DENSE_HELP)] = "q8",
     head: Annotated[str, typer.Option(help=HEAD_HELP)] = "auto",
+    layout: Annotated[str, typer.Option(help="q4/q8 row layout: r8 (8 rows interleaved, faster prefill) "
+                                             "or rows (store format 1, one row after another; for A/B runs).")] = "r8",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing store or unfinished job.")] = False,
 ):
     """Convert a checkpoint into an int4/int8 amed store (streaming, resumable: rerun to continue)."""
     from .quantize import Settings
 
-    run_quantize(src, output, Settings(bits=bits, group_size=group_size, dense=dense, head=head), force)
+    run_quantize(src, output, Settings(bits=bits, group_size=group_size, dense=dense, head=head, layout=layout),
+                 force)
 
 
 def run_quantize(src, output: Path, settings, force: bool) -> None:

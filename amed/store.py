@@ -27,7 +27,8 @@ from .errors import AmedError
 
 MANIFEST = "amed-manifest.json"
 FORMAT = "amed-store"
-VERSION = 1
+VERSION = 2               # 2: q4/q8 matrices may be in the r8 layout (manifest "layout"); 1: rows only
+READS_VERSIONS = (1, 2)
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json")
 
@@ -48,9 +49,10 @@ def read_manifest(path: Path) -> dict:
         raise AmedError(f"{mpath} is corrupt (not valid JSON); re-run `amed quantize`.") from None
     if not isinstance(man, dict) or man.get("format") != FORMAT:
         raise AmedError(f"{mpath} is not an amed store manifest.")
-    if man.get("version") != VERSION:
+    if man.get("version") not in READS_VERSIONS:
         raise AmedError(f"{path} is an amed store of format version {man.get('version')}; this amed "
-                        f"reads version {VERSION}: re-run `amed quantize`, or use a matching amed.")
+                        f"reads versions {', '.join(map(str, READS_VERSIONS))}: re-run `amed quantize`, "
+                        f"or use a matching amed.")
     return man
 
 
@@ -140,9 +142,15 @@ class Store:
 
         info = self.weights_info.get(name) or self._expert_weight_info(name)
         fmt, shape, group = info["format"], tuple(info["shape"]), info.get("group")
+        layout = info.get("layout", "rows")
         parts = {suffix.lstrip(".") or "w": self.array(name + suffix, copy)
-                 for suffix, _, _ in component_specs(fmt, shape, group)}
-        return as_matrix(fmt, parts, shape, group)
+                 for suffix, _, _ in component_specs(fmt, shape, group, layout)}
+        for suffix, _, want in component_specs(fmt, shape, group, layout):
+            if tuple(self.tensors[name + suffix].shape) != tuple(want):
+                raise AmedError(f"tensor '{name + suffix}' in {self.path} has shape "
+                                f"{list(self.tensors[name + suffix].shape)}, but its manifest entry says "
+                                f"{list(want)}: the store is damaged; re-run `amed quantize`.")
+        return as_matrix(fmt, parts, shape, group, layout)
 
     def vector(self, name: str) -> np.ndarray:
         a = self.array(name)
@@ -210,21 +218,24 @@ class Store:
         return bad
 
 
-def component_specs(fmt: str, shape: tuple, group: int | None) -> list[tuple[str, str, tuple]]:
-    """(suffix, safetensors dtype, shape) of the tensors that hold one weight [N, K]."""
+def component_specs(fmt: str, shape: tuple, group: int | None, layout: str = "rows") -> list[tuple[str, str, tuple]]:
+    """(suffix, safetensors dtype, shape) of the tensors that hold one weight [N, K] (the arrays
+    of quants.array_shapes, so a QTensor's arrays are these tensors as they are)."""
     if fmt == "f32":
         return [("", "F32", shape)]
     if fmt == "bf16":
         return [("", "BF16", shape)]
-    N, K = shape
-    ng = K // group
-    if fmt == "q8":
-        return [(".q", "I8", (N, ng, group)), (".s", SCALE_DTYPE, (N, ng))]
-    if fmt == "q4":
-        return [(".q", "U8", (N, ng, group // 2)), (".s", SCALE_DTYPE, (N, ng)), (".m", SCALE_DTYPE, (N, ng))]
-    if fmt == "q6":
-        return [(".q", "U8", (N, ng, 3 * group // 4)), (".s", SCALE_DTYPE, (N, ng)), (".m", SCALE_DTYPE, (N, ng))]
-    raise ValueError(f"unknown weight format {fmt!r}")
+    if fmt not in ("q4", "q6", "q8"):
+        raise ValueError(f"unknown weight format {fmt!r}")
+    from .quants import array_shapes
+
+    try:
+        arrays = array_shapes(fmt, shape, group, layout)
+    except ValueError as e:
+        raise AmedError(f"a {fmt} weight of shape {list(shape)}: {e}") from None
+    st = {"q": "I8" if fmt == "q8" else "U8", "scale": SCALE_DTYPE, "zero": SCALE_DTYPE}
+    suffix = {"q": ".q", "scale": ".s", "zero": ".m"}
+    return [(suffix[k], st[k], shp) for k, (shp, _) in arrays.items()]
 
 
 def components(name: str, fmt: str) -> list[str]:

@@ -47,7 +47,8 @@ class SwiGLU(tuple):
         self = super().__new__(cls, (gate, up, down))
         self._run = None
         if type(gate) is Quant and type(up) is Quant and type(down) is Quant \
-                and gate.qt.fmt == up.qt.fmt == down.qt.fmt and gate.qt.group == up.qt.group:
+                and gate.qt.fmt == up.qt.fmt == down.qt.fmt and gate.qt.group == up.qt.group \
+                and gate.qt.layout == up.qt.layout == down.qt.layout:
             from .qkernels import expert_runner
 
             self._run = expert_runner(gate.qt, up.qt, down.qt)
@@ -160,11 +161,11 @@ class Quant:
         return dequantize_rows(self.qt, rows)
 
 
-def as_matrix(fmt: str, parts: dict, shape: tuple, group: int | None):
+def as_matrix(fmt: str, parts: dict, shape: tuple, group: int | None, layout: str = "rows"):
     """A store weight (its component arrays) as a matmul-able object."""
     if fmt in ("f32", "bf16"):
         return Dense(parts["w"])
     from .quants import QTensor
 
     return Quant(QTensor(fmt=fmt, shape=shape, group=group, q=parts["q"], scale=parts["s"],
-                         zero=parts.get("m")))
+                         zero=parts.get("m"), layout=layout))

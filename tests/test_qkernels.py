@@ -188,3 +188,87 @@ def test_batched_tokens_are_bit_identical_to_one_at_a_time(fmt, G):
     eb = QK.expert_q(x, gate, up, down)
     es = np.concatenate([QK.expert_q(np.ascontiguousarray(x[t:t + 1]), gate, up, down) for t in range(T)])
     np.testing.assert_array_equal(eb, es)
+
+
+# ---- the r8 layout (rows interleaved by 8) ---------------------------------------------------
+
+def make_r8(fmt, N, K, G, seed):
+    """An r8 matrix through its canonical bytes (read-only views), and the same matrix in rows."""
+    rows = make(fmt, N, K, G, seed)
+    r8 = Q.interleave(rows)
+    r8 = Q.QTensor.from_buffer(r8.tobytes(), 0, fmt, (N, K), G, layout="r8")
+    assert not r8.q.flags.writeable and r8.layout == "r8"
+    return r8, rows
+
+
+R8_CASES = [(fmt, G, N) for fmt in ("q4", "q8") for G in (32, 64, 128) for N in (8, 40)]
+
+
+@pytest.mark.parametrize("fmt,G,N", R8_CASES)
+def test_r8_qmatmul_matches_numpy_and_the_rows_kernel(fmt, G, N):
+    K = 3 * G
+    r8, rows = make_r8(fmt, N, K, G, seed=G + N)
+    W = Q.dequantize(r8).astype(np.float64)
+    np.testing.assert_array_equal(W, Q.dequantize(rows))
+    rng = np.random.default_rng(N + G)
+    for T in (1, 3, 4, 9):                   # one token, TB blocks, and TB blocks plus a tail
+        x = rng.standard_normal((T, K)).astype(np.float32)
+        out = QK.qmatmul(x, r8)
+        assert out.shape == (T, N)
+        assert rel_err(out, rounded_x(x, G) @ W.T) < EXACT_TOL
+        assert rel_err(out, x.astype(np.float64) @ W.T) < TRUE_X_TOL
+        # the same integer sums as the rows kernels; only the float32 summation order differs
+        assert rel_err(out, QK.qmatmul(x, rows).astype(np.float64)) < 1e-6
+
+
+@pytest.mark.parametrize("G", [32, 64])
+def test_r8_every_level_in_every_lane(G):
+    """Random bytes (every level in every lane and nibble, unlike quantized data): a wrong
+    interleave order in the kernel or in quants.interleave cannot hide."""
+    rng = np.random.default_rng(G)
+    N, ng = 16, 3
+    for fmt in ("q4", "q8"):
+        q = rng.integers(0, 256, (N, ng, G // 2), dtype=np.uint8) if fmt == "q4" else \
+            rng.integers(-127, 128, (N, ng, G), dtype=np.int8)
+        z = (rng.standard_normal((N, ng)) * 0.05).astype(np.float16) if fmt == "q4" else None
+        rows = Q.QTensor(fmt=fmt, shape=(N, ng * G), group=G, q=q, zero=z,
+                         scale=(rng.random((N, ng)) * 0.01 + 1e-3).astype(np.float16))
+        r8 = Q.interleave(rows)
+        W = Q.dequantize(rows).astype(np.float64)
+        x = rng.standard_normal((5, ng * G)).astype(np.float32)
+        x[1] = 1.0                           # the largest integer sums
+        for T in (1, 4, 5):
+            assert rel_err(QK.qmatmul(x[:T], r8), rounded_x(x[:T], G) @ W.T) < EXACT_TOL
+
+
+@pytest.mark.parametrize("fmt,G", [("q4", 64), ("q4", 32), ("q8", 64), ("q8", 128)])
+def test_r8_expert_matches_numpy(fmt, G):
+    H, I = 256, 128
+    mats = [make_r8(fmt, n, k, G, seed) for n, k, seed in ((I, H, 1), (I, H, 2), (H, I, 3))]
+    (gate, g0), (up, u0), (down, d0) = mats
+    for T in (1, 3, 8):
+        x = np.random.default_rng(T).standard_normal((T, H)).astype(np.float32)
+        out = QK.expert_q(x, gate, up, down)
+        Wg, Wu, Wd = (Q.dequantize(m).astype(np.float64) for m in (gate, up, down))
+        xg, xu = x.astype(np.float64) @ Wg.T, x.astype(np.float64) @ Wu.T
+        assert rel_err(out, (xg / (1.0 + np.exp(-xg)) * xu) @ Wd.T) < TRUE_X_TOL
+        assert rel_err(out, QK.expert_q(x, g0, u0, d0).astype(np.float64)) < 1e-5
+    with pytest.raises(ValueError):          # layouts cannot be mixed in one fused call
+        QK.expert_q(x, gate, u0, down)
+
+
+def test_r8_bad_arguments_raise():
+    r8, _ = make_r8("q4", 16, 128, 64, seed=6)
+    with pytest.raises(ValueError):
+        QK.qmatmul(np.zeros((1, 64), np.float32), r8)             # K mismatch
+    with pytest.raises(ValueError):
+        QK.qmatmul(np.zeros((1, 128), np.float32), r8, np.zeros((1, 8), np.float32))
+    q8, _ = make_r8("q8", 16, 128, 64, seed=6)
+    out = np.empty((1, 16), np.float32)
+    xq, sx, xs = QK.prepare_x(np.ones((1, 128), np.float32), 64)
+    with pytest.raises(ValueError):          # q8 bytes (8 per weight-row) read as q4: wrong width
+        QK.gemm_r8(xq, sx, xs, q8.q.view(np.uint8), *r8.kargs[1:], out)
+    with pytest.raises(ValueError):
+        Q.interleave(make("q6", 16, 128, 64, seed=1))              # q6 has no r8 layout
+    with pytest.raises(ValueError):
+        Q.interleave(make("q4", 12, 128, 64, seed=1))              # rows not a multiple of 8

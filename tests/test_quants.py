@@ -269,3 +269,41 @@ def test_from_buffer_checks_offset_and_size():
         Q.QTensor.from_buffer(raw[:-64], 0, "q4", (2, 128), 64)  # too short
     with pytest.raises(ValueError):
         qt.write_into(bytearray(qt.nbytes - 1))
+
+
+def test_r8_layout_hand_made_block():
+    """The documented r8 byte order, on levels that name their own (row, element)."""
+    N, G = 8, 32
+    u8 = np.array([[(r * 5 + k) % 16 for k in range(G)] for r in range(N)], np.uint8)[:, None, :]
+    rows = Q.QTensor(fmt="q4", shape=(N, G), group=G, q=Q._pack_q4(u8),
+                     scale=np.ones((N, 1), np.float16), zero=np.zeros((N, 1), np.float16))
+    r8 = Q.interleave(rows)
+    assert r8.q.shape == (1, 1, 8 * G // 2) and r8.scale.shape == (1, 1, 8)
+    for m in range(G // 8):
+        for r in range(8):
+            for j in range(4):
+                byte = int(r8.q[0, 0, 32 * m + 4 * r + j])
+                assert byte & 15 == u8[r, 0, 8 * m + j] and byte >> 4 == u8[r, 0, 8 * m + 4 + j]
+    lv = np.arange(-64, 64, dtype=np.int8).reshape(4, 1, G).repeat(2, axis=0)      # 8 rows
+    q8 = Q.interleave(Q.QTensor(fmt="q8", shape=(8, G), group=G, q=lv, scale=np.ones((8, 1), np.float16)))
+    for c in range(G // 4):
+        for r in range(8):
+            assert list(q8.q[0, 0, 32 * c + 4 * r:32 * c + 4 * r + 4]) == list(lv[r, 0, 4 * c:4 * c + 4])
+
+
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_r8_round_trip_bytes_and_rows(fmt):
+    rng = np.random.default_rng(3)
+    qt = Q.quantize(rng.standard_normal((24, 192)).astype(np.float32), fmt, 64)
+    r8 = Q.interleave(qt)
+    assert r8.nbytes == qt.nbytes and r8.layout == "r8"
+    back = Q.to_rows(Q.QTensor.from_buffer(r8.tobytes(), 0, fmt, (24, 192), 64, layout="r8"))
+    for name in ("q", "scale", "zero"):
+        a, b = getattr(back, name), getattr(qt, name)
+        assert (a is None and b is None) or np.array_equal(a, b)
+    np.testing.assert_array_equal(Q.dequantize(r8), Q.dequantize(qt))
+    np.testing.assert_array_equal(Q.dequantize_rows(r8, [23, 0, 9, 9]), Q.dequantize_rows(qt, [23, 0, 9, 9]))
+    with pytest.raises(ValueError):
+        Q.QTensor(fmt=fmt, shape=(24, 192), group=64, layout="r8", q=qt.q, scale=qt.scale, zero=qt.zero)
+    with pytest.raises(ValueError):
+        Q.array_shapes(fmt, (24, 192), 64, layout="cols")

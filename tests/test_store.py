@@ -55,6 +55,24 @@ def test_quality_on_golden_like_model(golden_dir, tmp_path, bits, limit):
     assert top1 >= (0.93 if bits == 4 else 0.97)
 
 
+def test_r8_store_equals_rows_store_and_version_1_still_opens(golden_dir, tmp_path):
+    """The r8 layout changes only the float32 summation order: logits of an r8 store and of a
+    rows store of the same weights agree to float32 noise. A rows store labelled version 1 (what
+    amed wrote before r8) still opens."""
+    quantize_model(golden_dir, tmp_path / "r8", Settings(bits=4))
+    quantize_model(golden_dir, tmp_path / "rows", Settings(bits=4, layout="rows"))
+    man = json.loads((tmp_path / "rows" / MANIFEST).read_text())
+    assert not any("layout" in w for w in man["weights"].values())
+    (tmp_path / "rows" / MANIFEST).write_text(json.dumps({**man, "version": 1}))
+    ids = np.random.default_rng(1).integers(7, 512, 40)
+    a = amed.load(tmp_path / "r8").logits(ids)
+    b = amed.load(tmp_path / "rows").logits(ids)
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+    r8 = open_store(tmp_path / "r8")
+    assert r8.matrix("blk.1.ffn_gate_exps.3").qt.layout == "r8"
+    assert r8.matrix("token_embd").qt.layout == "rows"
+
+
 def test_dense_q6_store_round_trip(golden_dir, tmp_path):
     """--dense q6: every dense weight (attention, dense and shared SwiGLU, embeddings, lm_head)
     stored as q6 and run through the q6 kernels (expert_q6 for the SwiGLUs); experts q8 so the
@@ -90,8 +108,12 @@ def test_store_is_exact_to_its_own_weights_and_consistent(medium_q4):
 def test_layout_experts_are_page_aligned_contiguous_ranges(medium_q4):
     st = open_store(medium_q4)
     man = st.manifest
-    assert man["complete"] and man["version"] == 1
+    assert man["complete"] and man["version"] == 2
     assert man["quantization"]["policy"]["router"] == "source" and man["quantization"]["policy"]["expert"] == "q4"
+    # q4/q8 matrices are interleaved by 8 rows; the embeddings (read by row) and q6 are not
+    assert all(m.get("layout") == "r8" for i in man["experts"].values() for m in i["matrices"].values())
+    assert man["weights"]["blk.0.attn_qkv"]["layout"] == "r8" and "layout" not in man["weights"]["token_embd"]
+    assert "layout" not in man["weights"]["output"]                                 # q6 lm_head
     for L, info in man["experts"].items():
         assert info["offset"] % PAGE == 0 and info["stride"] % PAGE == 0
         for e in (0, 1, info["count"] - 1):
@@ -274,3 +296,14 @@ def test_synth_store_directly_equals_synth_then_quantize(tmp_path):
             assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
     ma, mb = (json.loads((tmp_path / d / MANIFEST).read_text()) for d in "ab")
     assert {k: v for k, v in ma.items() if k != "source"} == {k: v for k, v in mb.items() if k != "source"}
+
+
+def test_row_chunks_are_recut_into_whole_r8_blocks():
+    from amed.quantize import _whole_blocks
+
+    rows = np.arange(43 * 2).reshape(43, 2)
+    chunks = [(0, rows[:5]), (5, rows[5:6]), (6, rows[6:30]), (30, rows[30:])]
+    out = list(_whole_blocks(iter(chunks), 8))
+    assert all(len(w) % 8 == 0 for _, w in out[:-1]) and all(r0 % 8 == 0 for r0, _ in out)
+    np.testing.assert_array_equal(np.concatenate([w for _, w in out]), rows)
+    assert [r0 for r0, _ in out] == [0, 24, 40]
