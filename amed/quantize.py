@@ -303,9 +303,9 @@ def _convert(ckpt: Checkpoint, writer: ContainerWriter, s: TensorSpec, settings:
         elif fmt == "bf16":
             writer.write(s.name, f32_to_bf16(w), row0)            # exact for a bf16 source
         else:
-            qt = quants.quantize(w, fmt, group)
+            qt = quants.quantize(w, fmt, group, layout="r8" if r8 else "rows")
             if r8:                                 # r8 arrays are indexed by blocks of 8 rows
-                qt, row0 = quants.interleave(qt), row0 // quants.R8
+                row0 //= quants.R8
             for suffix, arr in quant_parts(qt, fmt):
                 writer.write(s.name + suffix, arr, row0)
 

@@ -524,11 +524,11 @@ def _q8_fit(W: np.ndarray, method: str):
     return _levels(W, s, None, -Q8_MAX, Q8_MAX, U), s
 
 
-def quantize(w: np.ndarray, fmt: str, group: int, method: str = "search") -> QTensor:
+def quantize(w: np.ndarray, fmt: str, group: int, method: str = "search", layout: str = "rows") -> QTensor:
     """Quantize a float matrix w [N, K] (PyTorch layout) to `fmt` ("q4", "q6" or "q8") with group
     size `group`. method="search" (default) minimizes each group's squared error over a few
     candidate ranges with least-squares refits; method="naive" is the plain min/max (q4, q6) or
-    absmax (q8) fit."""
+    absmax (q8) fit. layout="r8" packs the levels straight into the r8 layout (q4/q8, N % 8 == 0)."""
     if method not in ("search", "naive"):
         raise ValueError(f"method must be 'search' or 'naive', not {method!r}")
     w = np.asarray(w)
@@ -537,26 +537,30 @@ def quantize(w: np.ndarray, fmt: str, group: int, method: str = "search") -> QTe
     N, K, ng = _check_format(fmt, w.shape, group)
     if not np.issubdtype(w.dtype, np.floating):
         raise TypeError(f"quantize expects a float matrix, got {w.dtype}")
-    shapes = array_shapes(fmt, (N, K), group)
+    shapes = array_shapes(fmt, (N, K), group, layout)
     q = np.empty(*shapes["q"])
     scale = np.empty(*shapes["scale"])
     zero = np.empty(*shapes["zero"]) if fmt in ASYM_MAX else None
-    rows = max(1, _CHUNK // K)
+    r8 = layout == "r8"
+    step = R8 if r8 else 1                 # r8 arrays are indexed by blocks of 8 rows
+    rows = max(step, _CHUNK // K // step * step)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
+        n, b0, b1 = r1 - r0, r0 // step, r1 // step
         W = np.ascontiguousarray(w[r0:r1], dtype=np.float32).reshape(-1, group)
         if not np.isfinite(W).all():
             raise ValueError(f"rows {r0}..{r1 - 1} hold NaN or infinite weights")
         if fmt == "q8":
             U, s = _q8_fit(W, method)
-            q[r0:r1] = U.astype(np.int8).reshape(r1 - r0, ng, group)
+            U = U.astype(np.int8).reshape(n, ng, group)
+            q[b0:b1] = _levels_to_r8(fmt, U) if r8 else U
         else:
             U, s, z = (_q4_fit if fmt == "q4" else _q6_fit)(W, method)
-            pack = _pack_q4 if fmt == "q4" else _pack_q6
-            q[r0:r1] = pack(U.astype(np.uint8).reshape(r1 - r0, ng, group))
-            zero[r0:r1] = z.reshape(r1 - r0, ng)
-        scale[r0:r1] = s.reshape(r1 - r0, ng)
-    return QTensor(fmt=fmt, shape=(N, K), group=group, q=q, scale=scale, zero=zero)
+            U = U.astype(np.uint8).reshape(n, ng, group)
+            q[b0:b1] = _levels_to_r8(fmt, U) if r8 else (_pack_q4 if fmt == "q4" else _pack_q6)(U)
+            zero[b0:b1] = _scales_to_r8(z.reshape(n, ng)) if r8 else z.reshape(n, ng)
+        scale[b0:b1] = _scales_to_r8(s.reshape(n, ng)) if r8 else s.reshape(n, ng)
+    return QTensor(fmt=fmt, shape=(N, K), group=group, q=q, scale=scale, zero=zero, layout=layout)
 
 
 def quantize_q4_symmetric(w: np.ndarray, group: int, method: str = "search") -> np.ndarray:

@@ -307,3 +307,12 @@ def test_r8_round_trip_bytes_and_rows(fmt):
         Q.QTensor(fmt=fmt, shape=(24, 192), group=64, layout="r8", q=qt.q, scale=qt.scale, zero=qt.zero)
     with pytest.raises(ValueError):
         Q.array_shapes(fmt, (24, 192), 64, layout="cols")
+
+
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_quantize_straight_into_r8_equals_interleave(fmt):
+    w = np.random.default_rng(5).standard_normal((40, 256)).astype(np.float32)
+    a, b = Q.quantize(w, fmt, 64, layout="r8"), Q.interleave(Q.quantize(w, fmt, 64))
+    for name in ("q", "scale", "zero"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None and y is None) or np.array_equal(x, y)
