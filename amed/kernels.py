@@ -270,3 +270,17 @@ def sum_f32(a):
     for i in prange(a.shape[0]):
         acc += a[i]
     return acc
+
+
+@njit(cache=True, nogil=True)        # no fastmath: w * y and the add stay two roundings, as in NumPy
+def moe_combine(out, y, tok, w):
+    """out[tok[p]] += w[p] * y[p] for p in order: the routed experts' outputs y [P, H] (rows
+    grouped by expert, ascending ids) summed into out [T, H] in that order, so each token adds its
+    experts in ascending id order, exactly as `out[rows] += w[:, None] * y_e` expert by expert."""
+    H = out.shape[1]
+    for p in range(y.shape[0]):
+        t = tok[p]
+        wp = w[p]
+        for j in range(H):
+            out[t, j] += wp * y[p, j]
+

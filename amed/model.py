@@ -23,6 +23,9 @@ from .config import ModelConfig
 from .errors import AmedError
 
 F32 = np.float32
+# prefill tokens whose routed experts run together: bounds the gathered copies of their hidden
+# states and outputs (2 x 8 x 256 x H floats, 64 MiB at H = 4096) whatever the prompt length
+MOE_CHUNK = 256
 
 
 def rope_tables(n_pos: int, rot: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -135,28 +138,35 @@ class Model:
 
         if T == 1:
             return self._moe_one_token(L, lw, h, idx[0], wts[0])
+        out = np.zeros_like(h)
+        for t0 in range(0, T, MOE_CHUNK):
+            t1 = min(T, t0 + MOE_CHUNK)
+            self._moe_tokens(L, lw, h[t0:t1], idx[t0:t1], wts[t0:t1], out[t0:t1])
+        return out
+
+    def _moe_tokens(self, L: int, lw, h: np.ndarray, idx: np.ndarray, wts: np.ndarray, out: np.ndarray) -> None:
+        """out (zeros) = the MoE output for tokens h [T, H] (T <= MOE_CHUNK): the routed experts'
+        weighted outputs summed in expert-id order, then the shared expert's."""
+        k = idx.shape[1]
         # Group tokens by expert so each chosen expert's weights are read once for the batch;
-        # experts nobody chose are never touched (their pages never leave the disk).
+        # experts nobody chose are never touched (their pages never leave the disk). Gathered
+        # once, each expert's tokens are a contiguous slice of hs and its outputs one of ys.
         flat = idx.reshape(-1)
         order = np.argsort(flat, kind="stable")
         experts, starts = np.unique(flat[order], return_index=True)
         ends = np.append(starts[1:], len(flat))
-        span = {e: (a, b) for e, a, b in zip(experts.tolist(), starts.tolist(), ends.tolist())}
+        span = dict(zip(experts.tolist(), zip(starts.tolist(), ends.tolist())))
+        tok = order // k
+        hs = h[tok]                                                        # [T k, H]
+        ys = np.empty_like(hs)
         run = self._start_experts(L, list(span), h)
         shared = lw.shared(h) if lw.shared is not None else None
-        out = np.zeros_like(h)
-        wsel = wts.reshape(-1)
-        ys = {}                                     # outputs computed ahead of their turn in the sum
         for e in run:
-            sel = order[span[e][0]:span[e][1]]
-            ys[e] = self.weights.expert(L, e)(np.ascontiguousarray(h[sel // k]))   # [n, H]
-            while ys and next(iter(span)) in ys:    # sum in expert-id order, whatever the run order
-                d = next(iter(span))
-                a, b = span.pop(d)
-                out[order[a:b] // k] += wsel[order[a:b]][:, None] * ys.pop(d)
+            a, b = span[e]
+            self.weights.expert(L, e)(hs[a:b], ys[a:b])
+        K.moe_combine(out, ys, tok, wts.reshape(-1)[order])               # in expert-id order
         if shared is not None:
             out += shared                                                  # shared expert, weight 1
-        return out
 
     def _moe_one_token(self, L: int, lw, h: np.ndarray, idx: np.ndarray, wts: np.ndarray) -> np.ndarray:
         """_moe for one token (decode), without the grouping: the same sums in the same order

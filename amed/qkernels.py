@@ -941,8 +941,9 @@ def expert_runner(gate, up, down):
     kernel, args = _expert_call(gate, up, down)
     H = down.shape[0]
 
-    def run(x: np.ndarray) -> np.ndarray:
-        out = np.empty((x.shape[0], H), dtype=np.float32)
+    def run(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            out = np.empty((x.shape[0], H), dtype=np.float32)
         kernel(x, *args, out)
         return out
     return run

@@ -54,16 +54,16 @@ class SwiGLU(tuple):
             self._run = expert_runner(gate.qt, up.qt, down.qt)
         return self
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x float32 [T, H] C-contiguous -> [T, H]."""
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """x float32 [T, H] C-contiguous -> [T, H] (into `out`, C-contiguous, when given)."""
         if self._run is not None:
-            return self._run(x)
+            return self._run(x, out)
         gate, up, down = self
         T, I = x.shape[0], gate.shape[0]
         g = gate.matmul(x, np.empty((T, I), np.float32))
         u = up.matmul(x, np.empty((T, I), np.float32))
         kernels.silu_mul(g, u, g)
-        return down.matmul(g, np.empty((T, down.shape[0]), np.float32))
+        return down.matmul(g, np.empty((T, down.shape[0]), np.float32) if out is None else out)
 
 
 class Layer:
