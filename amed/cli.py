@@ -23,6 +23,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 # store formats, shared by quantize, download --quantize and synth --bits
 DENSE_HELP = "Attention, shared expert, dense MLP and embeddings: q8, q6, q4 or bf16."
+LAYOUT_HELP = "q4/q8 row order: r8 (8 rows interleaved: faster prefill) or rows (store format 1; for A/B runs)."
 HEAD_HELP = ("lm_head (the output layer, read whole for every token): q8, q6, q4, bf16 or auto "
              "(q6; q8 with --bits 8 --dense q8; bf16 with --dense bf16).")
 
@@ -76,6 +77,7 @@ def download(
                                             help="Weights per scale: 32, 64 or 128.")] = 64,
     dense: Annotated[str, typer.Option(rich_help_panel="Quantize while downloading", help=DENSE_HELP)] = "q8",
     head: Annotated[str, typer.Option(rich_help_panel="Quantize while downloading", help=HEAD_HELP)] = "auto",
+    layout: Annotated[str, typer.Option(rich_help_panel="Quantize while downloading", help=LAYOUT_HELP)] = "r8",
     force: Annotated[bool, typer.Option("--force", rich_help_panel="Quantize while downloading",
                                         help="Overwrite an existing store or unfinished job.")] = False,
 ):
@@ -93,7 +95,7 @@ def download(
 
     if quantize_bits is not None:
         _download_quantize(repo_id, revision, local_dir, include, exclude, token, source, dry_run,
-                           quantize_bits, output, group_size, dense, head, force)
+                           quantize_bits, output, group_size, dense, head, layout, force)
         return
     if output is not None or force:
         fail("-o/--output and --force go with --quantize 4|8 (download and quantize in one go).")
@@ -148,7 +150,7 @@ def download(
 
 
 def _download_quantize(repo_id, revision, local_dir, include, exclude, token, source, dry_run, bits, output,
-                       group_size, dense, head, force) -> None:
+                       group_size, dense, head, layout, force) -> None:
     """`amed download --quantize`: see amed/stream.py."""
     from . import hub
     from .quantize import Settings
@@ -160,7 +162,7 @@ def _download_quantize(repo_id, revision, local_dir, include, exclude, token, so
         fail("--dry-run cannot be combined with --quantize.")
     if include or exclude:
         fail("--include/--exclude cannot be combined with --quantize (it fetches exactly what the store needs).")
-    settings = Settings(bits=bits, group_size=group_size, dense=dense, head=head)
+    settings = Settings(bits=bits, group_size=group_size, dense=dense, head=head, layout=layout)
     settings.validate()
     store = output or default_store_dir().parent / f"{repo_id.split('/')[-1]}-q{bits}"
     plan = hub.list_files(repo_id, revision=revision, token=token)
@@ -188,8 +190,7 @@ def quantize(
     group_size: Annotated[int, typer.Option("--group-size", "-g", help="Weights per scale: 32, 64 or 128.")] = 64,
     dense: Annotated[str, typer.Option(help=DENSE_HELP)] = "q8",
     head: Annotated[str, typer.Option(help=HEAD_HELP)] = "auto",
-    layout: Annotated[str, typer.Option(help="q4/q8 row layout: r8 (8 rows interleaved, faster prefill) "
-                                             "or rows (store format 1, one row after another; for A/B runs).")] = "r8",
+    layout: Annotated[str, typer.Option(help=LAYOUT_HELP)] = "r8",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing store or unfinished job.")] = False,
 ):
     """Convert a checkpoint into an int4/int8 amed store (streaming, resumable: rerun to continue)."""
@@ -569,6 +570,7 @@ def synth(
     group_size: Annotated[int, typer.Option("--group-size", "-g", help="With --bits: weights per scale.")] = 64,
     dense: Annotated[str, typer.Option(help="With --bits: " + DENSE_HELP)] = "q8",
     head: Annotated[str, typer.Option(help="With --bits: " + HEAD_HELP)] = "auto",
+    layout: Annotated[str, typer.Option(help="With --bits: " + LAYOUT_HELP)] = "r8",
 ):
     """Write a random BailingMoeV2 checkpoint (for tests and benchmarks; no download needed).
 
@@ -580,7 +582,7 @@ def synth(
         from .synth import SyntheticSource
 
         run_quantize(SyntheticSource(preset, layers, seed), out.expanduser(),
-                     Settings(bits=bits, group_size=group_size, dense=dense, head=head), force)
+                     Settings(bits=bits, group_size=group_size, dense=dense, head=head, layout=layout), force)
         return
 
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
