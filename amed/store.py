@@ -143,9 +143,13 @@ class Store:
         info = self.weights_info.get(name) or self._expert_weight_info(name)
         fmt, shape, group = info["format"], tuple(info["shape"]), info.get("group")
         layout = info.get("layout", "rows")
-        parts = {suffix.lstrip(".") or "w": self.array(name + suffix, copy)
-                 for suffix, _, _ in component_specs(fmt, shape, group, layout)}
-        for suffix, _, want in component_specs(fmt, shape, group, layout):
+        try:
+            specs = component_specs(fmt, shape, group, layout)
+        except (ValueError, TypeError) as e:
+            raise AmedError(f"weight '{name}' in {self.path} has an invalid manifest entry ({e}): the store "
+                            f"is damaged; re-run `amed quantize`.") from None
+        parts = {suffix.lstrip(".") or "w": self.array(name + suffix, copy) for suffix, _, _ in specs}
+        for suffix, _, want in specs:
             if tuple(self.tensors[name + suffix].shape) != tuple(want):
                 raise AmedError(f"tensor '{name + suffix}' in {self.path} has shape "
                                 f"{list(self.tensors[name + suffix].shape)}, but its manifest entry says "
@@ -229,10 +233,7 @@ def component_specs(fmt: str, shape: tuple, group: int | None, layout: str = "ro
         raise ValueError(f"unknown weight format {fmt!r}")
     from .quants import array_shapes
 
-    try:
-        arrays = array_shapes(fmt, shape, group, layout)
-    except ValueError as e:
-        raise AmedError(f"a {fmt} weight of shape {list(shape)}: {e}") from None
+    arrays = array_shapes(fmt, shape, group, layout)
     st = {"q": "I8" if fmt == "q8" else "U8", "scale": SCALE_DTYPE, "zero": SCALE_DTYPE}
     suffix = {"q": ".q", "scale": ".s", "zero": ".m"}
     return [(suffix[k], st[k], shp) for k, (shp, _) in arrays.items()]

@@ -307,3 +307,13 @@ def test_row_chunks_are_recut_into_whole_r8_blocks():
     assert all(len(w) % 8 == 0 for _, w in out[:-1]) and all(r0 % 8 == 0 for r0, _ in out)
     np.testing.assert_array_equal(np.concatenate([w for _, w in out]), rows)
     assert [r0 for r0, _ in out] == [0, 24, 40]
+
+
+def test_hostile_layout_in_manifest_is_a_clear_error(golden_dir, tmp_path):
+    quantize_model(golden_dir, tmp_path / "s", Settings(bits=4))
+    man = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    for name, bad in (("blk.0.attn_qkv", "cols"), ("output", "r8"), ("blk.0.attn_output", "rows")):
+        w = {**man["weights"], name: {**man["weights"][name], "layout": bad}}
+        (tmp_path / "s" / MANIFEST).write_text(json.dumps({**man, "weights": w}))
+        with pytest.raises(AmedError, match=name.replace(".", r"\.")):
+            amed.load(tmp_path / "s")
