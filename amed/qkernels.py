@@ -704,12 +704,19 @@ def qmatmul(x: np.ndarray, qt, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
+def _r8_args(qt) -> tuple:
+    """(q, s, z) for the r8 kernels: one signature for q4 and q8 (q8 passes its scales as the
+    zero array, which the q8 code never reads)."""
+    q, s, z = qt.kargs
+    return q, s, s if z is None else z
+
+
 def matmul_call(qt):
     """(kernel, weight arguments) for `kernel(x, *args, out)`: out[T, N] = x[T, K] @ W.T, x and out
     2-D C-contiguous float32 (what qmatmul checks). For callers that bind a matrix once."""
     q, s, z = qt.kargs
-    if qt.layout == "r8":                  # q4, or q8 with its scales as the unread zero array
-        return matmul_r8, (q, s, s if z is None else z)
+    if qt.layout == "r8":
+        return matmul_r8, _r8_args(qt)
     if qt.fmt == "q4":
         return matmul_q4, (q, s, z)
     if qt.fmt == "q6":
@@ -912,8 +919,7 @@ def _expert_call(gate, up, down):
         raise ValueError("expert_q: gate, up and down must share a format and layout, and gate/up a group size and shape")
     g, u, d = gate.kargs, up.kargs, down.kargs
     if gate.layout == "r8":
-        z = [m[2] if m[2] is not None else m[1] for m in (g, u, d)]
-        return expert_r8, (g[0], g[1], z[0], u[0], u[1], z[1], d[0], d[1], z[2])
+        return expert_r8, _r8_args(gate) + _r8_args(up) + _r8_args(down)
     if gate.fmt == "q4":
         return expert_q4, (g[0], g[1], g[2], u[0], u[1], u[2], d[0], d[1], d[2])
     if gate.fmt == "q6":

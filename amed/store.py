@@ -143,18 +143,13 @@ class Store:
         info = self.weights_info.get(name) or self._expert_weight_info(name)
         fmt, shape, group = info["format"], tuple(info["shape"]), info.get("group")
         layout = info.get("layout", "rows")
-        try:
-            specs = component_specs(fmt, shape, group, layout)
+        try:     # QTensor checks the arrays against the entry (format, layout, shapes)
+            parts = {suffix.lstrip(".") or "w": self.array(name + suffix, copy)
+                     for suffix, _, _ in component_specs(fmt, shape, group, layout)}
+            return as_matrix(fmt, parts, shape, group, layout)
         except (ValueError, TypeError) as e:
-            raise AmedError(f"weight '{name}' in {self.path} has an invalid manifest entry ({e}): the store "
-                            f"is damaged; re-run `amed quantize`.") from None
-        parts = {suffix.lstrip(".") or "w": self.array(name + suffix, copy) for suffix, _, _ in specs}
-        for suffix, _, want in specs:
-            if tuple(self.tensors[name + suffix].shape) != tuple(want):
-                raise AmedError(f"tensor '{name + suffix}' in {self.path} has shape "
-                                f"{list(self.tensors[name + suffix].shape)}, but its manifest entry says "
-                                f"{list(want)}: the store is damaged; re-run `amed quantize`.")
-        return as_matrix(fmt, parts, shape, group, layout)
+            raise AmedError(f"weight '{name}' in {self.path} does not match its manifest entry ({e}): the "
+                            f"store is damaged; re-run `amed quantize`.") from None
 
     def vector(self, name: str) -> np.ndarray:
         a = self.array(name)
