@@ -40,7 +40,7 @@ _setup_environment()
 
 def load(path, **kwargs):
     """Open a model directory (HF checkpoint or amed store) for inference."""
-    from .model import load as _load
+    from amed.engine.model import load as _load
 
     return _load(path, **kwargs)
 

@@ -1,3 +1,3 @@
-from .cli import main
+from amed.app.cli import main
 
 main()

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AmedError
+from amed.errors import AmedError
 
 SUPPORTED_ARCHITECTURES = ("BailingMoeV2ForCausalLM",)
 

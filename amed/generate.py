@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import AmedError
+from amed.errors import AmedError
 
 
 @dataclass

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator
 
-from .errors import AmedError
+from amed.errors import AmedError
 
 DEFAULT_REPO = "MedAIBase/AntAngelMed"
 # Only what amed reads: configs, the safetensors index and shards, tokenizer files, chat templates, licence.

@@ -25,8 +25,8 @@ import numpy as np  # noqa: E402
 import amed  # noqa: E402,F401  (sets NUMBA_CACHE_DIR / thread env before numba loads)
 import numba  # noqa: E402
 
-from amed import qkernels as QK  # noqa: E402
-from amed import quants as Q  # noqa: E402
+from amed.engine.backends.cpu import dispatch  # noqa: E402
+from amed.quant import formats as Q  # noqa: E402
 
 
 def _ro(a):
@@ -72,12 +72,12 @@ def bench_gemv(rng, fmt, N, K, G, T=1, pool_bytes=256 << 20, layout="rows"):
 
     def run_all():
         for m in mats:
-            QK.qmatmul(x, m, out)
+            dispatch.qmatmul(x, m, out)
 
     run_all()
     run_all()
     t = _time(run_all, 5) / count
-    hot = _time(lambda: [QK.qmatmul(x, mats[0], out) for _ in range(20)], 5) / 20
+    hot = _time(lambda: [dispatch.qmatmul(x, mats[0], out) for _ in range(20)], 5) / 20
     return t * 1e6, data / t / 1e9, data / hot / 1e9
 
 
@@ -139,8 +139,8 @@ def bench_gemm_table(rng, fmts, lays):
             m = random_qtensor(rng, fmt, 1024, 4096, G, lay)
             x = rng.standard_normal((T, 4096)).astype(np.float32)
             out = np.empty((T, 1024), dtype=np.float32)
-            QK.qmatmul(x, m, out)
-            t = _time(lambda: QK.qmatmul(x, m, out), 7)
+            dispatch.qmatmul(x, m, out)
+            t = _time(lambda: dispatch.qmatmul(x, m, out), 7)
             row.append(f"T={T}: {t * 1e6 / T:6.1f}")
         print(f"{fmt} {lay:4} G={G}: " + "  ".join(row), flush=True)
 
@@ -159,15 +159,15 @@ def bench_expert_table(rng, fmts, lays):
 
             def fused():
                 for e in experts:
-                    QK.expert_q(x, *e, out)
+                    dispatch.expert_q(x, *e, out)
 
             def separate():
                 for g, u, d in experts:
-                    QK.qmatmul(x, g, hg)
-                    QK.qmatmul(x, u, hu)
+                    dispatch.qmatmul(x, g, hg)
+                    dispatch.qmatmul(x, u, hu)
                     with np.errstate(over="ignore"):
                         np.multiply(hg / (1.0 + np.exp(-hg)), hu, out=hg)
-                    QK.qmatmul(hg, d, out)
+                    dispatch.qmatmul(hg, d, out)
 
             fused(), separate()
             tf = _time(fused, 5) / len(experts)

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 import amed
-from amed.bench import SAMPLE_TEXT, kl_divergence
-from amed.quantize import Settings, quantize_model
-from amed.synth import write_synthetic_checkpoint
-from amed.tokenizer import Tokenizer
+from amed.app.bench import SAMPLE_TEXT, kl_divergence
+from amed.quant.convert import Settings, quantize_model
+from amed.app.synth import write_synthetic_checkpoint
+from amed.text.tokenizer import Tokenizer
 
 TARGET = {4: 0.02, 8: 0.0015}
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "data" / "bailing-tiny"

@@ -48,6 +48,17 @@ def schedule(model) -> dict[str, np.ndarray]:
     return {"full": full, "steps": np.stack(steps)}
 
 
+def slot_model(store: Path):
+    """The store with a slot cache of 6 experts (look-ahead on): every path of the cache runs."""
+    import amed
+    from amed.engine.experts import ExpertOptions
+
+    m = amed.load(store)
+    stride = max(i["stride"] for i in m.source.experts_info.values())
+    m.use_experts(ExpertOptions(expert_budget=6 * stride, lookahead="on", io="slots"))
+    return m
+
+
 def main(out: Path) -> None:
     import tempfile
 
@@ -59,11 +70,7 @@ def main(out: Path) -> None:
             path = GOLDEN if CASES[name] is None else build_store(Path(tmp), name)
             for k, v in schedule(amed.load(path)).items():
                 res[f"{name}/{k}"] = v
-        from amed.engine.experts import ExpertOptions
-
-        m = amed.load(build_store(Path(tmp), SLOT_CASE),
-                      experts=ExpertOptions(expert_budget=6 * 4096 * 4, lookahead="on"))
-        for k, v in schedule(m).items():
+        for k, v in schedule(slot_model(build_store(Path(tmp), SLOT_CASE))).items():
             res[f"slots/{k}"] = v
     np.savez(out, **res)
     print(f"wrote {out}: {', '.join(res)}")

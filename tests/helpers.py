@@ -1,5 +1,5 @@
 """Small random checkpoints written directly with the safetensors library (independent of
-amed.synth), for tests that need a model of a particular shape."""
+amed.app.synth), for tests that need a model of a particular shape."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from amed.checkpoint import hf_tensor_specs
+from amed.formats.checkpoint import hf_tensor_specs
 from amed.config import ModelConfig
 
 TINY = dict(

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import amed
-from amed.bench import run_bench
-from amed.tokenizer import Tokenizer
+from amed.app.bench import run_bench
+from amed.text.tokenizer import Tokenizer
 
 ENV = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
 
@@ -61,8 +61,8 @@ def test_warm_up_runs_the_whole_prompt_once(golden_dir):
 def test_bench_bounded_cache_reports_the_disk_ceiling(tmp_path):
     """Under --max-ram the decode rows carry the cache columns, and the ceiling is the missed bytes
     per token at the disk speed (the faster of the probes before and after the run)."""
-    from amed.synth import SyntheticSource
-    from amed.quantize import Settings, quantize_model
+    from amed.app.synth import SyntheticSource
+    from amed.quant.convert import Settings, quantize_model
 
     store = tmp_path / "store"
     quantize_model(SyntheticSource(preset="tiny"), store, Settings(bits=4))

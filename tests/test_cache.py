@@ -5,10 +5,14 @@ import numpy as np
 import pytest
 
 import amed
-from amed.cache import attach, parse_size
+import amed.engine.experts.cache
+import amed.engine.experts.memory
+import amed.engine.experts.slots
+from amed.engine.experts import ExpertOptions
+from amed.engine.experts.memory import parse_size
 from amed.errors import AmedError
-from amed.quantize import Settings, quantize_model
-from amed.synth import SyntheticSource
+from amed.quant.convert import Settings, quantize_model
+from amed.app.synth import SyntheticSource
 
 SHAPE = dict(preset="flash", layers=4, hidden_size=256, num_attention_heads=4, head_dim=64,
              intermediate_size=512, moe_intermediate_size=128, moe_shared_expert_intermediate_size=128,
@@ -34,7 +38,7 @@ def run(model, ids):
     model.reset()
     out = [model.forward(prompt)]
     out += [model.forward([t]) for t in decode]
-    cache = model.weights.cache
+    cache = model.experts.cache
     if cache is not None:
         cache.drain()
     return np.stack(out)
@@ -43,19 +47,19 @@ def run(model, ids):
 @pytest.fixture(scope="module")
 def reference(store, run_ids):
     m = amed.load(store)
-    assert m.weights.cache is not None and not m.weights.cache.bounded   # fits: unbounded fast path
+    assert m.experts.cache is not None and not m.experts.cache.bounded   # fits: unbounded fast path
     return run(m, run_ids)
 
 
 def stride(model) -> int:
     """What the cache charges for one expert."""
-    return max(i["stride"] for i in model.source.experts_info.values()) + 2 * amed.cache.FAULT_AROUND
+    return max(i["stride"] for i in model.source.experts_info.values()) + 2 * amed.engine.experts.cache.FAULT_AROUND
 
 
 def layer_files_rss(model) -> int:
     """Resident bytes of this model's mappings of its layer files (from /proc/self/smaps)."""
     st = model.source
-    starts = {amed.cache.map_address(st._maps[i["file"]]) for i in st.experts_info.values()}
+    starts = {amed.engine.experts.memory.map_address(st.maps[i["file"]]) for i in st.experts_info.values()}
     total, mine = 0, False
     with open("/proc/self/smaps") as f:
         for line in f:
@@ -89,7 +93,7 @@ def io(request, monkeypatch):
 def test_budget_respected_under_random_routing(store, run_ids, reference, prefetch, io):
     m = amed.load(store, prefetch=prefetch, lookahead="off")
     budget = 20 * stride(m)                  # 20 of the 192 experts
-    cache = attach(m, prefetch=prefetch, lookahead="off", expert_budget=budget)
+    cache = m.use_experts(ExpertOptions.from_env(prefetch=prefetch, lookahead="off", expert_budget=budget)).cache
     assert cache.bounded and (cache.pool is not None) == prefetch
     out = run(m, run_ids)
     np.testing.assert_array_equal(out, reference)          # eviction changes nothing but memory
@@ -102,7 +106,7 @@ def test_budget_respected_under_random_routing(store, run_ids, reference, prefet
     if io == "mmap":
         assert layer_files_rss(m) <= budget + dense_in_layers
     else:           # experts live in the slots only: the file mappings hold no expert page
-        assert isinstance(cache, amed.cache.SlotCache)
+        assert isinstance(cache, amed.engine.experts.slots.SlotCache)
         assert layer_files_rss(m) <= dense_in_layers + 64 * 1024 * len(m.weights.layers)
         assert len(cache._slots) * cache.slot_size <= budget
 
@@ -110,12 +114,12 @@ def test_budget_respected_under_random_routing(store, run_ids, reference, prefet
 def test_eviction_never_drops_dense_weights(store, run_ids, reference, monkeypatch):
     monkeypatch.setenv("AMED_EXPERT_IO", "mmap")        # the madvise eviction of the mapping cache
     m = amed.load(store, lookahead="on")
-    cache = attach(m, lookahead="on", expert_budget=17 * stride(m), evict="pageout")
+    cache = m.use_experts(ExpertOptions.from_env(lookahead="on", expert_budget=17 * stride(m), evict="pageout")).cache
     cache.record_releases = True
     np.testing.assert_array_equal(run(m, run_ids), reference)
     assert cache.released
     st = m.source
-    bases = {f: amed.cache.map_address(mm) for f, mm in st._maps.items()}
+    bases = {f: amed.engine.experts.memory.map_address(mm) for f, mm in st.maps.items()}
     dense = [(bases[t.path.name] + t.start, bases[t.path.name] + t.end) for n, t in st.tensors.items()
              if "_exps." not in n and not n.startswith("__pad__")]
     for (L, e), lo, hi in cache.released:
@@ -124,16 +128,16 @@ def test_eviction_never_drops_dense_weights(store, run_ids, reference, monkeypat
         assert base <= lo < hi <= base + info["stride"] * info["count"]
         assert not any(a < hi and lo < b for a, b in dense)
     # and the dense weights are all still in the page cache after MADV_PAGEOUT of the experts
-    from amed.cache import resident_fraction
+    from amed.engine.experts.memory import resident_fraction
 
     for n in ("blk.1.attn_qkv.q", "blk.2.ffn_gate_inp", "blk.3.ffn_up_shexp.q", "output.q"):
         t = st.tensors[n]
-        assert resident_fraction(st._maps[t.path.name], t.start, t.end - t.start) == 1.0, n
+        assert resident_fraction(st.maps[t.path.name], t.start, t.end - t.start) == 1.0, n
 
 
 def test_prefetched_experts_are_the_ones_used(store, run_ids, reference, io):
     m = amed.load(store, lookahead="off")
-    cache = attach(m, lookahead="off", expert_budget=40 * stride(m))
+    cache = m.use_experts(ExpertOptions.from_env(lookahead="off", expert_budget=40 * stride(m))).cache
     np.testing.assert_array_equal(run(m, run_ids), reference)
     st = cache.stats
     assert st.prefetched > 0 and st.guessed == 0 and st.guesses == 0
@@ -153,7 +157,7 @@ def test_prefetched_experts_are_the_ones_used(store, run_ids, reference, io):
 
 def test_lookahead_guesses_are_counted(store, run_ids, reference, io):
     m = amed.load(store, lookahead="on")
-    cache = attach(m, lookahead="on", expert_budget=50 * stride(m))
+    cache = m.use_experts(ExpertOptions.from_env(lookahead="on", expert_budget=50 * stride(m))).cache
     np.testing.assert_array_equal(run(m, run_ids), reference)
     st = cache.stats
     # one prediction per MoE layer after the first, per forward
@@ -177,7 +181,7 @@ def test_wrong_guesses_not_yet_read_are_cancelled(store, io):
             pass
 
     m = amed.load(store, lookahead="on")
-    cache = attach(m, lookahead="on", expert_budget=50 * stride(m))
+    cache = m.use_experts(ExpertOptions.from_env(lookahead="on", expert_budget=50 * stride(m))).cache
     cache.pool = Held()
     cache.guess(2, [3, 5])
     used = cache.used
@@ -195,15 +199,15 @@ def test_slots_come_from_one_arena_faulted_in_ahead(store, run_ids, reference, m
     need by a reader, never past what the budget pays for; the floor path adds separate maps."""
     monkeypatch.setenv("AMED_EXPERT_IO", "slots")
     m = amed.load(store, lookahead="off")
-    cache = attach(m, lookahead="off", expert_budget=30 * stride(m))
+    cache = m.use_experts(ExpertOptions.from_env(lookahead="off", expert_budget=30 * stride(m))).cache
     assert cache.capacity == 30 * stride(m) // cache.slot_size
     np.testing.assert_array_equal(run(m, run_ids), reference)
-    arena = amed.cache.map_address(cache._arena)
+    arena = amed.engine.experts.memory.map_address(cache._arena)
     for i, slot in enumerate(cache._slots):
         assert np.frombuffer(slot, np.uint8, count=1).ctypes.data == arena + i * cache.slot_size
     assert len(cache._slots) <= cache.capacity
     assert cache._handed <= cache._faulted <= cache.capacity            # prefaulted ahead, bounded
-    assert cache._faulted >= min(cache.capacity, cache._handed + amed.cache.PREFAULT_AHEAD)
+    assert cache._faulted >= min(cache.capacity, cache._handed + amed.engine.experts.slots.PREFAULT_AHEAD)
     cache.touch_memory()                    # with experts loaded: only the unused slots
     assert cache._faulted <= cache._handed
     m.truncate(len(run_ids[0]))
@@ -217,10 +221,10 @@ def test_slots_come_from_one_arena_faulted_in_ahead(store, run_ids, reference, m
 def test_max_ram_plumbing(store, run_ids, reference, io):
     msgs = []
     m = amed.load(store, max_ram="1M", log=msgs.append)       # far too small: runs on a minimal cache
-    assert m.weights.cache.bounded and msgs and "minimal cache" in msgs[0]
+    assert m.experts.cache.bounded and msgs and "minimal cache" in msgs[0]
     np.testing.assert_array_equal(run(m, run_ids), reference)
     big = amed.load(store, max_ram="64G")
-    assert not big.weights.cache.bounded and big.weights.lookahead is None
+    assert not big.experts.cache.bounded and big.experts.lookahead is None
 
 
 def vm_flags(addr: int) -> set[str]:
@@ -242,18 +246,18 @@ def test_reclaim_sees_dense_weights_and_cached_experts_in_use(store, monkeypatch
     memory is bounded, only the embeddings keep it (no read-around when everything fits)."""
     m = amed.load(store)
     st = m.source
-    base = amed.cache.map_address(st._maps["layer-001.safetensors"])
+    base = amed.engine.experts.memory.map_address(st.maps["layer-001.safetensors"])
     qkv = base + st.tensors["blk.1.attn_qkv.q"].start
     experts = base + st.experts_info["1"]["offset"]
-    embd = amed.cache.map_address(st._maps["globals.safetensors"]) + st.tensors["token_embd.q"].start
+    embd = amed.engine.experts.memory.map_address(st.maps["globals.safetensors"]) + st.tensors["token_embd.q"].start
     assert "rr" in vm_flags(qkv) and "rr" in vm_flags(experts)
-    attach(m, expert_budget=20 * stride(m))
+    m.use_experts(ExpertOptions.from_env(expert_budget=20 * stride(m))).cache
     assert "rr" not in vm_flags(experts) and "rr" not in vm_flags(qkv) and "rr" in vm_flags(embd)
 
 
 def test_resident_experts_run_first_and_the_sum_order_is_kept(store, run_ids, reference, io):
     m = amed.load(store, lookahead="off")
-    cache = attach(m, lookahead="off", expert_budget=12 * stride(m))   # the last layer's experts stay
+    cache = m.use_experts(ExpertOptions.from_env(lookahead="off", expert_budget=12 * stride(m))).cache   # the last layer's experts stay
     np.testing.assert_array_equal(run(m, run_ids), reference)   # whatever order experts ran in
     resident = sorted(e for (L, e) in cache._resident if L == 3)
     absent = sorted(set(range(64)) - set(resident))
@@ -267,10 +271,10 @@ def test_resident_experts_run_first_and_the_sum_order_is_kept(store, run_ids, re
 
 def test_slot_cache_reads_without_o_direct(store, run_ids, reference, monkeypatch):
     """A filesystem without O_DIRECT (or a platform without it): buffered reads, same results."""
-    monkeypatch.delattr(amed.cache.os, "O_DIRECT", raising=False)
+    monkeypatch.delattr(amed.engine.experts.slots.os, "O_DIRECT", raising=False)
     m = amed.load(store, lookahead="on")
-    cache = attach(m, lookahead="on", expert_budget=16 * stride(m))
-    assert isinstance(cache, amed.cache.SlotCache)
+    cache = m.use_experts(ExpertOptions.from_env(lookahead="on", expert_budget=16 * stride(m))).cache
+    assert isinstance(cache, amed.engine.experts.slots.SlotCache)
     np.testing.assert_array_equal(run(m, run_ids), reference)
     assert cache._fds and not any(direct for _, direct in cache._fds.values())
     assert cache.stats.evictions > 0
@@ -284,7 +288,7 @@ def test_slot_cache_truncated_store_is_one_clear_error(store, tmp_path):
     copy = tmp_path / "store"
     shutil.copytree(store, copy)
     m = amed.load(copy, lookahead="off")
-    cache = attach(m, lookahead="off", expert_budget=16 * stride(m))
+    cache = m.use_experts(ExpertOptions.from_env(lookahead="off", expert_budget=16 * stride(m))).cache
     info = m.source.experts_info["1"]
     with open(copy / info["file"], "r+b") as f:                # keep the first expert only
         f.truncate(info["offset"] + info["stride"])
@@ -299,19 +303,19 @@ def test_slot_cache_reads_cold_experts_with_o_direct_and_cached_ones_buffered(st
     the others are read from the disk with O_DIRECT, which keeps no second copy in RAM."""
     import gc
 
-    from amed.bench import drop_expert_pages
+    from amed.app.bench import drop_expert_pages
 
     gc.collect()                               # no other model keeps expert pages mapped
     m = amed.load(store, lookahead="off")
-    cache = attach(m, lookahead="off", expert_budget=16 * stride(m))
+    cache = m.use_experts(ExpertOptions.from_env(lookahead="off", expert_budget=16 * stride(m))).cache
     drop_expert_pages(m.source)
     np.testing.assert_array_equal(run(m, run_ids), reference)
     kinds = {direct for _, direct in cache._fds.values()}
-    assert True in kinds or not hasattr(amed.cache.os, "O_DIRECT")
+    assert True in kinds or not hasattr(amed.engine.experts.slots.os, "O_DIRECT")
 
 
 def test_frecency_keeps_often_used_experts_and_evicts_wrong_guesses_first():
-    from amed.cache import Frecency
+    from amed.engine.experts.cache import Frecency
 
     order = Frecency(half_life=100, recent=2)
     for key in ("hot", "once", "guess"):
@@ -330,7 +334,7 @@ def test_frecency_keeps_often_used_experts_and_evicts_wrong_guesses_first():
 
 
 def test_frecency_victims_skip_protected_and_keep_them():
-    from amed.cache import Frecency
+    from amed.engine.experts.cache import Frecency
 
     order = Frecency(half_life=100)
     for key in "abc":
@@ -352,7 +356,7 @@ def test_a_wrong_guess_being_read_is_abandoned(store, monkeypatch):
 
     monkeypatch.setenv("AMED_EXPERT_IO", "slots")
     m = amed.load(store, lookahead="on")
-    cache = attach(m, lookahead="on", expert_budget=50 * stride(m))
+    cache = m.use_experts(ExpertOptions.from_env(lookahead="on", expert_budget=50 * stride(m))).cache
     gate = threading.Event()
     may_read = cache._may_read
 
@@ -378,9 +382,9 @@ def test_a_wrong_guess_being_read_is_abandoned(store, monkeypatch):
 
 def test_guessed_reads_in_small_chunks_give_the_same_logits(store, run_ids, reference, monkeypatch):
     monkeypatch.setenv("AMED_EXPERT_IO", "slots")
-    monkeypatch.setattr(amed.cache, "GUESS_CHUNK", 4096)     # many chunks per expert
+    monkeypatch.setattr(amed.engine.experts.slots, "GUESS_CHUNK", 4096)     # many chunks per expert
     m = amed.load(store, lookahead="on")
-    cache = attach(m, lookahead="on", expert_budget=30 * stride(m))
+    cache = m.use_experts(ExpertOptions.from_env(lookahead="on", expert_budget=30 * stride(m))).cache
     assert cache.slot_size > 4 * 4096
     np.testing.assert_array_equal(run(m, run_ids), reference)
     assert cache.stats.guesses > 0 and cache.stats.guessed > 0

@@ -9,9 +9,9 @@ import time
 import pexpect
 import pytest
 
-from amed.chat import ChatSession, Conversation
-from amed.sampling import SamplingParams, make_sampler
-from amed.tokenizer import Tokenizer
+from amed.app.chat import ChatSession, Conversation
+from amed.text.sampling import SamplingParams, make_sampler
+from amed.text.tokenizer import Tokenizer
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "TERM": "dumb"}
 
@@ -88,8 +88,8 @@ def test_context_overflow_drops_oldest_turns(golden_dir):
 
 
 def test_one_shot_on_a_store_verbose(tmp_path):
-    from amed.quantize import Settings, quantize_model
-    from amed.synth import SyntheticSource
+    from amed.quant.convert import Settings, quantize_model
+    from amed.app.synth import SyntheticSource
 
     store = tmp_path / "store"
     quantize_model(SyntheticSource("tiny"), store, Settings(bits=4))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import helpers
-from amed.checkpoint import Checkpoint, read_safetensors_header
+from amed.formats.checkpoint import Checkpoint, read_safetensors_header
 from amed.config import ModelConfig
 from amed.errors import AmedError
 
@@ -84,7 +84,7 @@ def test_wrong_dtype(tmp_path):
     raw_file(tmp_path / "a.safetensors", {"x": {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8))
     assert read_safetensors_header(tmp_path / "a.safetensors")["x"].dtype == "I32"
     cfg = ModelConfig.from_dict(helpers.TINY)
-    from amed.checkpoint import hf_tensor_specs
+    from amed.formats.checkpoint import hf_tensor_specs
     specs = hf_tensor_specs(cfg)
     header, off = {}, 0
     for name, (shape, dt) in specs.items():

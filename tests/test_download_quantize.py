@@ -18,11 +18,12 @@ import huggingface_hub.constants  # noqa: F401  (read once, at import)
 import pytest
 
 import amed
-from amed import hub, stream
+from amed import hub
+from amed.quant import stream
 from amed.errors import AmedError
-from amed.quantize import Settings, quantize_model
-from amed.store import MANIFEST
-from amed.synth import write_synthetic_checkpoint
+from amed.quant.convert import Settings, quantize_model
+from amed.formats.store import MANIFEST
+from amed.app.synth import write_synthetic_checkpoint
 from hubserver import FakeHub
 
 REPO = "MedAIBase/AntAngelMed"
@@ -236,7 +237,7 @@ def test_kill_9_then_rerun_the_same_command(fake, reference, tmp_path, monkeypat
             amed.load(dst)
 
     fake.throttle = None
-    from amed import cli
+    from amed.app import cli
 
     monkeypatch.setenv("HF_ENDPOINT", fake.url)
     monkeypatch.setattr(sys, "argv", cmd[2:])

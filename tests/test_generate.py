@@ -1,10 +1,9 @@
-import numpy as np
 import pytest
 
 import amed
 from amed.generate import Generator, generate
-from amed.sampling import SamplingParams, make_sampler
-from amed.tokenizer import Tokenizer
+from amed.text.sampling import SamplingParams, make_sampler
+from amed.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -306,8 +306,8 @@ def test_offline_mode(fake_hub, tmp_path, monkeypatch, capsys):
 # CLI
 # ---------------------------------------------------------------------------------------------
 def run_cli(capsys, monkeypatch, fake, *args):
-    """`amed download ...` through amed.cli.main, with HF_ENDPOINT at the fake hub: (exit code, stdout, stderr)."""
-    from amed import cli
+    """`amed download ...` through amed.app.cli.main, with HF_ENDPOINT at the fake hub: (exit code, stdout, stderr)."""
+    from amed.app import cli
 
     monkeypatch.setenv("HF_ENDPOINT", fake.url)
     monkeypatch.setattr(sys, "argv", ["amed", "download", *args])

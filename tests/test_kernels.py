@@ -4,7 +4,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from amed import kernels as K
+from amed.engine.backends.cpu import kernels as K
 import reference
 
 rng = np.random.default_rng(0)
@@ -75,7 +75,7 @@ def rope_ref(v, pos, rot, theta):                         # v [heads, d] at one 
 
 
 def test_qk_norm_rope_store_and_attention():
-    from amed.model import rope_tables
+    from amed.engine.state import rope_tables
     nh, nkv, d, rot, T, pos, S = 6, 2, 16, 8, 5, 3, 12
     cos, sin = rope_tables(S, rot, 10000.0)
     qkv = f32(T, (nh + 2 * nkv) * d)

@@ -72,14 +72,14 @@ def test_config_variants_match_reference(tmp_path, variant):
 def test_only_routed_experts_are_read(tiny_ckpt):
     path, _ = tiny_ckpt
     m = amed.load(path)
-    assert m.weights.touched == set()                           # loading touches no expert
+    assert m.experts.touched == set()                           # loading touches no expert
     m.forward([5])
     # one token: exactly top-k experts in each MoE layer
     k = helpers.TINY["num_experts_per_tok"]
     moe_layers = range(helpers.TINY["first_k_dense_replace"], helpers.TINY["num_hidden_layers"])
-    assert sorted({L for L, _ in m.weights.touched}) == list(moe_layers)
+    assert sorted({L for L, _ in m.experts.touched}) == list(moe_layers)
     for L in moe_layers:
-        assert len([e for LL, e in m.weights.touched if LL == L]) == k
+        assert len([e for LL, e in m.experts.touched if LL == L]) == k
 
 
 def test_token_out_of_range_is_a_clear_error(golden_dir):
@@ -92,8 +92,8 @@ def test_load_is_instant_and_does_not_grow_rss(tmp_path):
     """Loading maps the files but reads no weights: RSS barely moves whatever the model size."""
     import time
 
-    from amed.bench import current_rss_bytes
-    from amed.synth import write_synthetic_checkpoint
+    from amed.app.bench import current_rss_bytes
+    from amed.app.synth import write_synthetic_checkpoint
 
     path = write_synthetic_checkpoint(tmp_path / "big", preset="flash", layers=2, hidden_size=1024,
                                       num_attention_heads=8, head_dim=128, intermediate_size=2048,
@@ -109,7 +109,7 @@ def test_load_is_instant_and_does_not_grow_rss(tmp_path):
     grown = current_rss_bytes() - before
     assert elapsed < 1.0
     assert grown < 0.05 * size, f"RSS grew by {grown / 1e6:.1f} MB for a {size / 1e6:.0f} MB checkpoint"
-    assert m.weights.touched == set()
+    assert m.experts.touched == set()
 
 
 @pytest.mark.parametrize("quantized", [False, True])
@@ -117,8 +117,8 @@ def test_batched_moe_is_bit_identical_to_one_token_at_a_time(golden_dir, tmp_pat
     """The prefill MoE path (tokens grouped by expert, chunked, combined by moe_combine) sums the
     same products in the same order as the decode path: identical bits, for the bf16 checkpoint
     (unfused SwiGLU) and an int4 store (fused r8 kernels, padded token blocks)."""
-    import amed.model as M
-    from amed.quantize import Settings, quantize_model
+    import amed.engine.model as M
+    from amed.quant.convert import Settings, quantize_model
 
     path = golden_dir
     if quantized:

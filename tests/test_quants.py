@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from amed import quants as Q
+from amed.quant import formats as Q
+
 
 RNG = np.random.default_rng(1234)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from amed.errors import AmedError
-from amed.sampling import SamplingParams, apply_repetition_penalty, candidates, make_sampler
+from amed.text.sampling import SamplingParams, apply_repetition_penalty, candidates, make_sampler
 
 TINY = Path(__file__).parent / "data" / "bailing-tiny"
 PLAIN = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0)

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 import amed
-from amed.bench import kl_divergence as kld
+from amed.app.bench import kl_divergence as kld
 from amed.errors import AmedError
-from amed.quantize import Settings, quantize_model
-from amed.store import MANIFEST, open_store
-from amed.synth import write_synthetic_checkpoint
+from amed.quant.convert import Settings, quantize_model
+from amed.formats.store import MANIFEST, open_store
+from amed.app.synth import write_synthetic_checkpoint
 
 PAGE = 4096
 
@@ -69,8 +69,8 @@ def test_r8_store_equals_rows_store_and_version_1_still_opens(golden_dir, tmp_pa
     b = amed.load(tmp_path / "rows").logits(ids)
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
     r8 = open_store(tmp_path / "r8")
-    assert r8.matrix("blk.1.ffn_gate_exps.3").qt.layout == "r8"
-    assert r8.matrix("token_embd").qt.layout == "rows"
+    assert r8.matrix("blk.1.ffn_gate_exps.3").layout == "r8"
+    assert r8.matrix("token_embd").layout == "rows"
 
 
 def test_dense_q6_store_round_trip(golden_dir, tmp_path):
@@ -129,7 +129,7 @@ def test_layout_experts_are_page_aligned_contiguous_ranges(medium_q4):
 
 def test_only_routed_experts_become_resident(medium_q4):
     """mincore after dropping the store from the page cache: one token pages in ~k/E experts."""
-    from amed.cache import resident_fraction
+    from amed.engine.experts.memory import resident_fraction
 
     for f in medium_q4.glob("*.safetensors"):
         fd = os.open(f, os.O_RDONLY)
@@ -137,12 +137,12 @@ def test_only_routed_experts_become_resident(medium_q4):
         os.close(fd)
     m = amed.load(medium_q4)
     st = m.source
-    before = [resident_fraction(st._maps[i["file"]], i["offset"], i["stride"] * i["count"])
+    before = [resident_fraction(st.maps[i["file"]], i["offset"], i["stride"] * i["count"])
               for i in st.experts_info.values()]
     m.forward([42])
     cfg = m.config
     for (L, info), b in zip(st.experts_info.items(), before):
-        got = resident_fraction(st._maps[info["file"]], info["offset"], info["stride"] * info["count"])
+        got = resident_fraction(st.maps[info["file"]], info["offset"], info["stride"] * info["count"])
         expect = cfg.num_experts_per_tok / cfg.num_experts
         assert b < 0.02
         assert got <= 1.5 * expect, f"layer {L}: {got:.3f} of expert bytes resident, expected ~{expect:.3f}"
@@ -281,7 +281,7 @@ def test_lm_head_format_follows_the_store_unless_given():
 
 
 def test_synth_store_directly_equals_synth_then_quantize(tmp_path):
-    from amed.synth import SyntheticSource
+    from amed.app.synth import SyntheticSource
 
     kw = dict(preset="flash", layers=2, hidden_size=256, num_attention_heads=4, head_dim=64,
               intermediate_size=512, moe_intermediate_size=128, moe_shared_expert_intermediate_size=128,
@@ -299,7 +299,7 @@ def test_synth_store_directly_equals_synth_then_quantize(tmp_path):
 
 
 def test_row_chunks_are_recut_into_whole_r8_blocks():
-    from amed.quantize import _whole_blocks
+    from amed.quant.convert import _whole_blocks
 
     rows = np.arange(43 * 2).reshape(43, 2)
     chunks = [(0, rows[:5]), (5, rows[5:6]), (6, rows[6:30]), (30, rows[30:])]

@@ -1,4 +1,4 @@
-"""amed.synth: random checkpoints in the exact Hugging Face layout."""
+"""amed.app.synth: random checkpoints in the exact Hugging Face layout."""
 
 import json
 import math
@@ -9,10 +9,10 @@ import pytest
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from amed.checkpoint import Checkpoint, hf_tensor_specs
+from amed.formats.checkpoint import Checkpoint, hf_tensor_specs
 from amed.config import ModelConfig
 from amed.errors import AmedError
-from amed.synth import (PRESETS, SPECIAL_TOKENS, f32_to_bf16, synthetic_config,
+from amed.app.synth import (PRESETS, SPECIAL_TOKENS, f32_to_bf16, synthetic_config,
                         write_synthetic_checkpoint)
 
 FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -215,7 +215,7 @@ def test_bf16_rounding_matches_ml_dtypes():
 def test_cli(tmp_path):
     from typer.testing import CliRunner
 
-    from amed.cli import app
+    from amed.app.cli import app
 
     out = tmp_path / "cli"
     r = CliRunner().invoke(app, ["synth", str(out), "--preset", "tiny", "--layers", "2", "--seed", "5"])

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from amed.errors import AmedError
-from amed.tokenizer import (
+from amed.text.tokenizer import (
     FALLBACK_CHAT_TEMPLATE,
     Tokenizer,
     compile_chat_template,

@@ -15,7 +15,7 @@ import jinja2.nodes
 import jinja2.sandbox
 import tokenizers
 
-from .errors import AmedError
+from amed.errors import AmedError
 
 # The Ling chat format (architecture.md §4), used when tokenizer_config.json has no template.
 # No newlines between turns; a leading system message goes into the always-present SYSTEM block;

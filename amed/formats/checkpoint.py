@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import AmedError
+from amed.config import ModelConfig
+from amed.errors import AmedError
 
 # ---- the tensor table: every tensor a BailingMoeV2 checkpoint must hold ---------------------
 # This is the one bridge between the two naming schemes: Hugging Face names (the checkpoint) and
@@ -180,7 +180,7 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | os.PathLike, config=None):
-        from .config import ModelConfig
+        from amed.config import ModelConfig
 
         self.path = Path(path)
         if not self.path.is_dir():
@@ -189,6 +189,7 @@ class Checkpoint:
         self.tensors = self._read_tables()
         self._maps: dict[Path, mmap.mmap] = {}
         self._fds: dict[Path, int] = {}
+        self._hf = None                       # amed name -> HF name, built on first use
         self._validate()
 
     # -- index and headers
@@ -297,6 +298,24 @@ class Checkpoint:
                 a = (a.astype(np.uint32) << 16).view(np.float32)
             yield r, np.ascontiguousarray(a, dtype=np.float32).reshape((-1,) + t.shape[1:]) if t.shape else a
 
+    # -- weights by amed name (tensor_table), as the engine asks for them
+    def _hf_name(self, name: str) -> str:
+        if self._hf is None:
+            self._hf = {spec.name: spec.hf for spec in tensor_table(self.config)}
+        return self._hf[name]
+
+    def matrix(self, name: str) -> np.ndarray:
+        """A weight matrix by amed name: a read-only bf16 (uint16) or float32 view."""
+        return self.get(self._hf_name(name))
+
+    def vector(self, name: str) -> np.ndarray:
+        """A norm weight or bias by amed name, as float32."""
+        return self.get_f32(self._hf_name(name))
+
+    def expert(self, layer: int, e: int) -> tuple:
+        """(gate, up, down) of routed expert e of `layer`."""
+        return tuple(self.matrix(f"blk.{layer}.ffn_{m}_exps.{e}") for m in ("gate", "up", "down"))
+
     def get_f32(self, name: str) -> np.ndarray:
         """A small tensor as a float32 copy (norm weights, biases)."""
         a = self.get(name)
@@ -304,16 +323,6 @@ class Checkpoint:
             return (a.astype(np.uint32) << 16).view(np.float32)
         return np.ascontiguousarray(a, dtype=np.float32)
 
-
-
-def load_weights(ckpt: Checkpoint):
-    """The checkpoint's tensors as `Weights` (views only; experts stay lazy)."""
-    from .weights import Dense, build_weights
-
-    hf = {spec.name: spec.hf for spec in tensor_table(ckpt.config)}
-    return build_weights(ckpt.config,
-                         matrix=lambda name: Dense(ckpt.get(hf[name])),
-                         vector=lambda name: ckpt.get_f32(hf[name]))
 
 
 # ---- a checkpoint whose shards come and go (amed download --quantize) ------------------------
@@ -352,6 +361,7 @@ class ShardedCheckpoint(Checkpoint):
         self.tensors: dict[str, TensorInfo] = {}
         self._maps: dict[Path, mmap.mmap] = {}
         self._fds: dict[Path, int] = {}
+        self._hf = None
         self._specs = hf_tensor_specs(config)
 
     def add_shard(self, fname: str) -> None:

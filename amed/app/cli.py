@@ -91,7 +91,7 @@ def download(
     """
     import shlex
 
-    from . import hub
+    from amed import hub
 
     if quantize_bits is not None:
         _download_quantize(repo_id, revision, local_dir, include, exclude, token, source, dry_run,
@@ -152,9 +152,9 @@ def download(
 def _download_quantize(repo_id, revision, local_dir, include, exclude, token, source, dry_run, bits, output,
                        group_size, dense, head, layout, force) -> None:
     """`amed download --quantize`: see amed/stream.py."""
-    from . import hub
-    from .quantize import Settings
-    from .stream import RichStreamProgress, default_download_dir, download_quantize
+    from amed import hub
+    from amed.quant.convert import Settings
+    from amed.quant.stream import RichStreamProgress, default_download_dir, download_quantize
 
     if source != Source.hf:
         fail("--quantize needs --source hf.")
@@ -194,7 +194,7 @@ def quantize(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing store or unfinished job.")] = False,
 ):
     """Convert a checkpoint into an int4/int8 amed store (streaming, resumable: rerun to continue)."""
-    from .quantize import Settings
+    from amed.quant.convert import Settings
 
     run_quantize(src, output, Settings(bits=bits, group_size=group_size, dense=dense, head=head, layout=layout),
                  force)
@@ -205,7 +205,7 @@ def run_quantize(src, output: Path, settings, force: bool) -> None:
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
-    from .quantize import quantize_model
+    from amed.quant.convert import quantize_model
 
     columns = (TextColumn("[bold]quantize"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TextColumn("{task.fields[tensors]} tensors"), TimeRemainingColumn())
@@ -227,7 +227,7 @@ def run_quantize(src, output: Path, settings, force: bool) -> None:
 
 
 def human(n: float) -> str:
-    from .hub import fmt_bytes
+    from amed.hub import fmt_bytes
 
     return fmt_bytes(n)
 
@@ -255,7 +255,7 @@ def verify(
     """Hash every file of a store against its manifest (a full read; loading checks only sizes)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from .store import open_store
+    from amed.formats.store import open_store
 
     st = open_store(store)
     total = sum(m["bytes"] for m in st.manifest["files"].values())
@@ -340,15 +340,15 @@ def chat(
         prompt = sys.stdin.read()
         if not prompt.strip():
             fail("no prompt: pass -p TEXT or pipe a question on stdin.")
-    err.print(f"[dim]{__import__('amed.chat', fromlist=['NOTICE']).NOTICE}[/]")
+    err.print(f"[dim]{__import__('amed.app.chat', fromlist=['NOTICE']).NOTICE}[/]")
     set_threads(threads)
 
     import time
 
-    from . import load
-    from .chat import ChatSession, repl
-    from .sampling import SamplingParams, make_sampler
-    from .tokenizer import Tokenizer
+    from amed import load
+    from amed.app.chat import ChatSession, repl
+    from amed.text.sampling import SamplingParams, make_sampler
+    from amed.text.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
     m = load(path, ctx_size=ctx_size, max_ram=max_ram, prefetch=not no_prefetch,
@@ -364,10 +364,10 @@ def chat(
                   f"min-p {params.min_p}, repeat-penalty {params.repetition_penalty}, seed {params.seed}[/]")
     session = ChatSession(m, tok, make_sampler(params), max_tokens, ctx_size, system_prompt, err)
     if verbose:
-        from .bench import MemoryReport
+        from amed.app.bench import MemoryReport
 
         memory = MemoryReport(m)
-        cache = m.weights.cache
+        cache = m.experts.cache
         if cache is not None:
             err.print(f"[dim]memory: dense weights {human(cache.dense_bytes)} resident, experts "
                       f"{human(cache.expert_total)} on disk, expert cache "
@@ -389,9 +389,9 @@ def chat(
 # ---------------------------------------------------------------------------------------------
 def synthetic_store(preset: str, layers: int, bits: int) -> Path:
     """A random quantized store for benchmarks, built on first use under $AMED_HOME/bench."""
-    from .quantize import Settings
-    from .store import MANIFEST
-    from .synth import SyntheticSource
+    from amed.quant.convert import Settings
+    from amed.formats.store import MANIFEST
+    from amed.app.synth import SyntheticSource
 
     path = default_store_dir().parent.parent / "bench" / f"synthetic-{preset}-{layers}-q{bits}"
     try:
@@ -441,11 +441,13 @@ def bench(
 
     import numba
 
-    from . import load
-    from .bench import (disk_read_gbs, drop_expert_pages, format_rows, memory_bandwidth_gbs, memory_table,
+    from amed import load
+    from amed.app.bench import (disk_read_gbs, drop_expert_pages, format_rows, memory_bandwidth_gbs, memory_table,
+
                         run_bench)
-    from .cache import attach, fmt_size, parse_size
-    from .tokenizer import Tokenizer
+    from amed.engine.experts import ExpertOptions
+    from amed.engine.experts.memory import fmt_size, parse_size
+    from amed.text.tokenizer import Tokenizer
 
     try:
         counts = [int(t) for t in threads.split(",") if t.strip()] or [numba.config.NUMBA_NUM_THREADS]
@@ -460,7 +462,8 @@ def bench(
     ram = parse_size(max_ram) if max_ram is not None else None
     if depth < 0:
         fail("-d must be 0 or more tokens.")
-    m = load(path, ctx_size=max(ctx_size, depth + n_prompt + n_gen + 16), max_ram=ram,
+    options = ExpertOptions.from_env(max_ram=ram)
+    m = load(path, ctx_size=max(ctx_size, depth + n_prompt + n_gen + 16), experts=options,
              log=lambda msg: err.print(f"[yellow]{msg}[/]"))
     tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
     home = Path(os.environ.get("AMED_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "amed")
@@ -471,7 +474,7 @@ def bench(
         sum(t.nbytes for t in src.tensors.values())
     quant = getattr(src, "manifest", {}).get("quantization", {})
     qdesc = f"q{quant['bits']}/g{quant['group_size']}" if quant else "bf16"
-    cache = m.weights.cache
+    cache = m.experts.cache
     if cache is not None and hasattr(cache, "touch_memory"):
         err.print(f"[dim]touching {fmt_size(cache.capacity * cache.slot_size)} of memory for the expert "
                   f"cache once (untimed: a VM's first touch would slow only the first variant)...[/]")
@@ -481,13 +484,9 @@ def bench(
     rows = []
     for pf, la in variants:
         if cache is not None and len(variants) > 1:       # a fresh cache per variant, same model
-            old = m.weights.cache
-            old.clear()
-            old.close()
-            m.weights.lookahead = None
-            attach(m, ram, prefetch=pf == "on", lookahead=la,
-                   expert_budget=old.budget if old.bounded else old.expert_total)
-        cache = m.weights.cache
+            budget = cache.budget if cache.bounded else cache.expert_total
+            m.use_experts(options.replace(prefetch=pf == "on", lookahead=la, expert_budget=budget))
+        cache = m.experts.cache
         if cache is not None and cache.bounded:      # each variant's ceiling from the disk of that moment
             err.print("[dim]measuring the disk's read speed for experts (1 GiB of the store)...[/]")
             disk_bw = disk_read_gbs(src, home / "diskbw.json", refresh=True)   # shared/virtual disks vary
@@ -578,8 +577,8 @@ def synth(
     import time
 
     if bits is not None:
-        from .quantize import Settings
-        from .synth import SyntheticSource
+        from amed.quant.convert import Settings
+        from amed.app.synth import SyntheticSource
 
         run_quantize(SyntheticSource(preset, layers, seed), out.expanduser(),
                      Settings(bits=bits, group_size=group_size, dense=dense, head=head, layout=layout), force)
@@ -588,8 +587,8 @@ def synth(
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                                TimeRemainingColumn, TransferSpeedColumn)
 
-    from .errors import AmedError
-    from .synth import PRESETS, write_synthetic_checkpoint
+    from amed.errors import AmedError
+    from amed.app.synth import PRESETS, write_synthetic_checkpoint
 
     out = out.expanduser()
     if preset not in PRESETS:
@@ -623,7 +622,7 @@ def synth(
 
 
 def main() -> None:
-    from .errors import AmedError
+    from amed.errors import AmedError
 
     try:
         app()

@@ -34,13 +34,13 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import hub
-from .checkpoint import DTYPES, ShardedCheckpoint, TensorSpec, read_index, tensor_table
-from .config import ModelConfig
-from .container import ContainerWriter, sha256_file, write_json_atomic
-from .errors import AmedError
-from .quantize import Settings, _convert, manifest_skeleton, plan_store, prepare_output, source_fingerprint, summarize
-from .store import COPIED_FILES, MANIFEST
+from amed import hub
+from amed.formats.checkpoint import DTYPES, ShardedCheckpoint, TensorSpec, read_index, tensor_table
+from amed.config import ModelConfig
+from amed.formats.container import ContainerWriter, sha256_file, write_json_atomic
+from amed.errors import AmedError
+from amed.quant.convert import Settings, convert_tensor, manifest_skeleton, plan_store, prepare_output, source_fingerprint, summarize
+from amed.formats.store import COPIED_FILES, MANIFEST
 
 INDEX = "model.safetensors.index.json"
 STREAM_KEY = "stream"
@@ -218,7 +218,7 @@ def _run(plan, remote, dst, dl, settings, token, force, progress, overlap, retri
                     writers[f] = ContainerWriter(dst / f, fplan[f].entries, {"format": "amed"}, resume=f in written)
                 src_nbytes[s.hf] = reader.tensors[s.hf].nbytes
             total_src = sum(src_nbytes.values())
-            jobs = [pool.submit(_convert, reader, writers[file_of[s.name]], s, settings) for s in specs]
+            jobs = [pool.submit(convert_tensor, reader, writers[file_of[s.name]], s, settings) for s in specs]
             for s, job in zip(specs, jobs):
                 job.result()
                 done_src += src_nbytes[s.hf]

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import AmedError
+from amed.errors import AmedError
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class SamplingParams:
         values: dict = {}
         path = Path(model_dir) / "generation_config.json" if model_dir is not None else None
         if path is not None:
-            from .tokenizer import read_json
+            from amed.text.tokenizer import read_json
 
             gen = read_json(path, required=False)
             for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):

@@ -34,9 +34,9 @@ from typing import Callable
 
 import numpy as np
 
-from .checkpoint import f32_to_bf16, hf_tensor_specs
-from .config import ModelConfig
-from .errors import AmedError
+from amed.formats.checkpoint import f32_to_bf16, hf_tensor_specs
+from amed.config import ModelConfig
+from amed.errors import AmedError
 
 # ---- presets ---------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The BailingMoeV2 forward pass (AntAngelMed / Ling-flash-2.0), following architecture.md §2.
+"""The BailingMoeV2 forward pass (AntAngelMed / Ling-flash-2.0), following docs/architecture.md §2.
 
 Shapes: T new tokens, H hidden, nh / nkv query / kv heads, d head dim, rot rotary dims,
 E experts, k experts per token, S cache capacity (positions).
@@ -9,7 +9,11 @@ E experts, k experts per token, S cache capacity (positions).
         x += (dense_mlp | moe)(rmsnorm(x))                 # SwiGLU; MoE = routed top-k + shared
     logits = lm_head(rmsnorm(x))                           # [T, V]
 
-Positions continue across calls: `forward(ids)` appends to the KV cache, `reset()` empties it.
+A Model is the shared, read-only part (weights bound to a backend's kernels, and an
+ExpertProvider for the routed experts); each sequence has a State (KV cache, position). Kernels
+are called through the backend (engine/backends), so the pass never branches on weight formats.
+For simple use the model keeps one default state: `forward(ids)` appends to it, `reset()`
+empties it.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import kernels as K
-from .config import ModelConfig
-from .errors import AmedError
+from amed.config import ModelConfig
+from amed.engine.state import State
+from amed.errors import AmedError
 
 F32 = np.float32
 # prefill tokens whose routed experts run together: bounds the gathered copies of their hidden
@@ -28,104 +32,104 @@ F32 = np.float32
 MOE_CHUNK = 256
 
 
-def rope_tables(n_pos: int, rot: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [n_pos, rot/2] for NeoX-style RoPE: pair j rotates at 1 / theta^(2j/rot)."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, rot, 2, dtype=np.float64) / rot))  # [rot/2]
-    ang = np.arange(n_pos, dtype=np.float64)[:, None] * inv_freq[None, :]      # [S, rot/2]
-    return np.cos(ang).astype(F32), np.sin(ang).astype(F32)
-
-
 class Model:
-    """An open model: weights (lazy views) plus a KV cache. Not thread-safe."""
+    """An open model. One forward at a time (not thread-safe); any number of States."""
 
-    def __init__(self, config: ModelConfig, weights, ctx_size: int = 4096, source=None):
+    def __init__(self, config: ModelConfig, weights, experts, backend, ctx_size: int = 4096, source=None):
         self.config = config
-        self.weights = weights
-        self.source = source  # the Checkpoint / Store that owns the memory maps
-        self.pos = 0          # tokens in the KV cache
-        self.tokens_forwarded = 0  # total tokens ever run through forward(): lets tests count prefill
-        self._alloc_cache(max(16, min(ctx_size, config.max_position_embeddings)))
+        self.weights = weights      # engine/weights.py: bound dense weights
+        self.experts = experts      # engine/experts: where routed experts come from
+        self.backend = backend
+        self.source = source        # the Checkpoint / Store that owns the memory maps
+        self.ctx_size = ctx_size
+        self.state = self.new_state()
 
-    # ---- KV cache -------------------------------------------------------------------------
-    def _alloc_cache(self, capacity: int) -> None:
-        c = self.config
-        shape = (c.num_key_value_heads, capacity, c.head_size)               # [nkv, S, d]
-        self.k_cache = [np.zeros(shape, F32) for _ in range(c.num_hidden_layers)]
-        self.v_cache = [np.zeros(shape, F32) for _ in range(c.num_hidden_layers)]
-        self.capacity = capacity
-        self.cos, self.sin = rope_tables(capacity, c.rot_dim, c.rope_theta)
+    # ---- sequences ------------------------------------------------------------------------
+    def new_state(self, ctx_size: int | None = None) -> State:
+        """A fresh sequence over this model (its own KV cache)."""
+        return State(self.config, ctx_size or self.ctx_size)
 
-    def _ensure_capacity(self, needed: int) -> None:
-        """Grow the cache (doubling) when a forward would run past its end; keeps the context."""
-        if needed <= self.capacity:
-            return
-        old_k, old_v, n = self.k_cache, self.v_cache, self.pos
-        self._alloc_cache(max(needed, 2 * self.capacity))
-        for L in range(self.config.num_hidden_layers):
-            self.k_cache[L][:, :n] = old_k[L][:, :n]
-            self.v_cache[L][:, :n] = old_v[L][:, :n]
+    @property
+    def pos(self) -> int:
+        return self.state.pos
+
+    @property
+    def tokens_forwarded(self) -> int:
+        return self.state.tokens_forwarded
 
     def reset(self) -> None:
-        """Forget the context (the cache memory is kept for reuse)."""
-        self.pos = 0
+        """Forget the default sequence's context."""
+        self.state.reset()
 
     def truncate(self, n: int) -> None:
-        """Keep only the first n cached positions (e.g. to re-run a changed suffix)."""
-        self.pos = max(0, min(self.pos, n))
+        """Keep only the first n positions of the default sequence."""
+        self.state.truncate(n)
+
+    def use_experts(self, options=None, log=None):
+        """Replace how routed experts are served (engine/experts.ExpertOptions); returns the
+        new provider. The old one is closed (its cache emptied, its reader threads stopped)."""
+        from amed.engine.experts import open_experts
+
+        old, self.experts = self.experts, None
+        if old is not None:
+            old.close()
+        self.experts = open_experts(self, options, log=log)
+        return self.experts
 
     # ---- forward --------------------------------------------------------------------------
-    def forward(self, ids, all_logits: bool = False) -> np.ndarray:
-        """Run new tokens after the cached context. Returns logits of the last token [V]
-        (or of every new token [T, V] with all_logits)."""
+    def forward(self, ids, all_logits: bool = False, state: State | None = None) -> np.ndarray:
+        """Run new tokens after the cached context of `state` (default: the model's own).
+        Returns logits of the last token [V] (or of every new token [T, V] with all_logits)."""
+        s = self.state if state is None else state
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        c, w = self.config, self.weights
+        c, w, B = self.config, self.weights, self.backend
         T = len(ids)
         if T == 0:
             raise AmedError("forward() needs at least one token.")
         if ids.min() < 0 or ids.max() >= c.vocab_size:
             raise AmedError(f"token id out of range [0, {c.vocab_size}).")
-        self._ensure_capacity(self.pos + T)
+        s.ensure_capacity(s.pos + T)
 
         x = w.embed.rows_f32(ids)                                          # [T, H]
         h = np.empty_like(x)
         for L, lw in enumerate(w.layers):
-            K.rmsnorm(x, lw.attn_norm, c.rms_norm_eps, h)
-            x += self._attention(L, lw, h)
-            K.rmsnorm(x, lw.ffn_norm, c.rms_norm_eps, h)
+            B.rmsnorm(x, lw.attn_norm, c.rms_norm_eps, h)
+            x += self._attention(s, L, lw, h)
+            B.rmsnorm(x, lw.ffn_norm, c.rms_norm_eps, h)
             if lw.router is None:
                 x += lw.mlp(h)                                             # SwiGLU
             else:
                 x += self._moe(L, lw, h)
-        self.pos += T
-        self.tokens_forwarded += T
+        s.pos += T
+        s.tokens_forwarded += T
 
         if not all_logits:
             x = x[-1:]
-        K.rmsnorm(x, w.norm, c.rms_norm_eps, x)
+        B.rmsnorm(x, w.norm, c.rms_norm_eps, x)
         logits = np.empty((x.shape[0], c.vocab_size), F32)
         w.lm_head.matmul(x, logits)                                        # [T or 1, V]
         return logits if all_logits else logits[0]
 
-    def logits(self, ids) -> np.ndarray:
+    def logits(self, ids, state: State | None = None) -> np.ndarray:
         """Logits for every position of `ids` in a fresh context: float32 [len, V]."""
-        self.reset()
-        return self.forward(ids, all_logits=True)
+        s = self.state if state is None else state
+        s.reset()
+        return self.forward(ids, all_logits=True, state=s)
 
     # ---- blocks ---------------------------------------------------------------------------
-    def _attention(self, L: int, lw, h: np.ndarray) -> np.ndarray:
+    def _attention(self, s: State, L: int, lw, h: np.ndarray) -> np.ndarray:
         c = self.config
         T = h.shape[0]
         nh, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_size
         qkv = lw.qkv.matmul(h, np.empty((T, (nh + 2 * nkv) * d), F32))    # [T, (nh+2nkv) d]
         q = np.empty((T, nh, d), F32)
         no_norm = np.ones(d, F32)
-        K.qk_norm_rope_store(qkv, nh, nkv, d, c.rot_dim,
-                             lw.q_norm if lw.q_norm is not None else no_norm,
-                             lw.k_norm if lw.k_norm is not None else no_norm,
-                             c.use_qk_norm, c.rms_norm_eps, self.cos, self.sin, self.pos,
-                             q, self.k_cache[L], self.v_cache[L])
+        self.backend.qk_norm_rope_store(
+            qkv, nh, nkv, d, c.rot_dim, lw.q_norm if lw.q_norm is not None else no_norm,
+            lw.k_norm if lw.k_norm is not None else no_norm, c.use_qk_norm, c.rms_norm_eps,
+            s.cos, s.sin, s.pos, q, s.k_cache[L], s.v_cache[L])
         att = np.empty((T, nh * d), F32)
-        K.attention(q, self.k_cache[L], self.v_cache[L], self.pos, att)    # [T, nh d]
+        self.backend.attention(q, s.k_cache[L], s.v_cache[L], s.pos, att)  # [T, nh d]
         return lw.attn_out.matmul(att, np.empty((T, c.hidden_size), F32))  # [T, H]
 
     def _moe(self, L: int, lw, h: np.ndarray) -> np.ndarray:
@@ -134,8 +138,8 @@ class Model:
         logits = lw.router.matmul(h, np.empty((T, c.num_experts), F32))   # [T, E] fp32
         idx = np.empty((T, k), np.int64)
         wts = np.empty((T, k), F32)
-        K.route(logits, lw.expert_bias, c.n_group, c.topk_group, k, c.routed_scaling_factor, idx, wts)
-
+        self.backend.route(logits, lw.expert_bias, c.n_group, c.topk_group, k, c.routed_scaling_factor,
+                           idx, wts)
         if T == 1:
             return self._moe_one_token(L, lw, h, idx[0], wts[0])
         out = np.zeros_like(h)
@@ -159,12 +163,14 @@ class Model:
         tok = order // k
         hs = h[tok]                                                        # [T k, H]
         ys = np.empty_like(hs)
-        run = self._start_experts(L, list(span), h)
+        # The provider starts reading experts not in memory and returns the order to compute
+        # them in (ready ones first); the shared expert runs first: it needs no read.
+        run = self.experts.start(L, list(span), h)
         shared = lw.shared(h) if lw.shared is not None else None
         for e in run:
             a, b = span[e]
-            self.weights.expert(L, e)(hs[a:b], ys[a:b])
-        K.moe_combine(out, ys, tok, wts.reshape(-1)[order])               # in expert-id order
+            self.experts.get(L, e)(hs[a:b], ys[a:b])
+        self.backend.moe_combine(out, ys, tok, wts.reshape(-1)[order])    # in expert-id order
         if shared is not None:
             out += shared                                                  # shared expert, weight 1
 
@@ -175,13 +181,14 @@ class Model:
         order = np.argsort(idx)
         experts = idx[order].tolist()                                      # ascending ids
         wsel = wts[order]
-        run = self._start_experts(L, experts, h)
+        run = self.experts.start(L, experts, h)
         shared = lw.shared(h) if lw.shared is not None else None
         out = np.zeros_like(h)
         ys = {}
         nxt = 0                                     # next expert (in id order) to add to the sum
+        get = self.experts.get
         for e in run:
-            ys[e] = self.weights.expert(L, e)(h)
+            ys[e] = get(L, e)(h)
             while nxt < len(experts) and experts[nxt] in ys:
                 out += wsel[nxt] * ys.pop(experts[nxt])
                 nxt += 1
@@ -189,40 +196,35 @@ class Model:
             out += shared
         return out
 
-    def _start_experts(self, L: int, experts: list[int], h: np.ndarray) -> list[int]:
-        """Layer L's router chose `experts` (ascending ids): start reading the ones not resident,
-        and layer L+1's likely ones (amed/cache.py). Returns the order to compute them in:
-        resident ones first, while the others load. The callers then compute the shared expert
-        before any routed one: it needs no read, so the readers get a head start."""
-        w = self.weights
-        if w.prefetch is not None:
-            w.prefetch(L, experts)
-        if w.lookahead is not None:
-            w.lookahead(L, h)
-        return experts if w.cache is None else w.cache.ready_first(L, experts)
-
 
 def load(path, ctx_size: int = 4096, max_ram=None, prefetch: bool = True, lookahead: str = "auto",
-         log=None) -> Model:
+         log=None, experts=None, device: str = "cpu") -> Model:
     """Open a Hugging Face checkpoint directory or an amed store directory.
 
     For a store, `max_ram` (bytes or "16G"; default: from available memory) bounds what stays
     resident: dense weights always, routed experts in a cache within the rest, the least used
-    evicted first (amed/cache.py).
-    `prefetch` reads chosen experts ahead; `lookahead` ("auto", "on", "off") also guesses the next
-    layer's. `log(message)` receives warnings."""
+    evicted first (engine/experts). `prefetch` reads chosen experts ahead; `lookahead` ("auto",
+    "on", "off") also guesses the next layer's. `experts` (an ExpertOptions) sets all of these at
+    once instead (and the I/O mode). `log(message)` receives warnings."""
+    from amed.engine.backends import get_backend
+    from amed.engine.experts import ExpertOptions
+    from amed.engine.weights import build_weights
+
     path = Path(path).expanduser()
     if not path.exists():
         raise AmedError(f"{path} does not exist.")
     if (path / "amed-manifest.json").exists():
-        from .cache import attach
-        from .store import open_store
+        from amed.formats.store import open_store
 
-        store = open_store(path)
-        model = Model(store.config, store.weights(), ctx_size=ctx_size, source=store)
-        attach(model, max_ram, prefetch=prefetch, lookahead=lookahead, log=log)
-        return model
-    from .checkpoint import Checkpoint, load_weights
+        source = open_store(path)
+    else:
+        from amed.formats.checkpoint import Checkpoint
 
-    ckpt = Checkpoint(path)
-    return Model(ckpt.config, load_weights(ckpt), ctx_size=ctx_size, source=ckpt)
+        source = Checkpoint(path)
+    backend = get_backend(device)
+    options = experts if experts is not None else \
+        ExpertOptions.from_env(max_ram=max_ram, prefetch=prefetch, lookahead=lookahead)
+    model = Model(source.config, build_weights(source.config, source, backend), None, backend,
+                  ctx_size=ctx_size, source=source)
+    model.use_experts(options, log=log)
+    return model

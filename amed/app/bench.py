@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from amed.engine.experts.memory import current_rss_bytes
+
 SAMPLE_TEXT = (
     "A 58-year-old man presents to the emergency department with crushing substernal chest pain "
     "radiating to the left arm, diaphoresis and nausea that began two hours ago. He has a history of "
@@ -83,14 +85,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def current_rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
 # ---- page residency (mincore) ----------------------------------------------------------------
 
 def expert_residency(source, cache=None) -> float | None:
@@ -101,12 +95,12 @@ def expert_residency(source, cache=None) -> float | None:
         return None
     if hasattr(cache, "loaded_bytes"):                 # a slot cache: its own copies
         return cache.loaded_bytes / sum(e["stride"] * e["count"] for e in info.values())
-    from .cache import resident_fraction
+    from amed.engine.experts.memory import resident_fraction
 
     got = total = 0
     for e in info.values():
         n = e["stride"] * e["count"]
-        got += resident_fraction(source._maps[e["file"]], e["offset"], n) * n
+        got += resident_fraction(source.maps[e["file"]], e["offset"], n) * n
         total += n
     return got / total if total else None
 
@@ -120,7 +114,7 @@ def memory_bandwidth_gbs(cache_file: Path | None = None, refresh: bool = False) 
             return float(json.loads(cache_file.read_text())["read_gbs"])
         except (ValueError, KeyError, OSError):
             pass
-    from .kernels import sum_f32
+    from amed.engine.backends.cpu.kernels import sum_f32
 
     a = np.ones(1 << 28, np.float32)   # 1 GiB
     sum_f32(a[:1024])
@@ -148,7 +142,7 @@ def disk_read_gbs(store, cache_file: Path | None = None, refresh: bool = False, 
     `refresh`."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .cache import disk_read_bytes
+    from amed.engine.experts.memory import disk_read_bytes
 
     info = getattr(store, "experts_info", None)
     if not info:
@@ -236,28 +230,18 @@ def bytes_per_token(model) -> int:
     """Weight bytes one decoded token reads: every dense weight, k experts per MoE layer, lm_head,
     one embedding row."""
     c, w = model.config, model.weights
-
-    def nb(m):
-        return weight_nbytes(m)
-
-    total = nb(w.lm_head) + nb(w.embed) // c.vocab_size
+    total = w.lm_head.nbytes + w.embed.nbytes // c.vocab_size
     for L, lw in enumerate(w.layers):
-        total += nb(lw.qkv) + nb(lw.attn_out)
+        total += lw.qkv.nbytes + lw.attn_out.nbytes
         if lw.router is None:
-            total += sum(nb(m) for m in lw.mlp)
+            total += lw.mlp.nbytes
         else:
-            total += nb(lw.router)
+            total += lw.router.nbytes
             if lw.shared:
-                total += sum(nb(m) for m in lw.shared)
-            total += c.num_experts_per_tok * sum(nb(m) for m in w._fetch_expert(L, 0))  # no cache use
+                total += lw.shared.nbytes
+            expert = model.backend.swiglu(*model.source.expert(L, 0))     # bound apart: no cache use
+            total += c.num_experts_per_tok * expert.nbytes
     return total
-
-
-def weight_nbytes(m) -> int:
-    if hasattr(m, "qt"):
-        qt = m.qt
-        return sum(a.nbytes for a in (qt.q, qt.scale, getattr(qt, "zero", None)) if a is not None)
-    return m.w.nbytes
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -296,9 +280,10 @@ def run_bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, reps: int
         start()
         model.forward(ids[:n_prompt])
 
-    from .cache import CacheStats, disk_read_bytes
+    from amed.engine.experts.cache import CacheStats
+    from amed.engine.experts.memory import disk_read_bytes
 
-    cache = getattr(model.weights, "cache", None)
+    cache = model.experts.cache
     rng = np.random.default_rng(1)
     at = f" @ d{depth}" if depth else ""
     pp = Result(f"pp{n_prompt}{at}", n_prompt)
@@ -338,15 +323,15 @@ class MemoryReport:
     """Per-answer memory line for `amed chat -v`: expert-cache hits, disk bytes per token, RSS."""
 
     def __init__(self, model):
-        from .cache import disk_read_bytes
+        from amed.engine.experts.memory import disk_read_bytes
 
         self.model = model
-        self.cache = getattr(model.weights, "cache", None)
+        self.cache = model.experts.cache
         self._io = disk_read_bytes()
         self._st = self.cache.stats.copy() if self.cache is not None else None
 
     def line(self, tokens: int) -> str:
-        from .cache import disk_read_bytes
+        from amed.engine.experts.memory import disk_read_bytes
 
         io = disk_read_bytes()
         parts = []

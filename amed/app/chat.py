@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
-from .errors import AmedError
-from .generate import Generator, Step
+from amed.errors import AmedError
+from amed.generate import Generator, Step
 
 NOTICE = ("AntAngelMed is a research model: its answers are not medical advice. "
           "Consult a qualified clinician for decisions about care.")

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import DTYPES, read_safetensors_header
-from .config import ModelConfig
-from .errors import AmedError
+from amed.formats.checkpoint import DTYPES, read_safetensors_header
+from amed.config import ModelConfig
+from amed.errors import AmedError
+from amed.quant.formats import QTensor
 
 MANIFEST = "amed-manifest.json"
 FORMAT = "amed-store"
@@ -70,7 +71,7 @@ class Store:
         self.weights_info: dict = man["weights"]
         self.experts_info: dict = man["experts"]
         self.tensors = {}
-        self._maps: dict[str, mmap.mmap] = {}
+        self.maps: dict[str, mmap.mmap] = {}
         for fname, meta in man["files"].items():
             fpath = self.path / fname
             if os.sep in fname or not fname.endswith(".safetensors"):
@@ -84,7 +85,7 @@ class Store:
             for name, info in read_safetensors_header(fpath).items():
                 self.tensors[name] = info
             with open(fpath, "rb") as f:
-                self._maps[fname] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self.maps[fname] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         missing = [n for n, w in self.weights_info.items() if not all(c in self.tensors for c in components(n, w["format"]))]
         if missing:
             raise AmedError(f"weight '{missing[0]}' is missing from the store files: the store is damaged.")
@@ -94,7 +95,7 @@ class Store:
         # by `prefetch_experts` once the router has chosen it. (When the model is larger than the
         # memory budget, `under_memory_pressure` lifts MADV_RANDOM: see there.)
         if MADV_RANDOM is not None:
-            for m in self._maps.values():
+            for m in self.maps.values():
                 m.madvise(MADV_RANDOM)
             for name in self.weights_info:
                 if name != "token_embd":              # embeddings are read one row per token
@@ -108,7 +109,7 @@ class Store:
         if advice is None or t.end <= t.start:
             return
         start = t.start // mmap.PAGESIZE * mmap.PAGESIZE
-        self._maps[t.path.name].madvise(advice, start, t.end - start)
+        self.maps[t.path.name].madvise(advice, start, t.end - start)
 
     def under_memory_pressure(self) -> None:
         """The model does not fit the memory budget (amed/cache.py): give every weight but the
@@ -119,7 +120,7 @@ class Store:
         prefetch, so fault read-around is rare."""
         if MADV_NORMAL is None:
             return
-        for m in self._maps.values():
+        for m in self.maps.values():
             m.madvise(MADV_NORMAL)
         if "token_embd" in self.weights_info:         # read one row per token: no read-around
             for c in components("token_embd", self.weights_info["token_embd"]["format"]):
@@ -133,20 +134,22 @@ class Store:
         if t is None:
             raise AmedError(f"tensor '{name}' is missing from the store {self.path}.")
         dt = np.dtype(DTYPES[t.dtype])
-        buf, origin = copy if copy is not None else (self._maps[t.path.name], 0)
+        buf, origin = copy if copy is not None else (self.maps[t.path.name], 0)
         return np.frombuffer(buf, dtype=dt, count=t.nbytes // dt.itemsize, offset=t.start - origin).reshape(t.shape)
 
     # -- weights for the model
     def matrix(self, name: str, copy=None):
-        from .weights import as_matrix
-
+        """A weight matrix as arrays: a float32/bf16 ndarray, or a QTensor (quant/formats.py)."""
         info = self.weights_info.get(name) or self._expert_weight_info(name)
         fmt, shape, group = info["format"], tuple(info["shape"]), info.get("group")
         layout = info.get("layout", "rows")
         try:     # QTensor checks the arrays against the entry (format, layout, shapes)
             parts = {suffix.lstrip(".") or "w": self.array(name + suffix, copy)
                      for suffix, _, _ in component_specs(fmt, shape, group, layout)}
-            return as_matrix(fmt, parts, shape, group, layout)
+            if fmt in ("f32", "bf16"):
+                return parts["w"]
+            return QTensor(fmt=fmt, shape=shape, group=group, q=parts["q"], scale=parts["s"],
+                           zero=parts.get("m"), layout=layout)
         except (ValueError, TypeError) as e:
             raise AmedError(f"weight '{name}' in {self.path} does not match its manifest entry ({e}): the "
                             f"store is damaged; re-run `amed quantize`.") from None
@@ -161,19 +164,16 @@ class Store:
         _, L, which, _ = name.split(".")                    # blk.L.ffn_{gate,up,down}_exps.E
         return self.experts_info[L]["matrices"][which]
 
-    def weights(self):
-        from .weights import build_weights
-
-        w = build_weights(self.config, self.matrix, self.vector)
-        w.prefetch = self.prefetch_experts
-        return w
+    def expert(self, layer: int, e: int) -> tuple:
+        """(gate, up, down) of routed expert e of `layer`, as views of the mapping."""
+        return tuple(self.matrix(f"blk.{layer}.ffn_{m}_exps.{e}") for m in ("gate", "up", "down"))
 
     def prefetch_experts(self, layer: int, experts) -> None:
         """Ask the kernel to start reading the chosen experts' pages (MADV_WILLNEED)."""
         info = self.experts_info.get(str(layer))
         if info is None or MADV_WILLNEED is None:
             return
-        m = self._maps[info["file"]]
+        m = self.maps[info["file"]]
         for e in experts:
             m.madvise(MADV_WILLNEED, info["offset"] + int(e) * info["stride"], info["stride"])
 
@@ -200,13 +200,11 @@ class Store:
                 if t.path.name != fname or not start <= t.start <= t.start + t.nbytes <= start + stride:
                     raise AmedError(f"{self.path}: tensor {c} lies outside its expert's byte range; "
                                     f"the store is damaged: re-run `amed quantize`.")
-        from .weights import SwiGLU
-
-        return SwiGLU(*(self.matrix(name, (buf, start)) for name in names))
+        return tuple(self.matrix(name, (buf, start)) for name in names)
 
     def verify(self, progress=None) -> list[str]:
         """Hash every file against the manifest; returns the names of damaged files."""
-        from .container import sha256_file
+        from amed.formats.container import sha256_file
 
         bad = []
         for fname, meta in self.manifest["files"].items():
@@ -226,7 +224,7 @@ def component_specs(fmt: str, shape: tuple, group: int | None, layout: str = "ro
         return [("", "BF16", shape)]
     if fmt not in ("q4", "q6", "q8"):
         raise ValueError(f"unknown weight format {fmt!r}")
-    from .quants import array_shapes
+    from amed.quant.formats import array_shapes
 
     arrays = array_shapes(fmt, shape, group, layout)
     st = {"q": "I8" if fmt == "q8" else "U8", "scale": SCALE_DTYPE, "zero": SCALE_DTYPE}

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import Checkpoint, TensorSpec, f32_to_bf16, tensor_table
-from .container import PAGE, ContainerWriter, Entry, plan, write_json_atomic
-from .errors import AmedError
-from .store import COPIED_FILES, FORMAT, MANIFEST, VERSION, component_specs, read_manifest
+from amed.formats.checkpoint import Checkpoint, TensorSpec, f32_to_bf16, tensor_table
+from amed.formats.container import PAGE, ContainerWriter, Entry, plan, write_json_atomic
+from amed.errors import AmedError
+from amed.formats.store import COPIED_FILES, FORMAT, MANIFEST, VERSION, component_specs, read_manifest
 
 # ---- the quantization policy: which tensor gets which format -----------------------------------
 # "experts" and "dense" are the command's --bits and --dense choices. The router, expert bias and
@@ -95,7 +95,7 @@ class Settings:
         return "bf16", None
 
     def layout_of(self, spec: TensorSpec) -> str:
-        from .quants import r8_ok
+        from amed.quant.formats import r8_ok
 
         fmt, _ = self.choose(spec)
         return "r8" if self.layout == "r8" and spec.kind != "embed" and r8_ok(fmt, spec.shape) else "rows"
@@ -181,7 +181,7 @@ def manifest_skeleton(cfg, settings: Settings, plans: list[FilePlan], source: di
 
 def source_fingerprint(src: Path) -> dict:
     """What identifies the source: hashes of its config and index, and the hub commit if known."""
-    from .hub import load_state
+    from amed.hub import load_state
 
     def h(p):
         return hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else None
@@ -234,7 +234,7 @@ def quantize_model(src, dst, settings: Settings = Settings(), force: bool = Fals
         for fp in todo:
             writer = ContainerWriter(dst / fp.name, fp.entries, {"format": "amed"})
             try:
-                jobs = [pool.submit(_convert, ckpt, writer, s, settings) for s in fp.specs]
+                jobs = [pool.submit(convert_tensor, ckpt, writer, s, settings) for s in fp.specs]
                 for s, job in zip(fp.specs, jobs):
                     job.result()
                     done_src += ckpt.tensors[s.hf].nbytes
@@ -290,9 +290,9 @@ def prepare_output(dst: Path, man: dict, force: bool) -> dict | None:
     return old
 
 
-def _convert(ckpt: Checkpoint, writer: ContainerWriter, s: TensorSpec, settings: Settings) -> None:
+def convert_tensor(ckpt: Checkpoint, writer: ContainerWriter, s: TensorSpec, settings: Settings) -> None:
     """Read one source tensor in row chunks, convert it to its policy format, write it."""
-    from . import quants
+    from amed.quant import formats as quants
 
     fmt, group = settings.choose(s)
     r8 = settings.layout_of(s) == "r8"

@@ -1,0 +1,33 @@
+"""Backends: the kernels the forward pass calls, behind one small interface.
+
+A backend provides, for its own arrays (float32 activations [T, ...], C-contiguous):
+
+    linear(w) -> M            bind a matrix as the store/checkpoint hands it out (a bf16/f32
+                              ndarray or a QTensor) to its kernel; M.matmul(x, out) computes
+                              out[T, N] = x[T, K] @ W.T, M.rows_f32(ids) gathers rows (embeddings),
+                              M.shape, M.nbytes
+    swiglu(gate, up, down) -> F   a bound SwiGLU block: F(x, out=None) = down(silu(gate x) * up x)
+    rmsnorm(x, w, eps, out)
+    qk_norm_rope_store(qkv, nh, nkv, d, rot, q_norm, k_norm, use_qk_norm, eps, cos, sin, pos,
+                       q_out, k_cache, v_cache)      QK-norm, partial NeoX RoPE, K/V into the cache
+    attention(q, k_cache, v_cache, pos, out)          causal GQA over the cache
+    route(logits, bias, n_group, topk_group, k, scaling, idx_out, w_out)   sigmoid group top-k
+    moe_combine(out, ys, tok, w)                      out[tok[i]] += w[i] * ys[i], in order
+
+The forward pass (engine/model.py) only calls these; which kernel runs for which format is
+decided once, when a weight is bound (cpu/dispatch.py). Today there is one backend, "cpu".
+"""
+
+from __future__ import annotations
+
+from amed.errors import AmedError
+
+BACKENDS = ("cpu",)
+
+
+def get_backend(name: str = "cpu"):
+    if name == "cpu":
+        from amed.engine.backends.cpu import CPUBackend
+
+        return CPUBackend()
+    raise AmedError(f"unknown device {name!r}; amed runs on: {', '.join(BACKENDS)}.")

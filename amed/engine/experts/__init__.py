@@ -1,0 +1,226 @@
+"""Routed experts: where they come from and what stays in memory.
+
+The forward pass asks an ExpertProvider two things per MoE layer:
+
+    order = experts.start(L, chosen, h)   # layer L's router chose `chosen` (ascending ids) for
+                                          # hidden state h: start reading what is not in memory;
+                                          # returns the order to compute them in (ready first)
+    f = experts.get(L, e)                 # expert e's bound SwiGLU, f(x, out) -> [T, H]
+
+Three providers:
+    ExpertProvider   experts stay in their memory maps and the OS pages them in (checkpoints)
+    CachedExperts    a store's experts in its file mapping, counted and, when the model is larger
+                     than the memory budget, prefetched, looked ahead and evicted (cache.py)
+    SlotExperts      a budget smaller than the experts: each resident expert is a copy in a slot
+                     of our own memory, read with O_DIRECT (slots.py)
+
+ExpertOptions holds every choice (budget, I/O mode, prefetch, look-ahead, reader threads);
+`ExpertOptions.from_env` reads the AMED_* variables, once, where options are made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from amed.engine.experts.cache import EVICT_ADVICE, HALF_LIFE_TOKENS, ExpertCache
+from amed.engine.experts.lookahead import LookAhead
+from amed.engine.experts.memory import current_rss_bytes, default_max_ram, fmt_size, map_address, parse_size
+from amed.engine.experts.slots import SlotCache
+from amed.errors import AmedError
+
+RUNTIME_MARGIN = 256 << 20      # kernels loaded, activations, allocator slack
+IO_MODES = ("slots", "mmap")
+LOOKAHEAD_MODES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class ExpertOptions:
+    max_ram: int | str | None = None   # what may stay resident (bytes or "16G"); None: from free memory
+    prefetch: bool = True              # read chosen experts ahead, on reader threads
+    lookahead: str = "auto"            # guess the next layer's experts: auto | on | off
+    io: str = "slots"                  # under a budget: slots (own copies) | mmap (the file mapping)
+    evict: str = "dontneed"            # mmap eviction advice: dontneed | pageout
+    populate: bool = True              # mmap: reader threads fault prefetched experts in
+    readers: int = 4                   # reader threads
+    guess_readers: int = 2             # of which at most this many read look-ahead guesses
+    expert_budget: int | None = None   # expert bytes, directly (tests and bench variants)
+
+    @classmethod
+    def from_env(cls, **kw) -> "ExpertOptions":
+        """Options with the AMED_EXPERT_IO, AMED_EVICT, AMED_POPULATE, AMED_READERS and
+        AMED_GUESS_READERS environment variables applied (keyword arguments win)."""
+        env = os.environ
+        try:
+            base = dict(io=env.get("AMED_EXPERT_IO", "slots"), evict=env.get("AMED_EVICT", "dontneed"),
+                        populate=env.get("AMED_POPULATE", "1") != "0",
+                        readers=int(env.get("AMED_READERS", "4")),
+                        guess_readers=int(env.get("AMED_GUESS_READERS", "2")))
+        except ValueError:
+            raise AmedError("AMED_READERS and AMED_GUESS_READERS must be whole numbers.") from None
+        base.update(kw)
+        return cls(**base)
+
+    def validate(self) -> "ExpertOptions":
+        if self.io not in IO_MODES:
+            raise AmedError(f"AMED_EXPERT_IO must be slots or mmap, not {self.io!r}.")
+        if self.evict not in EVICT_ADVICE:
+            raise AmedError(f"unknown eviction mode {self.evict!r}; use one of {', '.join(EVICT_ADVICE)}.")
+        if self.lookahead not in LOOKAHEAD_MODES:
+            raise AmedError(f"--lookahead takes auto, on or off, not {self.lookahead!r}.")
+        return self
+
+    def replace(self, **kw) -> "ExpertOptions":
+        return dataclasses.replace(self, **kw)
+
+
+# ---- providers ------------------------------------------------------------------------------------
+
+class ExpertProvider:
+    """Experts bound on first use and kept (views of the source's memory maps; the OS pages them
+    in). `touched` records every (layer, expert) ever bound, so tests can prove laziness."""
+
+    cache = None          # an ExpertCache (residency, statistics) where there is one
+    lookahead = None      # a LookAhead where one runs
+
+    def __init__(self, bind):
+        self._bind = bind                 # (layer, e) -> SwiGLU
+        self._views: dict = {}
+        self.touched: set[tuple[int, int]] = set()
+
+    def start(self, layer: int, experts: list[int], h) -> list[int]:
+        return experts
+
+    def get(self, layer: int, e: int):
+        key = (layer, e)
+        w = self._views.get(key)
+        if w is None:
+            w = self._views[key] = self._bind(layer, e)
+            self.touched.add(key)
+        return w
+
+    def close(self) -> None:
+        pass
+
+
+class CachedExperts(ExpertProvider):
+    """A store's experts in its file mapping, with an ExpertCache that counts every use and, under
+    a budget, evicts; `prefetch(layer, experts)` starts reads once the router has chosen, and the
+    look-ahead guesses the next layer's."""
+
+    def __init__(self, bind, cache: ExpertCache, prefetch=None, lookahead: LookAhead | None = None):
+        super().__init__(bind)
+        self.cache = cache
+        self._prefetch = prefetch
+        self.lookahead = lookahead
+
+    def start(self, layer: int, experts: list[int], h) -> list[int]:
+        if self._prefetch is not None:
+            self._prefetch(layer, experts)
+        if self.lookahead is not None:
+            self.lookahead(layer, h)
+        return self.cache.ready_first(layer, experts)
+
+    def get(self, layer: int, e: int):
+        self.cache.use(layer, e)
+        return super().get(layer, e)
+
+    def close(self) -> None:
+        self.cache.clear()
+        self.cache.close()
+
+
+class SlotExperts(CachedExperts):
+    """Experts copied into slots of the SlotCache; `get` returns the expert over its slot."""
+
+    def get(self, layer: int, e: int):
+        w = self.cache.use(layer, e)
+        self.touched.add((layer, e))
+        return w
+
+
+# ---- choosing and wiring a provider -----------------------------------------------------------------
+
+def open_experts(model, options: ExpertOptions | None = None, log=None) -> ExpertProvider:
+    """The provider for `model.source`: a checkpoint's experts stay in its maps; a store's get an
+    expert cache whose budget is
+
+        max_ram - dense bytes - KV cache - runtime (the process RSS now + a margin)
+
+    (or `options.expert_budget`): unbounded when every expert fits (then only counting, with the
+    store's own MADV_WILLNEED prefetch), else a SlotCache (io "slots") or an mmap ExpertCache."""
+    o = (options or ExpertOptions()).validate()
+    store, backend = model.source, model.backend
+
+    def bind(L, e):
+        return backend.swiglu(*store.expert(L, e))
+
+    info = getattr(store, "experts_info", None)
+    if not info:
+        return ExpertProvider(bind)
+    expert_total = sum(i["stride"] * i["count"] for i in info.values())
+    dense = store.dense_nbytes()
+    kv = model.state.nbytes
+    max_ram = parse_size(o.max_ram) if o.max_ram is not None else None
+    expert_budget = o.expert_budget
+    if expert_budget is None:
+        limit = max_ram if max_ram is not None else default_max_ram()
+        expert_budget = limit - dense - kv - current_rss_bytes() - RUNTIME_MARGIN
+        k = model.config.num_experts_per_tok
+        floor = 2 * k * max(i["stride"] for i in info.values())
+        if expert_budget < floor:
+            if log:
+                log(f"--max-ram {fmt_size(limit)} leaves no room for experts next to the dense weights "
+                    f"({fmt_size(dense)}), the KV cache ({fmt_size(kv)}) and the runtime; serving experts "
+                    f"from a minimal cache of {fmt_size(floor)} (expect peak RSS near "
+                    f"{fmt_size(limit - expert_budget + floor)}).")
+            expert_budget = floor
+    budget = None if expert_budget >= expert_total else int(expert_budget)
+    if budget is not None:
+        # the kernel must see that dense weights and cached experts are in use (formats/store.py)
+        store.under_memory_pressure()
+    bases = {f: map_address(m) for f, m in store.maps.items()}
+
+    def span(L, e):
+        f, off, stride = store.expert_region(L, e)
+        return bases[f] + off, stride
+
+    def region(L):
+        i = info[str(L)]
+        base = bases[i["file"]] + i["offset"]
+        return base, base + i["stride"] * i["count"]
+
+    c = model.config
+    moe_layers = sum(c.is_moe_layer(L) for L in range(c.num_hidden_layers))
+    per_token = c.num_experts_per_tok * max(1, moe_layers)                        # expert uses
+    order = dict(half_life=HALF_LIFE_TOKENS * per_token, recent=per_token)
+    if budget is not None and o.io == "slots":
+        cache = SlotCache(budget, store, backend.swiglu, prefetch=o.prefetch, readers=o.readers,
+                          guess_readers=o.guess_readers, **order)
+        kind = SlotExperts
+    else:
+        cache = ExpertCache(budget, span, region, prefetch=o.prefetch, evict=o.evict, populate=o.populate,
+                            readers=o.readers, guess_readers=o.guess_readers, **order)
+        kind = CachedExperts
+    cache.expert_total = expert_total
+    cache.dense_bytes = dense
+    cache.max_ram = max_ram
+    prefetch = lookahead = None
+    if not o.prefetch:
+        pass
+    elif budget is not None:
+        prefetch = cache.prefetch
+        if o.lookahead in ("on", "auto"):
+            lookahead = LookAhead(c, model.weights.layers, cache, backend, o.lookahead)
+    else:                                  # everything fits: the store's own prefetch, plus counting
+        store_prefetch = store.prefetch_experts
+        seen: set = set()                  # nothing is evicted, so an expert needs reading once
+
+        def prefetch(L, experts):
+            cache.prefetch(L, experts)
+            new = [e for e in experts if (L, e) not in seen]
+            if new:
+                seen.update((L, e) for e in new)
+                store_prefetch(L, new)     # madvise costs ~0.1 ms per expert even when resident
+    return kind(bind, cache, prefetch, lookahead)

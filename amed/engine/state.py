@@ -1,0 +1,59 @@
+"""The state of one sequence (one conversation): its KV cache, its position, its RoPE tables.
+
+A loaded Model is shared and read-only; every sequence that runs on it has a State of its own, so
+several conversations can be interleaved over one model (as llama2.c's RunState beside its
+Transformer weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+F32 = np.float32
+
+
+def rope_tables(n_pos: int, rot: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [n_pos, rot/2] for NeoX-style RoPE: pair j rotates at 1 / theta^(2j/rot)."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, rot, 2, dtype=np.float64) / rot))  # [rot/2]
+    ang = np.arange(n_pos, dtype=np.float64)[:, None] * inv_freq[None, :]      # [S, rot/2]
+    return np.cos(ang).astype(F32), np.sin(ang).astype(F32)
+
+
+class State:
+    """KV cache [layer][nkv, S, d] for S positions (grown by doubling when a forward would run past
+    it), the number of positions filled (`pos`), and the tokens ever run through it."""
+
+    def __init__(self, config, ctx_size: int = 4096):
+        self.config = config
+        self.pos = 0               # tokens in the KV cache
+        self.tokens_forwarded = 0  # total tokens ever run through it: lets tests count prefill
+        self._alloc(max(16, min(ctx_size, config.max_position_embeddings)))
+
+    def _alloc(self, capacity: int) -> None:
+        c = self.config
+        shape = (c.num_key_value_heads, capacity, c.head_size)               # [nkv, S, d]
+        self.k_cache = [np.zeros(shape, F32) for _ in range(c.num_hidden_layers)]
+        self.v_cache = [np.zeros(shape, F32) for _ in range(c.num_hidden_layers)]
+        self.capacity = capacity
+        self.cos, self.sin = rope_tables(capacity, c.rot_dim, c.rope_theta)
+
+    def ensure_capacity(self, needed: int) -> None:
+        """Grow the cache (doubling) when a forward would run past its end; keeps the context."""
+        if needed <= self.capacity:
+            return
+        old_k, old_v, n = self.k_cache, self.v_cache, self.pos
+        self._alloc(max(needed, 2 * self.capacity))
+        for L in range(self.config.num_hidden_layers):
+            self.k_cache[L][:, :n] = old_k[L][:, :n]
+            self.v_cache[L][:, :n] = old_v[L][:, :n]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k_cache) + sum(a.nbytes for a in self.v_cache)
+
+    def reset(self) -> None:
+        """Forget the context (the cache memory is kept for reuse)."""
+        self.pos = 0
+
+    def truncate(self, n: int) -> None:
+        """Keep only the first n cached positions (e.g. to re-run a changed suffix)."""
+        self.pos = max(0, min(self.pos, n))

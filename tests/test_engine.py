@@ -1,0 +1,71 @@
+"""The engine as a whole: logits bit-identical to the engine before its redesign (saved in
+tests/data/engine-logits.npz by engine_reference.py), and several sequences over one model."""
+
+import numpy as np
+import pytest
+
+import amed
+import engine_reference as R
+from amed.engine.experts import SlotExperts
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("engine")
+    return {name: (R.GOLDEN if spec is None else R.build_store(tmp, name)) for name, spec in R.CASES.items()}
+
+
+@pytest.fixture(scope="module")
+def saved():
+    return np.load(R.DATA / "engine-logits.npz")
+
+
+@pytest.mark.parametrize("name", list(R.CASES))
+def test_logits_bit_identical_to_before(stores, saved, name):
+    got = R.schedule(amed.load(stores[name]))
+    for k, v in got.items():
+        np.testing.assert_array_equal(v, saved[f"{name}/{k}"], err_msg=f"{name}/{k}")
+
+
+def test_slot_cache_logits_bit_identical(stores, saved):
+    m = R.slot_model(stores[R.SLOT_CASE])
+    assert isinstance(m.experts, SlotExperts) and m.experts.cache.bounded
+    for k, v in R.schedule(m).items():
+        np.testing.assert_array_equal(v, saved[f"slots/{k}"], err_msg=k)
+    m.experts.close()
+
+
+@pytest.mark.parametrize("name", ["ckpt", "q4_r8"])
+def test_interleaved_sequences_equal_each_alone(stores, name):
+    """Two conversations over one loaded model, advanced token by token in turn (prefills of
+    different lengths, then decode), each give exactly the logits of its own run alone."""
+    m = amed.load(stores[name])
+    ids = R.token_ids()
+    a_prompt, a_next = ids[:11], ids[11:23]
+    b_prompt, b_next = ids[30:37][::-1], ids[5:17]
+
+    def alone(prompt, nxt):
+        s = m.new_state()
+        return [m.forward(prompt, state=s)] + [m.forward([t], state=s) for t in nxt]
+
+    want_a, want_b = alone(a_prompt, a_next), alone(b_prompt, b_next)
+    sa, sb = m.new_state(), m.new_state()
+    got_a, got_b = [m.forward(a_prompt, state=sa)], [m.forward(b_prompt, state=sb)]
+    for ta, tb in zip(a_next, b_next):
+        got_b.append(m.forward([tb], state=sb))
+        got_a.append(m.forward([ta], state=sa))
+    np.testing.assert_array_equal(np.stack(got_a), np.stack(want_a))
+    np.testing.assert_array_equal(np.stack(got_b), np.stack(want_b))
+    assert sa.pos == len(a_prompt) + len(a_next) and sb.pos == len(b_prompt) + len(b_next)
+    assert m.pos == 0                              # the default sequence was never used
+
+
+def test_forward_on_one_state_leaves_others(stores):
+    m = amed.load(stores["ckpt"])
+    ids = R.token_ids()
+    first = m.forward(ids[:9])
+    other = m.new_state(ctx_size=32)
+    m.forward(ids[9:40], state=other)              # grows its own cache, not the default one
+    assert other.capacity >= 31 and m.pos == 9
+    np.testing.assert_array_equal(m.forward(ids[9:10]), amed.load(stores["ckpt"]).forward(ids[:10]))
+    assert first.shape == (m.config.vocab_size,)
