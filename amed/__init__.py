@@ -21,19 +21,38 @@ def _setup_environment() -> None:
     for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
         os.environ.setdefault(var, "1")
     # Compiled kernels are cached on disk so the second start is fast; the package dir may
-    # be read-only (site-packages), so point Numba at a user cache dir we can write.
+    # be read-only (site-packages), so point Numba at a user cache dir we can write. Numba
+    # checks a cached function against its own file only, and our kernels call helpers in
+    # other files (cpu/qdot.py): the directory is keyed by a hash of all kernel sources, so
+    # an edit anywhere recompiles everything instead of running a stale helper.
     if "NUMBA_CACHE_DIR" not in os.environ:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        path = os.path.join(base, "amed", "numba")
+        key = _kernel_sources_hash()
+        path = os.path.join(base, "amed", "numba", key)
         try:
             os.makedirs(path, exist_ok=True)
             if not os.access(path, os.W_OK):
                 raise OSError
         except OSError:
-            path = os.path.join(tempfile.gettempdir(), "amed-numba-cache")
+            path = os.path.join(tempfile.gettempdir(), "amed-numba-cache", key)
             os.makedirs(path, exist_ok=True)
         os.environ["NUMBA_CACHE_DIR"] = path
 
+
+def _kernel_sources_hash(here: str | None = None) -> str:
+    """12 hex digits over the source of every Numba-compiled module (a few hundred kB: ~1 ms)."""
+    import hashlib
+
+    h = hashlib.sha256(__version__.encode())
+    here = here or os.path.dirname(os.path.abspath(__file__))
+    for sub in (os.path.join("engine", "backends", "cpu"),):
+        folder = os.path.join(here, sub)
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+            if name.endswith(".py"):
+                h.update(name.encode())
+                with open(os.path.join(folder, name), "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()[:12]
 
 _setup_environment()
 

@@ -130,3 +130,23 @@ def test_route_group_limit_matters():
     K.route(logits, np.zeros(E, np.float32), G, 2, 2, 1.0, idx, w)
     # group 0 scores 5+(-3)=2 via sigmoid sums: s(5)+s(-3)=1.04 < s(1)*2=1.46 -> excluded
     assert 0 not in idx[0] and all(4 <= i < 12 for i in idx[0])
+
+
+def test_numba_cache_dir_is_keyed_by_every_kernel_source(tmp_path):
+    """Numba checks a cached kernel against its own file only; helpers live in other files
+    (cpu/qdot.py), so the cache directory changes when any kernel source changes."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    import amed
+
+    pkg = tmp_path / "amed"
+    shutil.copytree(Path(amed.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    before = amed._kernel_sources_hash(str(pkg))
+    assert before == amed._kernel_sources_hash() and len(before) == 12
+    if "amed" in os.environ["NUMBA_CACHE_DIR"]:      # ours, not one the user set
+        assert os.environ["NUMBA_CACHE_DIR"].endswith(before)
+    with open(pkg / "engine" / "backends" / "cpu" / "qdot.py", "a") as f:
+        f.write("\n# an edit to a helper file\n")
+    assert amed._kernel_sources_hash(str(pkg)) != before
