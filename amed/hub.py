@@ -85,12 +85,17 @@ class Plan:
         return sum(f.size for f in self.files)
 
 
-def default_local_dir(repo_id: str = DEFAULT_REPO) -> Path:
-    """$AMED_HOME/models/<org>--<name>, AMED_HOME defaulting to $XDG_CACHE_HOME/amed or ~/.cache/amed."""
+def amed_home() -> Path:
+    """Where amed keeps models, stores and measurements: $AMED_HOME, else $XDG_CACHE_HOME/amed or ~/.cache/amed."""
     home = os.environ.get("AMED_HOME")
     if not home:
         home = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "amed")
-    return Path(home) / "models" / repo_id.replace("/", "--")
+    return Path(home)
+
+
+def default_local_dir(repo_id: str = DEFAULT_REPO) -> Path:
+    """$AMED_HOME/models/<org>--<name>."""
+    return amed_home() / "models" / repo_id.replace("/", "--")
 
 
 def resolve_endpoint(endpoint: str | None = None) -> str:
@@ -491,14 +496,14 @@ def _check_repo_path(path: str, repo_id: str) -> None:
 # the whole plan: parallel files, one progress display
 # ---------------------------------------------------------------------------------------------
 def download(plan: Plan, local_dir: Path, *, token: str | bool | None = None, max_workers: int = 4,
-             progress: "DownloadProgress | None" = None, retries: int = 8, backoff: float = 1.0) -> Path:
+             progress: "DownloadHooks | None" = None, retries: int = 8, backoff: float = 1.0) -> Path:
     """Fetch every file of `plan` into `local_dir` (resuming, verifying, skipping verified files).
     Files that fail their checksum are deleted, the others still finish, then one AmedError names them."""
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     local_dir = Path(local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
-    progress = progress or _NullProgress()
+    progress = progress or DownloadHooks()
     cancel = threading.Event()
     bad: list[ChecksumMismatch] = []
 
@@ -510,7 +515,7 @@ def download(plan: Plan, local_dir: Path, *, token: str | bool | None = None, ma
             except ChecksumMismatch as e:
                 bad.append(e)
 
-    with _dir_lock(local_dir), progress:
+    with dir_lock(local_dir), progress:
         record_plan(plan, local_dir)
         state = load_state(local_dir)
         todo = [f for f in plan.files if not is_verified(f, local_dir, state)]
@@ -545,7 +550,7 @@ def download(plan: Plan, local_dir: Path, *, token: str | bool | None = None, ma
 
 
 @contextlib.contextmanager
-def _dir_lock(local_dir: Path) -> Iterator[None]:
+def dir_lock(local_dir: Path) -> Iterator[None]:
     """One writer per directory: a second `amed download` into the same place is refused."""
     try:
         import fcntl
@@ -563,7 +568,10 @@ def _dir_lock(local_dir: Path) -> Iterator[None]:
         yield
 
 
-class _NullProgress:
+class DownloadHooks:
+    """What `download` reports to a display (this base does nothing but print notes on stderr;
+    the Rich bars of the command line are app/progress.DownloadBars)."""
+
     def start(self, total: int, done: int) -> None: ...
     def note(self, msg: str) -> None: _stderr_note(msg)
     def __enter__(self): return self
@@ -572,57 +580,6 @@ class _NullProgress:
     @contextlib.contextmanager
     def file(self, f: RemoteFile, have: int = 0):
         yield lambda n: None
-
-
-class RichBars:
-    """Byte progress bars on stderr (Rich), shared by `amed download` and the streaming quantizer:
-    a description, a bar, bytes, rate, `extra` columns, ETA; notes printed above the bars."""
-
-    def __init__(self, console=None, description: str = "{task.description}", extra=()):
-        from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
-
-        self.console = console or Console(stderr=True, highlight=False)
-        self._p = Progress(TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                           *(TextColumn(c) for c in extra), TimeRemainingColumn(), console=self.console)
-
-    def note(self, msg: str) -> None:
-        self._p.console.print(f"[yellow]{msg}[/]")
-
-    def __enter__(self):
-        self._p.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._p.stop()
-        return False
-
-
-class DownloadProgress(RichBars, _NullProgress):
-    """Rich, on stderr: one overall bar (bytes, rate, ETA) and a line per file in flight."""
-
-    def __init__(self, console=None):
-        super().__init__(console)
-        self._total = None
-
-    def start(self, total: int, done: int) -> None:
-        self._total = self._p.add_task("[bold]total", total=total, completed=done)
-
-    @contextlib.contextmanager
-    def file(self, f: RemoteFile, have: int = 0):
-        """A line for `f` while it downloads; yields the callable that advances it and the total bar."""
-        name = f.path if len(f.path) <= 40 else "…" + f.path[-39:]
-        task = self._p.add_task(f"  {name}", total=f.size, completed=have)
-
-        def advance(n: int) -> None:
-            self._p.update(task, advance=n)
-            if self._total is not None:
-                self._p.update(self._total, advance=n)
-        try:
-            yield advance
-        finally:
-            self._p.remove_task(task)
 
 
 # ---------------------------------------------------------------------------------------------

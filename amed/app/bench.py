@@ -409,3 +409,144 @@ def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
     lq = lq - lq.max(-1, keepdims=True)
     lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
     return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the `amed bench` command (the CLI parses the flags into a BenchPlan and calls run_command)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class BenchPlan:
+    n_prompt: int = 512
+    n_gen: int = 128
+    reps: int = 5
+    depth: int = 0                   # tokens of context prefilled (untimed) before each test
+    threads: list = field(default_factory=list)      # thread counts to sweep; empty: all cores
+    output: str = "md"               # md, json or csv
+    random_ids: bool = False
+    ctx_size: int = 4096
+    max_ram: int | None = None
+    prefetch: list = field(default_factory=lambda: ["on"])
+    lookahead: list = field(default_factory=lambda: ["auto"])
+    cold: bool = False
+
+
+def synthetic_store(preset: str, layers: int, bits: int, console) -> Path:
+    """A random quantized store for benchmarks, built on first use under $AMED_HOME/bench."""
+    from amed.app.progress import QuantizeBar
+    from amed.app.synth import SyntheticSource
+    from amed.formats.store import MANIFEST
+    from amed.hub import amed_home
+    from amed.quant.convert import Settings, quantize_model
+
+    path = amed_home() / "bench" / f"synthetic-{preset}-{layers}-q{bits}"
+    try:
+        done = json.loads((path / MANIFEST).read_text()).get("complete")
+    except (OSError, ValueError):
+        done = False
+    if not done:
+        console.print(f"[dim]building a random {preset} store with {layers} layers at {path} (once)...[/]")
+        with QuantizeBar(console) as bar:
+            quantize_model(SyntheticSource(preset, layers, 0), path, Settings(bits=bits), progress=bar)
+    return path
+
+
+def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
+    """Load the model at `path`, run every variant of `plan` (thread counts x prefetch x
+    look-ahead), print the table on stdout and a summary line on stderr."""
+    import numba
+
+    from amed import load
+    from amed.engine.experts import ExpertOptions
+    from amed.engine.experts.memory import fmt_size
+    from amed.hub import amed_home
+    from amed.text.tokenizer import Tokenizer
+
+    n_prompt, n_gen, reps, depth, output, cold = (plan.n_prompt, plan.n_gen, plan.reps, plan.depth, plan.output,
+                                                  plan.cold)
+    random_ids, ram, prefetches, lookaheads = plan.random_ids, plan.max_ram, plan.prefetch, plan.lookahead
+    counts = plan.threads or [numba.config.NUMBA_NUM_THREADS]
+    options = ExpertOptions.from_env(max_ram=ram)
+    home = amed_home()
+    m = load(path, ctx_size=max(plan.ctx_size, depth + n_prompt + n_gen + 16), experts=options,
+             log=lambda msg: console.print(f"[yellow]{msg}[/]"))
+    tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+    console.print("[dim]measuring memory bandwidth (cached after the first run)...[/]")
+    bw = memory_bandwidth_gbs(home / "membw.json")
+    src = m.source
+    size = sum((path / f).stat().st_size for f in getattr(src, "manifest", {}).get("files", {})) or \
+        sum(t.nbytes for t in src.tensors.values())
+    quant = getattr(src, "manifest", {}).get("quantization", {})
+    qdesc = f"q{quant['bits']}/g{quant['group_size']}" if quant else "bf16"
+    cache = m.experts.cache
+    if cache is not None and hasattr(cache, "touch_memory"):
+        console.print(f"[dim]touching {fmt_size(cache.capacity * cache.slot_size)} of memory for the expert "
+                      f"cache once (untimed: a VM's first touch would slow only the first variant)...[/]")
+        cache.touch_memory()
+    disk_bw = None
+    variants = [(p, la) for p in prefetches for la in (lookaheads if p == "on" else ["off"])]
+    rows = []
+    for pf, la in variants:
+        if cache is not None and len(variants) > 1:       # a fresh cache per variant, same model
+            budget = cache.budget if cache.bounded else cache.expert_total
+            m.use_experts(options.replace(prefetch=pf == "on", lookahead=la, expert_budget=budget))
+        cache = m.experts.cache
+        if cache is not None and cache.bounded:      # each variant's ceiling from the disk of that moment
+            console.print("[dim]measuring the disk's read speed for experts (1 GiB of the store)...[/]")
+            disk_bw = disk_read_gbs(src, home / "diskbw.json", refresh=True)   # shared/virtual disks vary
+        first_row = len(rows)
+        for n in counts:
+            set_threads(n)
+            if cold:
+                drop_expert_pages(src)
+            console.print(f"[dim]{path.name}: {n} threads, prefetch {pf}, look-ahead {la}, pp{n_prompt} "
+                          f"tg{n_gen} x {reps}...[/]")
+            rec = run_bench(m, tok, n_prompt, n_gen, reps, random_ids, depth=depth, warm_prompt=not cold)
+            for res in (rec["pp"], rec["tg"]):
+                if res is None:
+                    continue
+                row = {"model": path.name, "size_gb": size / 1e9, "quant": qdesc, "threads": n, "test": res.test,
+                       "tps_mean": res.mean, "tps_sd": res.sd,
+                       "tps_median": res.median, "tps_samples": res.tps, "peak_rss_gb": rec["peak_rss"] / 1e9,
+                       "compile_s": rec["compile_s"], "mem_bw_gbs": bw}
+                if res.test.startswith("pp"):
+                    row["ttft_s"] = min(res.seconds)
+                else:
+                    bpt = rec["bytes_per_token"]
+                    row.update(bytes_per_token=bpt, gbs=bpt * res.mean / 1e9, pct_bw=100 * bpt * res.mean / 1e9 / bw,
+                               experts_resident=rec["expert_resident"])
+                    if cache is not None:
+                        st, dpt = rec["tg_cache"], rec["disk_bytes_per_token"]
+                        mpt = st.miss_bytes / (n_gen * reps) if cache.bounded else 0.0
+                        row.update(prefetch=pf, lookahead=la if cache.bounded else "off",
+                                   max_ram=fmt_size(ram) if ram else "auto",
+                                   cache_budget=fmt_size(cache.budget) if cache.bounded else "all",
+                                   hit_rate=st.hit_rate if st.uses else None,
+                                   lookahead_acc=st.lookahead_accuracy if st.predicted else None,
+                                   disk_bytes_per_token=dpt, miss_bytes_per_token=mpt,
+                                   disk_gbs=None, ceiling_tps=None, rss_gb=rec["rss"] / 1e9)
+                rows.append(row)
+        if cache is not None and cache.bounded:
+            # and again after it: the faster of the two probes sets the ceiling (the strictest;
+            # this VM's disk swung 0.1-2.5 GB/s between one minute and the next)
+            after = disk_read_gbs(src, home / "diskbw.json", refresh=True)
+            disk_bw = max((b for b in (disk_bw, after) if b), default=None)
+            for row in rows[first_row:]:
+                if "miss_bytes_per_token" not in row:
+                    continue
+                # the issue's ceiling: bytes of the expert misses per token at the disk's speed
+                # (reads of wrong look-ahead guesses are extra work, not the ceiling)
+                mpt = row["miss_bytes_per_token"]
+                row["disk_gbs"] = disk_bw
+                if disk_bw and mpt > 0.01 * row["bytes_per_token"]:
+                    row["ceiling_tps"] = disk_bw * 1e9 / mpt
+    print(format_rows(rows, output))
+    from_disk = any(r.get("disk_bytes_per_token", 0) > 0.01 * r.get("bytes_per_token", 1) for r in rows)
+    if output == "md" and cache is not None and (cache.bounded or len(variants) > 1 or from_disk):
+        print()
+        print(memory_table(rows))
+    if rows:
+        console.print(f"[dim]kernel compile/load before timing: {rows[0]['compile_s']:.2f} s; "
+                      f"memory bandwidth {bw:.1f} GB/s"
+                      + (f"; disk {disk_bw:.2f} GB/s" if disk_bw else "")
+                      + (f"; dense weights {fmt_size(cache.dense_bytes)} resident, experts "
+                         f"{fmt_size(cache.expert_total)} on disk" if cache is not None else "") + "[/]")

@@ -176,3 +176,50 @@ def repl(session: ChatSession, verbose: bool = False) -> None:
         if step.finish_reason == "interrupted":
             err.print("[yellow](answer stopped)[/]")
         err.print(f"[dim]{session.stats_line(step)}[/]")
+
+
+def run_command(path, err: Console, *, prompt: str | None = None, system_prompt: str | None = None,
+                max_tokens: int = 1024, ctx_size: int = 4096, sampling: dict | None = None,
+                verbose: bool = False, max_ram=None, prefetch: bool = True) -> None:
+    """`amed chat`: load the model at `path`; answer `prompt` on stdout and return, or (no
+    prompt) run the interactive loop. `sampling` overrides the model's generation_config."""
+    import time
+
+    from amed import load
+    from amed.hub import fmt_bytes as human
+    from amed.text.sampling import SamplingParams, make_sampler
+    from amed.text.tokenizer import Tokenizer
+
+    err.print(f"[dim]{NOTICE}[/]")
+
+    t0 = time.perf_counter()
+    m = load(path, ctx_size=ctx_size, max_ram=max_ram, prefetch=prefetch,
+             log=lambda msg: err.print(f"[yellow]{msg}[/]"))
+    tok = Tokenizer.from_dir(path)
+    if tok.template_is_fallback:
+        err.print("[yellow]no chat template in the model directory: using the built-in Ling format.[/]")
+    params = SamplingParams.from_generation_config(path, **(sampling or {}))
+    if verbose:
+        err.print(f"[dim]model {path} loaded in {time.perf_counter() - t0:.2f} s; sampling: "
+                  f"temp {params.temperature}, top-p {params.top_p}, top-k {params.top_k}, "
+                  f"min-p {params.min_p}, repeat-penalty {params.repetition_penalty}, seed {params.seed}[/]")
+    session = ChatSession(m, tok, make_sampler(params), max_tokens, ctx_size, system_prompt, err)
+    if verbose:
+        from amed.app.bench import MemoryReport
+
+        memory = MemoryReport(m)
+        cache = m.experts.cache
+        if cache is not None:
+            err.print(f"[dim]memory: dense weights {human(cache.dense_bytes)} resident, experts "
+                      f"{human(cache.expert_total)} on disk, expert cache "
+                      f"{human(cache.budget) if cache.bounded else 'unbounded (all fit)'}[/]")
+        stats_line = session.stats_line
+        session.stats_line = lambda step: f"{stats_line(step)}\n{memory.line(step.generated_tokens)}"
+    if prompt is not None:
+        step = session.ask(prompt.strip())
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if verbose:
+            err.print(f"[dim]{session.stats_line(step)}[/]")
+        return
+    repl(session, verbose)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -92,6 +91,7 @@ def download(
     import shlex
 
     from amed import hub
+    from amed.app.progress import DownloadBars
 
     if quantize_bits is not None:
         _download_quantize(repo_id, revision, local_dir, include, exclude, token, source, dry_run,
@@ -142,7 +142,7 @@ def download(
     err.print(f"{repo_id}@{plan.commit[:12]}: {len(plan.files)} files, {fmt(plan.total_bytes)}, "
               f"{fmt(needed)} to fetch into {dest}", markup=False)
     try:
-        hub.download(plan, dest, token=token, max_workers=max_workers, progress=hub.DownloadProgress(err))
+        hub.download(plan, dest, token=token, max_workers=max_workers, progress=DownloadBars(err))
     except KeyboardInterrupt:
         err.print("[yellow]stopped: run the same command again to resume[/]")
         raise
@@ -153,8 +153,9 @@ def _download_quantize(repo_id, revision, local_dir, include, exclude, token, so
                        group_size, dense, head, layout, force) -> None:
     """`amed download --quantize`: see amed/stream.py."""
     from amed import hub
+    from amed.app.progress import StreamBars
     from amed.quant.convert import Settings
-    from amed.quant.stream import RichStreamProgress, default_download_dir, download_quantize
+    from amed.quant.stream import default_download_dir, download_quantize
 
     if source != Source.hf:
         fail("--quantize needs --source hf.")
@@ -170,7 +171,7 @@ def _download_quantize(repo_id, revision, local_dir, include, exclude, token, so
     scratch = local_dir or default_download_dir(store)
     err.print(f"{repo_id}@{plan.commit[:12]} -> {store} (q{bits}, shards pass through {scratch})", markup=False)
     try:
-        with RichStreamProgress(err) as bars:
+        with StreamBars(err) as bars:
             summary = download_quantize(plan, store, settings, local_dir=local_dir, token=token, force=force,
                                         progress=bars)
     except KeyboardInterrupt:
@@ -202,27 +203,11 @@ def quantize(
 
 def run_quantize(src, output: Path, settings, force: bool) -> None:
     """quantize_model with a progress bar that appears once validation has passed, then the summary."""
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-
+    from amed.app.progress import QuantizeBar
     from amed.quant.convert import quantize_model
 
-    columns = (TextColumn("[bold]quantize"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TextColumn("{task.fields[tensors]} tensors"), TimeRemainingColumn())
-    bar = Progress(*columns, console=err)
-    task = None
-
-    def progress(done, ntensors, total):
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task("quantize", total=total, tensors=0)
-        bar.update(task, completed=done, tensors=ntensors)
-
-    try:
-        summary = quantize_model(src, output, settings, force=force, progress=progress)
-    finally:
-        bar.stop()
+    with QuantizeBar(err) as bar:
+        summary = quantize_model(src, output, settings, force=force, progress=bar)
     print_quantize_summary(summary)
 
 
@@ -253,15 +238,13 @@ def verify(
     store: Annotated[Path, typer.Argument(help="Store directory to check.")],
 ):
     """Hash every file of a store against its manifest (a full read; loading checks only sizes)."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
+    from amed.app.progress import ByteBar
     from amed.formats.store import open_store
 
     st = open_store(store)
     total = sum(m["bytes"] for m in st.manifest["files"].values())
-    with Progress("verify", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=err) as bar:
-        task = bar.add_task("verify", total=total)
-        bad = st.verify(progress=lambda n: bar.advance(task, n))
+    with ByteBar(err, "verify", total) as bar:
+        bad = st.verify(progress=bar.advance)
     if bad:
         fail(f"{len(bad)} file(s) of {store} do not match their checksums ({', '.join(bad)}): the store is "
              f"damaged; re-create it with `amed quantize ... --force`.")
@@ -272,11 +255,9 @@ def verify(
 # chat
 # ---------------------------------------------------------------------------------------------
 def default_store_dir() -> Path:
-    import os
+    from amed.hub import amed_home
 
-    home = os.environ.get("AMED_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "amed")
-    return Path(home) / "stores" / "AntAngelMed-q4"
+    return amed_home() / "stores" / "AntAngelMed-q4"
 
 
 def resolve_model(model: Optional[Path]) -> Path:
@@ -340,70 +321,18 @@ def chat(
         prompt = sys.stdin.read()
         if not prompt.strip():
             fail("no prompt: pass -p TEXT or pipe a question on stdin.")
-    err.print(f"[dim]{__import__('amed.app.chat', fromlist=['NOTICE']).NOTICE}[/]")
     set_threads(threads)
+    from amed.app.chat import run_command
 
-    import time
-
-    from amed import load
-    from amed.app.chat import ChatSession, repl
-    from amed.text.sampling import SamplingParams, make_sampler
-    from amed.text.tokenizer import Tokenizer
-
-    t0 = time.perf_counter()
-    m = load(path, ctx_size=ctx_size, max_ram=max_ram, prefetch=not no_prefetch,
-             log=lambda msg: err.print(f"[yellow]{msg}[/]"))
-    tok = Tokenizer.from_dir(path)
-    if tok.template_is_fallback:
-        err.print("[yellow]no chat template in the model directory: using the built-in Ling format.[/]")
-    params = SamplingParams.from_generation_config(path, temperature=temp, top_p=top_p, top_k=top_k,
-                                                   min_p=min_p, repetition_penalty=repeat_penalty, seed=seed)
-    if verbose:
-        err.print(f"[dim]model {path} loaded in {time.perf_counter() - t0:.2f} s; sampling: "
-                  f"temp {params.temperature}, top-p {params.top_p}, top-k {params.top_k}, "
-                  f"min-p {params.min_p}, repeat-penalty {params.repetition_penalty}, seed {params.seed}[/]")
-    session = ChatSession(m, tok, make_sampler(params), max_tokens, ctx_size, system_prompt, err)
-    if verbose:
-        from amed.app.bench import MemoryReport
-
-        memory = MemoryReport(m)
-        cache = m.experts.cache
-        if cache is not None:
-            err.print(f"[dim]memory: dense weights {human(cache.dense_bytes)} resident, experts "
-                      f"{human(cache.expert_total)} on disk, expert cache "
-                      f"{human(cache.budget) if cache.bounded else 'unbounded (all fit)'}[/]")
-        stats_line = session.stats_line
-        session.stats_line = lambda step: f"{stats_line(step)}\n{memory.line(step.generated_tokens)}"
-    if one_shot:
-        step = session.ask(prompt.strip())
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        if verbose:
-            err.print(f"[dim]{session.stats_line(step)}[/]")
-        return
-    repl(session, verbose)
+    run_command(path, err, prompt=prompt, system_prompt=system_prompt, max_tokens=max_tokens, ctx_size=ctx_size,
+                sampling=dict(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                              repetition_penalty=repeat_penalty, seed=seed),
+                verbose=verbose, max_ram=max_ram, prefetch=not no_prefetch)
 
 
 # ---------------------------------------------------------------------------------------------
 # bench
 # ---------------------------------------------------------------------------------------------
-def synthetic_store(preset: str, layers: int, bits: int) -> Path:
-    """A random quantized store for benchmarks, built on first use under $AMED_HOME/bench."""
-    from amed.quant.convert import Settings
-    from amed.formats.store import MANIFEST
-    from amed.app.synth import SyntheticSource
-
-    path = default_store_dir().parent.parent / "bench" / f"synthetic-{preset}-{layers}-q{bits}"
-    try:
-        done = json.loads((path / MANIFEST).read_text()).get("complete")
-    except (OSError, ValueError):
-        done = False
-    if not done:
-        err.print(f"[dim]building a random {preset} store with {layers} layers at {path} (once)...[/]")
-        run_quantize(SyntheticSource(preset, layers, 0), path, Settings(bits=bits), force=False)
-    return path
-
-
 @app.command()
 def bench(
     model: ModelOpt = None,
@@ -436,21 +365,8 @@ def bench(
     disk per token and the disk-bound ceiling (those bytes / the disk's read speed for whole experts)."""
     if output not in ("md", "json", "csv"):
         fail(f"-o must be md, json or csv, not {output!r}.")
-    path = synthetic_store(synthetic, layers, bits) if synthetic else resolve_model(model)
-    import os
-
-    import numba
-
-    from amed import load
-    from amed.app.bench import (disk_read_gbs, drop_expert_pages, format_rows, memory_bandwidth_gbs, memory_table,
-
-                        run_bench)
-    from amed.engine.experts import ExpertOptions
-    from amed.engine.experts.memory import fmt_size, parse_size
-    from amed.text.tokenizer import Tokenizer
-
     try:
-        counts = [int(t) for t in threads.split(",") if t.strip()] or [numba.config.NUMBA_NUM_THREADS]
+        counts = [int(t) for t in threads.split(",") if t.strip()]
     except ValueError:
         fail(f"-t takes comma-separated integers, not {threads!r}.")
     prefetches = [p.strip() for p in prefetch.split(",") if p.strip()]
@@ -459,94 +375,17 @@ def bench(
         fail(f"--prefetch takes on, off or on,off, not {prefetch!r}.")
     if not lookaheads or any(p not in ("auto", "on", "off") for p in lookaheads):
         fail(f"--lookahead takes auto, on or off (comma-separated), not {lookahead!r}.")
-    ram = parse_size(max_ram) if max_ram is not None else None
     if depth < 0:
         fail("-d must be 0 or more tokens.")
-    options = ExpertOptions.from_env(max_ram=ram)
-    m = load(path, ctx_size=max(ctx_size, depth + n_prompt + n_gen + 16), experts=options,
-             log=lambda msg: err.print(f"[yellow]{msg}[/]"))
-    tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
-    home = Path(os.environ.get("AMED_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "amed")
-    err.print("[dim]measuring memory bandwidth (cached after the first run)...[/]")
-    bw = memory_bandwidth_gbs(home / "membw.json")
-    src = m.source
-    size = sum((path / f).stat().st_size for f in getattr(src, "manifest", {}).get("files", {})) or \
-        sum(t.nbytes for t in src.tensors.values())
-    quant = getattr(src, "manifest", {}).get("quantization", {})
-    qdesc = f"q{quant['bits']}/g{quant['group_size']}" if quant else "bf16"
-    cache = m.experts.cache
-    if cache is not None and hasattr(cache, "touch_memory"):
-        err.print(f"[dim]touching {fmt_size(cache.capacity * cache.slot_size)} of memory for the expert "
-                  f"cache once (untimed: a VM's first touch would slow only the first variant)...[/]")
-        cache.touch_memory()
-    disk_bw = None
-    variants = [(p, la) for p in prefetches for la in (lookaheads if p == "on" else ["off"])]
-    rows = []
-    for pf, la in variants:
-        if cache is not None and len(variants) > 1:       # a fresh cache per variant, same model
-            budget = cache.budget if cache.bounded else cache.expert_total
-            m.use_experts(options.replace(prefetch=pf == "on", lookahead=la, expert_budget=budget))
-        cache = m.experts.cache
-        if cache is not None and cache.bounded:      # each variant's ceiling from the disk of that moment
-            err.print("[dim]measuring the disk's read speed for experts (1 GiB of the store)...[/]")
-            disk_bw = disk_read_gbs(src, home / "diskbw.json", refresh=True)   # shared/virtual disks vary
-        first_row = len(rows)
-        for n in counts:
-            set_threads(n)
-            if cold:
-                drop_expert_pages(src)
-            err.print(f"[dim]{path.name}: {n} threads, prefetch {pf}, look-ahead {la}, pp{n_prompt} tg{n_gen} "
-                      f"x {reps}...[/]")
-            rec = run_bench(m, tok, n_prompt, n_gen, reps, random_ids, depth=depth, warm_prompt=not cold)
-            for res in (rec["pp"], rec["tg"]):
-                if res is None:
-                    continue
-                row = {"model": path.name, "size_gb": size / 1e9, "quant": qdesc, "threads": n, "test": res.test,
-                       "tps_mean": res.mean, "tps_sd": res.sd,
-                       "tps_median": res.median, "tps_samples": res.tps, "peak_rss_gb": rec["peak_rss"] / 1e9,
-                       "compile_s": rec["compile_s"], "mem_bw_gbs": bw}
-                if res.test.startswith("pp"):
-                    row["ttft_s"] = min(res.seconds)
-                else:
-                    bpt = rec["bytes_per_token"]
-                    row.update(bytes_per_token=bpt, gbs=bpt * res.mean / 1e9, pct_bw=100 * bpt * res.mean / 1e9 / bw,
-                               experts_resident=rec["expert_resident"])
-                    if cache is not None:
-                        st, dpt = rec["tg_cache"], rec["disk_bytes_per_token"]
-                        mpt = st.miss_bytes / (n_gen * reps) if cache.bounded else 0.0
-                        row.update(prefetch=pf, lookahead=la if cache.bounded else "off",
-                                   max_ram=fmt_size(ram) if ram else "auto",
-                                   cache_budget=fmt_size(cache.budget) if cache.bounded else "all",
-                                   hit_rate=st.hit_rate if st.uses else None,
-                                   lookahead_acc=st.lookahead_accuracy if st.predicted else None,
-                                   disk_bytes_per_token=dpt, miss_bytes_per_token=mpt,
-                                   disk_gbs=None, ceiling_tps=None, rss_gb=rec["rss"] / 1e9)
-                rows.append(row)
-        if cache is not None and cache.bounded:
-            # and again after it: the faster of the two probes sets the ceiling (the strictest;
-            # this VM's disk swung 0.1-2.5 GB/s between one minute and the next)
-            after = disk_read_gbs(src, home / "diskbw.json", refresh=True)
-            disk_bw = max((b for b in (disk_bw, after) if b), default=None)
-            for row in rows[first_row:]:
-                if "miss_bytes_per_token" not in row:
-                    continue
-                # the issue's ceiling: bytes of the expert misses per token at the disk's speed
-                # (reads of wrong look-ahead guesses are extra work, not the ceiling)
-                mpt = row["miss_bytes_per_token"]
-                row["disk_gbs"] = disk_bw
-                if disk_bw and mpt > 0.01 * row["bytes_per_token"]:
-                    row["ceiling_tps"] = disk_bw * 1e9 / mpt
-    print(format_rows(rows, output))
-    from_disk = any(r.get("disk_bytes_per_token", 0) > 0.01 * r.get("bytes_per_token", 1) for r in rows)
-    if output == "md" and cache is not None and (cache.bounded or len(variants) > 1 or from_disk):
-        print()
-        print(memory_table(rows))
-    if rows:
-        err.print(f"[dim]kernel compile/load before timing: {rows[0]['compile_s']:.2f} s; "
-                  f"memory bandwidth {bw:.1f} GB/s"
-                  + (f"; disk {disk_bw:.2f} GB/s" if disk_bw else "")
-                  + (f"; dense weights {fmt_size(cache.dense_bytes)} resident, experts "
-                     f"{fmt_size(cache.expert_total)} on disk" if cache is not None else "") + "[/]")
+    from amed.app.bench import BenchPlan, run_command, synthetic_store
+    from amed.engine.experts.memory import parse_size
+
+    ram = parse_size(max_ram) if max_ram is not None else None
+    path = synthetic_store(synthetic, layers, bits, err) if synthetic else resolve_model(model)
+    plan = BenchPlan(n_prompt=n_prompt, n_gen=n_gen, reps=reps, depth=depth, threads=counts, output=output,
+                     random_ids=random_ids, ctx_size=ctx_size, max_ram=ram, prefetch=prefetches,
+                     lookahead=lookaheads, cold=cold)
+    run_command(path, plan, err, set_threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,9 +423,7 @@ def synth(
                      Settings(bits=bits, group_size=group_size, dense=dense, head=head, layout=layout), force)
         return
 
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
-
+    from amed.app.progress import ByteBar
     from amed.errors import AmedError
     from amed.app.synth import PRESETS, write_synthetic_checkpoint
 
@@ -598,17 +435,10 @@ def synth(
     if out.is_dir() and any(out.iterdir()) and not force:
         fail(f"{out} is not empty; pass --force to write the checkpoint into it anyway.")
     t0 = time.perf_counter()
-    with Progress(TextColumn("synth {task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True,
-                  disable=not err.is_terminal) as bar:
-        task = bar.add_task(preset, total=None)
-
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
+    with ByteBar(err, f"synth {preset}", transient=True) as bar:
         try:
             path = write_synthetic_checkpoint(out, preset=preset, layers=layers, seed=seed,
-                                              progress=progress)
+                                              progress=bar.update)
         except AmedError as e:
             bar.stop()
             fail(str(e))

@@ -93,7 +93,7 @@ def download_quantize(plan: hub.Plan, dst, settings: Settings = Settings(), *, l
     created = not dl.exists()
     dl.mkdir(parents=True, exist_ok=True)
     try:
-        with hub._dir_lock(dl):
+        with hub.dir_lock(dl):
             return _run(plan, remote, dst, dl, settings, token, force, progress, overlap, retries, backoff, t0)
     except AmedError:
         if created and not any(p.suffix == ".safetensors" or p.name.endswith(".part") for p in dl.iterdir()):
@@ -304,28 +304,3 @@ def _check_disk(dst: Path, dl: Path, store_need: int, shard_need: int, largest: 
         if need > free:
             raise AmedError(f"not enough disk space in {where}: {label} needs {fmt(need)} but only {fmt(free)} "
                             f"is free; free some space, or choose another -o or --local-dir.")
-
-
-class RichStreamProgress(hub.RichBars, StreamProgress):
-    """Two bars on stderr: the download (bytes) and the conversion (source bytes, tensors)."""
-
-    def __init__(self, console=None):
-        super().__init__(console, "[bold]{task.description:<9}", extra=("{task.fields[info]}",))
-        self._dl = self._q = None
-
-    def start(self, download_total, download_done, convert_total, convert_done, tensors_done):
-        self._dl = self._p.add_task("download", total=download_total, completed=download_done, info="")
-        self._q = self._p.add_task("quantize", total=convert_total, completed=convert_done,
-                                   info=f"{tensors_done} tensors")
-
-    def downloaded(self, nbytes):
-        if self._dl is not None:
-            self._p.update(self._dl, advance=nbytes)
-
-    def converted(self, done, tensors):
-        if self._q is not None:
-            self._p.update(self._q, completed=done, info=f"{tensors} tensors")
-
-    def shard(self, name, event):
-        if self._dl is not None and event in ("downloaded", "deleted"):
-            self._p.update(self._dl, info=f"{name} {event}")
