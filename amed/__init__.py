@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 def _setup_environment() -> None:
     # Numba's OpenMP pool must be the only parallel runtime in the decode loop: a spinning
-    # OpenBLAS pool next to it costs ms-long stalls (docs: kernels-and-tooling.md §2).
+    # OpenBLAS pool next to it costs ms-long stalls (docs/kernels-and-tooling.md §2).
     for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
         os.environ.setdefault(var, "1")
     # Compiled kernels are cached on disk so the second start is fast; the package dir may

@@ -21,3 +21,22 @@ def tiny_ckpt(tmp_path_factory):
     tensors = helpers.random_tensors(helpers.TINY, seed=0)
     path = helpers.write_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", helpers.TINY, tensors)
     return path, tensors
+
+
+@pytest.fixture(scope="session")
+def golden_store(tmp_path_factory, golden_dir):
+    """golden_store(bits=4, ...) -> a store of the golden checkpoint with those quantize Settings,
+    built once per session and shared by every test file (read-only: copy it to change it)."""
+    from amed.quant.convert import Settings, quantize_model
+
+    root = tmp_path_factory.mktemp("golden-stores")
+    built: dict = {}
+
+    def get(**settings) -> Path:
+        key = tuple(sorted(settings.items()))
+        if key not in built:
+            out = root / ("s" + "".join(f"-{k}{v}" for k, v in key))
+            quantize_model(golden_dir, out, Settings(**settings))
+            built[key] = out
+        return built[key]
+    return get

@@ -1,4 +1,4 @@
-"""A plain NumPy (float64) BailingMoeV2 forward pass, written from architecture.md §2 alone.
+"""A plain NumPy (float64) BailingMoeV2 forward pass, written from docs/architecture.md §2 alone.
 
 It shares no code with amed.engine.model and serves as the independent reference in tests.
 `tensors` maps Hugging Face names to float arrays; `cfg` is the config.json dict.

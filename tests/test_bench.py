@@ -6,12 +6,14 @@ import subprocess
 import sys
 
 import amed
+import pytest
 from amed.app.bench import run_bench
 from amed.text.tokenizer import Tokenizer
 
 ENV = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
 
 
+@pytest.mark.slow
 def test_bench_json_rows_at_depth(golden_dir, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
@@ -23,7 +25,7 @@ def test_bench_json_rows_at_depth(golden_dir, tmp_path):
     rows = json.loads(r.stdout)
     assert [row["test"] for row in rows] == ["pp8 @ d20", "tg4 @ d20"]
     for row in rows:
-        assert row["tps_mean"] > 0 and row["peak_rss_gb"] > 0 and row["compile_s"] >= 0
+        assert row["tps_mean"] > 0 and row["peak_rss_gb"] > 0 and 0 < row["compile_s"] < 300
     tg = rows[1]
     assert tg["bytes_per_token"] > 0 and tg["mem_bw_gbs"] == 20.0 and 0 < tg["pct_bw"]
     assert "Traceback" not in r.stderr
@@ -58,6 +60,7 @@ def test_warm_up_runs_the_whole_prompt_once(golden_dir):
         # compile warm-up 8 + 1, the warm prompt, then pp12 and tg2 (one token to start, two timed)
         assert m.tokens_forwarded - before == 8 + 1 + extra + 12 + 1 + 2
 
+@pytest.mark.slow
 def test_bench_bounded_cache_reports_the_disk_ceiling(tmp_path):
     """Under --max-ram the decode rows carry the cache columns, and the ceiling is the missed bytes
     per token at the disk speed (the faster of the probes before and after the run)."""

@@ -1,5 +1,5 @@
 """Models larger than RAM: the expert cache keeps its budget, never drops dense weights, and the
-experts it prefetches are the ones then used (amed/cache.py)."""
+experts it prefetches are the ones then used (amed/engine/experts)."""
 
 import numpy as np
 import pytest

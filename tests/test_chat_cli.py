@@ -37,6 +37,7 @@ def test_missing_model_is_one_clear_sentence(tmp_path):
     assert "amed download" in r.stderr and "amed quantize" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_repl_in_a_pty(golden_dir, tmp_path):
     child = pexpect.spawn(sys.executable, ["-m", "amed", "chat", "-m", str(golden_dir), "-n", "400",
                                            "--temp", "0.8", "-s", "1"],

@@ -209,6 +209,7 @@ def test_injected_failures_anywhere_resume_to_the_same_bytes(fake, reference, tm
     assert not stream.default_download_dir(dst).exists()
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_the_same_command(fake, reference, tmp_path, monkeypatch, capsys):
     dst = tmp_path / "store"
     fake.throttle = 600_000                                    # bytes/s: the run takes a few seconds

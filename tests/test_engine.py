@@ -10,9 +10,8 @@ from amed.engine.experts import SlotExperts
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("engine")
-    return {name: (R.GOLDEN if spec is None else R.build_store(tmp, name)) for name, spec in R.CASES.items()}
+def stores(golden_store):
+    return {name: (R.GOLDEN if spec is None else golden_store(**spec)) for name, spec in R.CASES.items()}
 
 
 @pytest.fixture(scope="module")

@@ -113,18 +113,13 @@ def test_load_is_instant_and_does_not_grow_rss(tmp_path):
 
 
 @pytest.mark.parametrize("quantized", [False, True])
-def test_batched_moe_is_bit_identical_to_one_token_at_a_time(golden_dir, tmp_path, monkeypatch, quantized):
+def test_batched_moe_is_bit_identical_to_one_token_at_a_time(golden_dir, golden_store, monkeypatch, quantized):
     """The prefill MoE path (tokens grouped by expert, chunked, combined by moe_combine) sums the
     same products in the same order as the decode path: identical bits, for the bf16 checkpoint
     (unfused SwiGLU) and an int4 store (fused r8 kernels, padded token blocks)."""
     import amed.engine.model as M
-    from amed.quant.convert import Settings, quantize_model
 
-    path = golden_dir
-    if quantized:
-        quantize_model(golden_dir, tmp_path / "s", Settings(bits=4))
-        path = tmp_path / "s"
-    m = amed.load(path)
+    m = amed.load(golden_store(bits=4) if quantized else golden_dir)
     c = m.config
     L = next(i for i in range(c.num_hidden_layers) if c.is_moe_layer(i))
     lw = m.weights.layers[L]

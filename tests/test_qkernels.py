@@ -1,4 +1,4 @@
-"""Quantized matmul kernels (amed/qkernels.py) against NumPy on the dequantized weights.
+"""Quantized matmul kernels (amed/engine/backends/cpu: qdot, qrows, qr8, dispatch) against NumPy on the dequantized weights.
 
 Two references per case, to keep kernel error apart from rounding error:
   * exact: x rounded by `prepare_x` exactly as the kernel sees it (xq * sx), float64 product with

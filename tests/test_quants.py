@@ -1,4 +1,4 @@
-"""Quantized formats (amed/quants.py): bit layout, error bounds, scale search, byte layout."""
+"""Quantized formats (amed/quant/formats.py): bit layout, error bounds, scale search, byte layout."""
 
 import numpy as np
 import pytest

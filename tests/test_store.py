@@ -40,12 +40,11 @@ def medium_q4(medium, tmp_path_factory):
 
 
 @pytest.mark.parametrize("bits,limit", [(8, 0.0015), (4, 0.02)])
-def test_quality_on_golden_like_model(golden_dir, tmp_path, bits, limit):
+def test_quality_on_golden_like_model(golden_dir, golden_store, bits, limit):
     """Teacher-forced over 300 positions against the unquantized forward pass."""
-    quantize_model(golden_dir, tmp_path / "s", Settings(bits=bits))
     ids = np.random.default_rng(0).integers(7, 512, 300)
     ref = amed.load(golden_dir).logits(ids)
-    out = amed.load(tmp_path / "s").logits(ids)
+    out = amed.load(golden_store(bits=bits)).logits(ids)
     k = kld(ref, out)
     top1 = (ref.argmax(-1) == out.argmax(-1)).mean()
     print(f"q{bits}: mean KLD {k.mean():.2e}, top-1 agreement {top1:.3f}")
@@ -55,20 +54,20 @@ def test_quality_on_golden_like_model(golden_dir, tmp_path, bits, limit):
     assert top1 >= (0.93 if bits == 4 else 0.97)
 
 
-def test_r8_store_equals_rows_store_and_version_1_still_opens(golden_dir, tmp_path):
+def test_r8_store_equals_rows_store_and_version_1_still_opens(golden_dir, golden_store, tmp_path):
     """The r8 layout changes only the float32 summation order: logits of an r8 store and of a
     rows store of the same weights agree to float32 noise. A rows store labelled version 1 (what
     amed wrote before r8) still opens."""
-    quantize_model(golden_dir, tmp_path / "r8", Settings(bits=4))
+    r8_path = golden_store(bits=4)
     quantize_model(golden_dir, tmp_path / "rows", Settings(bits=4, layout="rows"))
     man = json.loads((tmp_path / "rows" / MANIFEST).read_text())
     assert not any("layout" in w for w in man["weights"].values())
     (tmp_path / "rows" / MANIFEST).write_text(json.dumps({**man, "version": 1}))
     ids = np.random.default_rng(1).integers(7, 512, 40)
-    a = amed.load(tmp_path / "r8").logits(ids)
+    a = amed.load(r8_path).logits(ids)
     b = amed.load(tmp_path / "rows").logits(ids)
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
-    r8 = open_store(tmp_path / "r8")
+    r8 = open_store(r8_path)
     assert r8.matrix("blk.1.ffn_gate_exps.3").layout == "r8"
     assert r8.matrix("token_embd").layout == "rows"
 
@@ -167,6 +166,7 @@ def test_quantize_refuses_existing_store_and_resumes_incomplete(medium, medium_q
         assert f.read_bytes() == (dst / f.name).read_bytes(), f.name
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_byte_identical(medium, medium_q4, tmp_path):
     dst = tmp_path / "killed"
     cmd = [sys.executable, "-m", "amed", "quantize", str(medium), "-o", str(dst), "--bits", "4"]

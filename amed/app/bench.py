@@ -135,7 +135,7 @@ def memory_bandwidth_gbs(cache_file: Path | None = None, refresh: bool = False) 
 def disk_read_gbs(store, cache_file: Path | None = None, refresh: bool = False, nbytes: int = 1 << 30,
                   threads: int = 4) -> float | None:
     """Read bandwidth (GB/s) of the disk that holds `store`, measured the way the expert cache
-    reads (amed/cache.py SlotCache): whole experts, one request each, by `threads` readers at once,
+    reads (engine/experts/slots.py SlotCache): whole experts, one request each, by `threads` readers at once,
     with O_DIRECT where the filesystem allows it (else buffered, after dropping them from the page
     cache), `nbytes` in all at positions spread over every layer. Checked against /proc/self/io so
     that a read served by the page cache cannot pass for the disk. Cached per device unless

@@ -151,7 +151,7 @@ def download(
 
 def _download_quantize(repo_id, revision, local_dir, include, exclude, token, source, dry_run, bits, output,
                        group_size, dense, head, layout, force) -> None:
-    """`amed download --quantize`: see amed/stream.py."""
+    """`amed download --quantize`: see amed/quant/stream.py."""
     from amed import hub
     from amed.app.progress import StreamBars
     from amed.quant.convert import Settings

@@ -76,7 +76,7 @@ PRESETS: dict[str, dict] = {
         moe_shared_expert_intermediate_size=48, num_experts=32, num_experts_per_tok=4,
         n_group=4, topk_group=2, vocab_size=1024, max_position_embeddings=4096,
     ),
-    # Ling-flash-2.0 == AntAngelMed (architecture.md §1a)
+    # Ling-flash-2.0 == AntAngelMed (docs/architecture.md §1a)
     "flash": dict(
         _COMMON,
         hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=4,
@@ -84,7 +84,7 @@ PRESETS: dict[str, dict] = {
         moe_shared_expert_intermediate_size=1024, num_experts=256, num_experts_per_tok=8,
         n_group=8, topk_group=4, vocab_size=157184,
     ),
-    # Ling-mini-2.0 (architecture.md §1b)
+    # Ling-mini-2.0 (docs/architecture.md §1b)
     "mini": dict(
         _COMMON,
         hidden_size=2048, num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=4,
@@ -103,7 +103,7 @@ SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "[CLS]", "[gMASK]", "<|rol
                   "<role>", "</role>"]
 BOS, EOS, ROLE_END = "<|startoftext|>", "<|endoftext|>", "<|role_end|>"
 
-# Ling-flash-2.0's chat turn format (architecture.md §4), as in the golden tokenizer_config.json
+# Ling-flash-2.0's chat turn format (docs/architecture.md §4), as in the golden tokenizer_config.json
 CHAT_TEMPLATE = (
     "{% set sys = '' %}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] "
     "+ '\\n' %}{% endif %}<role>SYSTEM</role>{{ sys }}detailed thinking off<|role_end|>"

@@ -68,7 +68,7 @@ class ContainerWriter:
 
     def __init__(self, path: Path, entries: list[Entry], metadata: dict | None = None, resume: bool = False):
         """resume=True reopens an existing `.partial` without truncating it, keeping the tensors
-        already written there (the caller knows which ones are: see amed/stream.py)."""
+        already written there (the caller knows which ones are: see amed/quant/stream.py)."""
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.entries = {e.name: e for e in entries}

@@ -112,7 +112,7 @@ class Store:
         self.maps[t.path.name].madvise(advice, start, t.end - start)
 
     def under_memory_pressure(self) -> None:
-        """The model does not fit the memory budget (amed/cache.py): give every weight but the
+        """The model does not fit the memory budget (engine/experts): give every weight but the
         embeddings the default advice again. Since Linux 6.3 the kernel ignores accesses through
         MADV_RANDOM mappings when it picks pages to reclaim, so under memory pressure it would drop
         dense weights and cached experts that are in use every token (measured: thousands of

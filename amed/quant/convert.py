@@ -57,7 +57,7 @@ class Settings:
     # -> 0.0207 on the flash-like one), so q6 saves 23% of those bytes where memory bandwidth is the
     # limit. llama.cpp makes the same choice (Q6_K output in its 4-bit types, Q8_0 in Q8_0).
     head: str = "auto"
-    # q4/q8 matrices with a multiple of 8 rows: "r8" (8 rows interleaved, quants.py; prefill
+    # q4/q8 matrices with a multiple of 8 rows: "r8" (8 rows interleaved, quant/formats.py; prefill
     # 1.4-2x faster) or "rows" (the layout of store version 1). Embeddings stay "rows": they are
     # read one row per token, not multiplied.
     layout: str = "r8"

@@ -38,13 +38,13 @@ q6 (asymmetric 6-bit: q4's nibbles plus a plane of high bit pairs), 6 + 32/G bit
     Why this plane order: quarter k of a group (elements kG/4 .. (k+1)G/4 - 1) is
     (plane >> 2k) & 3, a uniform shift of the whole plane, so the kernel builds a chunk of levels
     from one zero-extended load of the plane with shifts, masks and at most one concatenating
-    shuffle (qkernels._q6_high_bits); the nibble plane is unpacked exactly like q4's.
+    shuffle (engine/backends/cpu/qdot.py: _q6_high_bits); the nibble plane is unpacked exactly like q4's.
 
 Row layouts ("layout", recorded per weight in a store's manifest):
   rows  the arrays above, row after row.
   r8    q4 and q8 only, N a multiple of 8: 8 consecutive rows interleaved 4 weights at a time, so
         one 32-byte load of the kernel holds inputs k..k+3 of 8 rows and the dot products need no
-        horizontal sums (qkernels, "rows interleaved by 8"; 1.4-2x faster prefill). Same bytes:
+        horizontal sums (engine/backends/cpu/qr8.py, "rows interleaved by 8"; 1.4-2x faster prefill). Same bytes:
         q      [N/8, ng, 8 * bytes per group]; for row block b and group g:
                q8  byte 32c + 4r + j      = level of element 4c + j of row 8b + r     (c < G/4)
                q4  byte 32m + 4r + j      = level of element 8m + j       (low nibble)
@@ -72,7 +72,7 @@ Why this scheme (measured with bench/bench_qkernels.py on 1024x4096 matrices; re
     Rounding a scale to 11 significant bits is invisible next to 4-bit rounding (the search
     already evaluates the float16-rounded candidates). Numba cannot load float16 arrays on the CPU
     ("NotImplementedError: float16"), so the kernels read the raw uint16 bits and widen them with
-    integer ops (qkernels._half_to_f32), 16 groups at a time; that measured as fast as vcvtph2ps.
+    integer ops (engine/backends/cpu/qdot.py: half_to_f32), 16 groups at a time; that measured as fast as vcvtph2ps.
   * The scale search (`quantize(..., method="search")`) alternates "round every weight to its
     nearest level" with "least-squares refit of (scale, zero) to those levels", from the min/max
     fit and from one shrunken range, and keeps each group's best, evaluated with the float16-rounded

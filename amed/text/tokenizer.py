@@ -17,7 +17,7 @@ import tokenizers
 
 from amed.errors import AmedError
 
-# The Ling chat format (architecture.md §4), used when tokenizer_config.json has no template.
+# The Ling chat format (docs/architecture.md §4), used when tokenizer_config.json has no template.
 # No newlines between turns; a leading system message goes into the always-present SYSTEM block;
 # past assistant turns lose their <think> block (only turns after the last real user query keep it).
 FALLBACK_CHAT_TEMPLATE = r"""

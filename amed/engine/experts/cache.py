@@ -10,8 +10,8 @@ An expert counts as resident from the moment it is admitted (chosen by the route
 look-ahead) until it is evicted. Eviction is `madvise(MADV_DONTNEED)` on its byte range: on our
 read-only shared file mapping that only removes the pages from our page tables, so RSS falls at
 once, while the kernel page cache keeps the bytes as long as RAM allows and a later use of the
-same expert is a minor fault instead of a disk read (measured faster than MADV_PAGEOUT, which
-drops them from the page cache too: `AMED_EVICT=pageout` to compare). Eviction never touches a
+same expert is a minor fault instead of a disk read (faster than MADV_PAGEOUT, which drops them
+from the page cache too: `AMED_EVICT=pageout` to compare). Eviction never touches a
 byte outside the layer's expert region, so dense weights are never dropped.
 
 Prefetch: as soon as a layer's router has chosen, every chosen expert that is not resident gets
@@ -22,24 +22,16 @@ with the GIL released, so the compute thread does not pay the faults. Look-ahead
 layer's router is applied to this layer's hidden state to guess its experts and read them while
 this layer computes; in "auto" mode the guesses are issued only while the reads they cause have
 been right at least 60% of the time recently (they are always computed, which costs one small
-matmul, and always scored). A wrong guess used to cost a whole expert read of disk time, which
-the model's own reads then shared: on random weights, where 54% of those reads were right,
-look-ahead was 5-15% slower than none (4 A/B pairs, 31 GB store). In the slot cache a guessed
-read now goes in 1 MiB chunks, each waiting while a chosen expert is still being read, and a
-guess proven wrong stops at its next chunk: steady state on the same store, look-ahead on read
-203 -> 168 MB per token (138 of them used) and decoded 5.9 -> 6.3-6.7 t/s, level with off
-(6.5-6.9). Published measurements on trained MoE models find next-layer routing far more
-predictable than these random weights.
+matmul, and always scored). In the slot cache a guessed read goes in 1 MiB chunks, each waiting
+while a chosen expert is still being read, and a guess proven wrong stops at its next chunk.
 
 Where a resident expert lives (AMED_EXPERT_IO): "slots" (the default, SlotCache) reads each
 admitted expert with pread, O_DIRECT where the filesystem allows it, into a slot of our own
 anonymous memory and runs the kernels on that copy; eviction just frees the slot. "mmap"
 (ExpertCache, as described above) pages experts into the file mapping and evicts with madvise.
-Measured side by side on the 2-vCPU VM (31 GB flash-shaped int4 store, --max-ram 16G, random
-decode tokens, cold): slots 4.1-4.4 t/s, mmap 2.8-3.8 t/s. On a miss, the first compute on a
-freshly paged-in expert took 0.4-6 ms in the mapping (page mapping, and the VM host backing the
-new page-cache pages), 0.21-0.27 ms on a reused slot, and an O_DIRECT read costs no CPU while
-it waits. An expert that the page cache still holds (mincore on our mapping says so) is copied
+Slots won side by side (the first compute on a freshly paged-in expert is slow in the mapping;
+an O_DIRECT read costs no CPU while it waits): numbers in docs/performance.md, "Larger than RAM".
+An expert that the page cache still holds (mincore on our mapping says so) is copied
 with a buffered read instead, so what an earlier run or the mmap path left in RAM is used.
 
 When the whole store fits the budget nothing of this runs: the cache only counts, and the

@@ -21,11 +21,11 @@ class SlotCache(ExpertCache):
     a slot (anonymous memory, reused after eviction), read with `pread` and O_DIRECT where the
     filesystem allows it, so the page cache is bypassed.
 
-    Why (measured on the 2-vCPU VM, flash-shaped int4 store, 7 MB experts read cold): the first
-    compute on an expert paged into the file mapping took 0.4-6 ms (the kernel, and the VM's host,
-    map freshly read page-cache pages on first access), on a reused slot 0.21-0.27 ms every time;
-    the read itself runs at the disk's speed either way (~1.2 GB/s here), and an O_DIRECT read
-    needs no CPU while it waits, which leaves both cores to the compute. Eviction only returns the
+    Why: the first compute on an expert freshly paged into the file mapping is slow (the kernel,
+    and a VM's host, map new page-cache pages on first access), on a reused slot it runs at
+    in-RAM speed every time; the read itself runs at the disk's speed either way, and an O_DIRECT
+    read needs no CPU while it waits, which leaves the cores to the compute (docs/performance.md,
+    "Larger than RAM"). Eviction only returns the
     slot to the free list. Same eviction order, budget, prefetch and look-ahead as ExpertCache."""
 
     def __init__(self, budget: int, store, bind, *, prefetch: bool = True, readers: int = 4, guess_readers: int = 2,
@@ -104,9 +104,8 @@ class SlotCache(ExpertCache):
 
     def touch_memory(self) -> None:
         """Fault the whole arena in once, then give it back (untimed, for `amed bench`). On a VM
-        the first touch of memory the host has not backed yet costs several times a later one:
-        on the 31 GB store, look-ahead off decoded at 2.35 t/s as a bench's first variant and at
-        3.73 as its second; with this touch first, 2.88 as the first (runs vary by ~20%). Only
+        the first touch of memory the host has not backed yet costs several times a later one,
+        which made a bench's first variant look slower than the next (docs/performance.md). Only
         slots not handed out are touched: the others may hold experts."""
         S = self.slot_size
         lo, length = self._arena_addr + self._handed * S, (self.capacity - self._handed) * S

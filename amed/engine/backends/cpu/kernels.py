@@ -1,7 +1,7 @@
 """Float kernels of the forward pass, in Numba: norms, RoPE, attention, routing, bf16/f32 matmul.
 
 Kernels know nothing about the model: they take arrays and ints. Quantized matmuls live in
-`qkernels.py`. Conventions (see kernels-and-tooling.md):
+qdot.py / qrows.py / qr8.py. Conventions (see docs/kernels-and-tooling.md):
   * activations are float32, C-contiguous; weights are read-only views of a memory map;
   * bf16 weights stay bf16 (uint16) and are widened in the inner loop by a bit shift;
   * `fastmath={"reassoc", "contract"}` lets LLVM vectorize reductions and keeps NaN/Inf semantics;

@@ -1,4 +1,4 @@
-"""Numba kernels over quantized matrices (formats in quants.py): out[T, N] = x[T, K] @ W.T.
+"""Numba kernels over quantized matrices (formats in amed/quant/formats.py): out[T, N] = x[T, K] @ W.T.
 
 Weights are dequantized inside the kernels, never into a float copy of the matrix.
 
@@ -16,9 +16,9 @@ How a product is computed (measured on the 2-core Zen 5 VM, see bench/bench_qker
     error of about 2^-16 of each group's largest |x|, i.e. ~1e-5..5e-5 relative error of an output,
     a thousand times below the int4 weight error. The arithmetic itself is exact up to the final
     float32 scaling, so the kernels match `prepare_x`-rounded inputs to ~1e-6 (tests check both).
-  * The inner loops are written as LLVM vector IR in @intrinsic helpers (`_make_rowdot`), not left
+  * The inner loops are written as LLVM vector IR in @intrinsic helpers (`_make_rowdot`, below), not left
     to Numba's auto-vectorizer: the vectorizer picked 64-element loops that never ran for G<=64
-    and widened integer ops to 64 bits (kernels-and-tooling.md section 2). Only generic LLVM IR is
+    and widened integer ops to 64 bits (docs/kernels-and-tooling.md section 2). Only generic LLVM IR is
     used (no target-specific intrinsics), so the code also builds for AVX2 or NEON machines; LLVM
     turns the "sext, mul, add even/odd lanes" pattern into vpmaddwd (or vpdpwssd with VNNI).
   * Scales are float16 (Numba cannot load float16 arrays on the CPU); the helpers widen the raw
@@ -27,13 +27,14 @@ How a product is computed (measured on the 2-core Zen 5 VM, see bench/bench_qker
     all T tokens over a row while it sits in L1 (the "loop of GEMVs" shape), so weights are read
     from memory once.
 
-Two row layouts (quants.py): "rows" (one row after another; `gemm_q4/q6/q8`, `expert_q*`) and "r8"
-(q4/q8 with 8 rows interleaved; `gemm_r8`, `expert_r8`, at the end of this file), which needs no
-horizontal sums and runs prefill 1.4-2x faster. `matmul_call` / `expert_runner` pick by layout.
+Two row layouts (quant/formats.py): "rows" (one row after another; `gemm_q4/q6/q8`, `expert_q*`) and "r8"
+(q4/q8 with 8 rows interleaved; `gemm_r8`, `expert_r8` in qr8.py), which needs no horizontal sums
+and runs prefill faster (docs/performance.md). dispatch.py picks by format and layout.
 
-All kernels and their @intrinsic helpers live in this one file on purpose: Numba's on-disk cache is
-keyed on the source file of a kernel (mtime and size), so an edit to a helper in another module
-would leave stale machine code in the cache; here any edit invalidates everything.
+This file holds the LLVM helpers and activation rounding; qrows.py and qr8.py the kernels built
+on them. Numba's on-disk cache checks a kernel against its own file only, so an edit here would
+leave stale machine code for the kernels elsewhere: amed/__init__.py keys the cache directory by a
+hash of every file of this package instead.
 
 Array conventions: x, out float32 C-contiguous and writable; weights are the read-only C-contiguous
 arrays of a QTensor (`qt.kargs`: q, scale bits as uint16, zero bits as uint16), which is the one
@@ -392,13 +393,10 @@ PREFETCH_Q4 = 2048
 q4_g32 = _make_rowdot("q4", 32, PREFETCH_Q4)
 q4_g64 = _make_rowdot("q4", 64, PREFETCH_Q4)
 q4_g128 = _make_rowdot("q4", 128, PREFETCH_Q4)
-# q6 rows are not prefetched: cold 4096x4096 GEMV, 2 threads, 0 / 1024 / 2048 / 3072 / 4096 bytes
-# ahead measured within 1% of each other at G=64 (2048: +3% at G=32, -4% at G=128).
-# Speed (bench/bench_qkernels.py, 2 threads, G=64): in cache ~57 weights/ns against ~75 for q4
-# and q8 (the 2-bit plane costs about as much as the rest of the unpack; ~52 before the two-quarter
-# shifts in _q6_high_bits: hot 4096x4096 GEMV 39.5-41.7 -> 44.8-47.0 GB/s, A/B in one session), so
-# a cold q6 GEMV runs at DRAM speed only while DRAM gives <= ~46 GB/s (this VM: 30-55 GB/s,
-# varying), and q6 prefill (T > 1) is compute-bound.
+# q6 rows are not prefetched (no distance measured better). The q6 unpack is slower than q4/q8's
+# (the 2-bit plane costs about as much as the rest), so a cold q6 GEMV runs at DRAM speed only on
+# a machine with modest bandwidth, and q6 prefill is compute-bound (docs/performance.md, "Kernel
+# notes").
 q6_g32 = _make_rowdot("q6", 32)
 q6_g64 = _make_rowdot("q6", 64)
 q6_g128 = _make_rowdot("q6", 128)

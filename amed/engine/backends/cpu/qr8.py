@@ -21,9 +21,8 @@ from amed.engine.backends.cpu.qrows import silu_mul
 # reduction at all, one pair-add at the group's end, then one convert and one FMA for 8 rows
 # with the 8 rows' scales as a vector (s and z are stored [N/8, ng, 8]). A row block's
 # activations are read once for 8 rows instead of once per row.
-# Measured against the rows kernels (q4, G=64, 2 threads, same bytes, /tmp prototype, 2 runs):
-# T=4 tokens per unpack (prefill) 1.37-1.69x cold and 1.47-2.05x hot; T=1 (decode) 0.97-1.21x.
-# The integer sums are exact as before, so the results equal the rows kernels' up to float32
+# Against the rows kernels: prefill clearly faster, decode level or better (docs/performance.md,
+# "The r8 layout"). The integer sums are exact as before, so the results equal the rows kernels' up to float32
 # summation order (~1e-7 relative).
 
 R8 = 8                  # rows per interleaved block
