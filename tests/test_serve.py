@@ -426,18 +426,87 @@ def find_chromium():
     pytest.skip("chromium is not installed and this user cannot install it (not root, or no apt-get)")
 
 
+class Chromium:
+    """Headless Chromium driven over --remote-debugging-pipe (the DevTools protocol as
+    NUL-terminated JSON on fds 3 and 4): no driver, no network, a fresh profile."""
+
+    FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+             "--remote-debugging-pipe"]
+
+    def __init__(self, exe, profile):
+        to_chrome_r, self.to_chrome = os.pipe()
+        self.from_chrome, from_chrome_w = os.pipe()
+
+        def fds():                       # the child reads commands on fd 3, writes answers on fd 4
+            a, b = os.dup(to_chrome_r), os.dup(from_chrome_w)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+        self.proc = subprocess.Popen([exe, *self.FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                                     preexec_fn=fds, pass_fds=(3, 4), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self.buf, self.next_id = b"", 0
+
+    def call(self, method, session=None, **params):
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = session
+        os.write(self.to_chrome, json.dumps(msg).encode() + b"\0")
+        while True:
+            while b"\0" not in self.buf:
+                data = os.read(self.from_chrome, 1 << 16)
+                if not data:
+                    raise RuntimeError("chromium closed the DevTools pipe")
+                self.buf += data
+            raw, self.buf = self.buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def close(self):
+        try:
+            self.call("Browser.close")
+        except (RuntimeError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        os.close(self.to_chrome)
+        os.close(self.from_chrome)
+
+
 def test_chat_page_streams_an_answer_in_chromium(server, client, store, tmp_path):
-    chromium = find_chromium()
+    exe = find_chromium()
     want = ask(client, store.name, max_tokens=10).choices[0].message.content
     query = urllib.parse.urlencode({"q": PROMPT, "temperature": 0, "max_tokens": 10})
-    r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--dump-dom",
-                        f"{server.url}/?{query}"], capture_output=True, text=True, timeout=120)
-    dom = r.stdout
-    assert "not medical advice" in dom, r.stderr[-2000:]
-    assert 'data-done="1"' in dom, dom[-3000:]                     # the answer finished streaming
+    browser = Chromium(exe, tmp_path / "profile")
+    try:
+        target = browser.call("Target.createTarget", url=f"{server.url}/?{query}")["targetId"]
+        session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+        def js(expr):
+            return browser.call("Runtime.evaluate", session, expression=expr, returnByValue=True)["result"].get("value")
+        t0 = time.time()
+        while js("document.body && document.body.dataset.done") != "1" and time.time() - t0 < 60:
+            time.sleep(0.1)                                        # until the answer has streamed
+        dom = js("document.documentElement.outerHTML")
+        speed = js("document.getElementById('speed').textContent")
+    finally:
+        browser.close()
+    assert 'data-done="1"' in dom, dom[-3000:]
+    assert "not medical advice" in js_text(dom, "notice")
     assert f'<div class="msg assistant">{html.escape(want, quote=False)}</div>' in dom
     assert f'<div class="msg user">{html.escape(PROMPT, quote=False)}</div>' in dom
-    assert "tok/s" in dom and "tokens" in dom                      # the speed line
-    assert store.name in dom                                       # the model, from /v1/models
+    assert "tok/s" in speed and "tokens" in speed and "first token after" in speed   # the speed line
+    assert f'<span id="model">{store.name}</span>' in dom          # the model, from /v1/models
+
+
+def js_text(dom, element_id):
+    start = dom.index(f'id="{element_id}">') + len(f'id="{element_id}">')
+    return dom[start:dom.index("<", start)]
