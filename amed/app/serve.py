@@ -149,6 +149,7 @@ class Scheduler:
             prefill_tokens_per_second=c["prefill_tokens"] / c["prefill_seconds"] if c["prefill_seconds"] else 0.0,
             decode_tokens_per_second=c["decode_tokens"] / c["decode_seconds"] if c["decode_seconds"] else 0.0,
             mean_decode_batch=c["decode_tokens"] / c["decode_steps"] if c["decode_steps"] else 0.0,
+            decode_tokens=c["decode_tokens"], decode_seconds=c["decode_seconds"], decode_steps=c["decode_steps"],
             expert_cache=expert, uptime_seconds=time.time() - self.started)
 
     # ---- the thread ----
