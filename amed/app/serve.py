@@ -535,7 +535,8 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
         sched.submit(job)
 
         async def next_event():
-            """The next event; a client that went away cancels the job (frees its slot)."""
+            """The next event; ("gone", None) when the client went away (the job is cancelled,
+            which frees its slot at the engine's next step)."""
             while True:
                 try:
                     return await asyncio.wait_for(events.get(), timeout=0.25)
@@ -543,13 +544,15 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
                     if await request.is_disconnected():
                         job.cancel()
                         sched.wake()
-                        raise asyncio.CancelledError
+                        return "gone", None
 
         if not stream:
             parts = []
             try:
                 while True:
                     kind, value = await next_event()
+                    if kind == "gone":
+                        return Response(status_code=499)        # nobody is listening
                     if kind == "text":
                         parts.append(value)
                     elif kind == "error":
@@ -565,6 +568,8 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
                     yield f"data: {json.dumps(c)}\n\n"
                 while True:
                     kind, value = await next_event()
+                    if kind == "gone":
+                        return
                     if kind == "text":
                         yield f"data: {json.dumps(chunks.delta(value))}\n\n"
                     elif kind == "error":
