@@ -534,17 +534,25 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
         job.emit = emit
         sched.submit(job)
 
+        checked = [loop.time()]
+
         async def next_event():
             """The next event; ("gone", None) when the client went away (the job is cancelled,
-            which frees its slot at the engine's next step)."""
+            which frees its slot at the engine's next step). Checked every 0.25 s, also while
+            events keep coming (a non-stream answer sends nothing until it is complete)."""
             while True:
                 try:
-                    return await asyncio.wait_for(events.get(), timeout=0.25)
+                    event = await asyncio.wait_for(events.get(), timeout=0.25)
                 except asyncio.TimeoutError:
+                    event = None
+                if event is None or loop.time() - checked[0] > 0.25:
+                    checked[0] = loop.time()
                     if await request.is_disconnected():
                         job.cancel()
                         sched.wake()
                         return "gone", None
+                if event is not None:
+                    return event
 
         if not stream:
             parts = []
