@@ -430,7 +430,7 @@ class BenchPlan:
     cold: bool = False
 
 
-def synthetic_store(preset: str, layers: int, bits: int, console) -> Path:
+def synthetic_store(preset: str, layers: int, bits: int, console, experts: int | None = None) -> Path:
     """A random quantized store for benchmarks, built on first use under $AMED_HOME/bench."""
     from amed.app.progress import QuantizeBar
     from amed.app.synth import SyntheticSource
@@ -438,7 +438,8 @@ def synthetic_store(preset: str, layers: int, bits: int, console) -> Path:
     from amed.hub import amed_home
     from amed.quant.convert import Settings, quantize_model
 
-    path = amed_home() / "bench" / f"synthetic-{preset}-{layers}-q{bits}"
+    name = f"synthetic-{preset}-{layers}" + (f"-e{experts}" if experts else "") + f"-q{bits}"
+    path = amed_home() / "bench" / name
     try:
         done = json.loads((path / MANIFEST).read_text()).get("complete")
     except (OSError, ValueError):
@@ -446,7 +447,7 @@ def synthetic_store(preset: str, layers: int, bits: int, console) -> Path:
     if not done:
         console.print(f"[dim]building a random {preset} store with {layers} layers at {path} (once)...[/]")
         with QuantizeBar(console) as bar:
-            quantize_model(SyntheticSource(preset, layers, 0), path, Settings(bits=bits), progress=bar)
+            quantize_model(SyntheticSource(preset, layers, 0, experts), path, Settings(bits=bits), progress=bar)
     return path
 
 

@@ -357,6 +357,8 @@ def bench(
     synthetic: Annotated[Optional[str], typer.Option("--synthetic", help="Bench a random store of this preset "
                          "(tiny, flash, mini), built once and cached: no download needed.")] = None,
     layers: Annotated[int, typer.Option("--layers", help="With --synthetic: number of layers.")] = 4,
+    experts: Annotated[Optional[int], typer.Option("--experts", help="With --synthetic: routed experts per "
+                                                   "layer (default: the preset's).")] = None,
     bits: Annotated[int, typer.Option("--bits", help="With --synthetic: 4 or 8.")] = 4,
 ):
     """Measure prefill and decode speed, memory, and how close that is to the hardware.
@@ -381,7 +383,7 @@ def bench(
     from amed.engine.experts.memory import parse_size
 
     ram = parse_size(max_ram) if max_ram is not None else None
-    path = synthetic_store(synthetic, layers, bits, err) if synthetic else resolve_model(model)
+    path = synthetic_store(synthetic, layers, bits, err, experts) if synthetic else resolve_model(model)
     plan = BenchPlan(n_prompt=n_prompt, n_gen=n_gen, reps=reps, depth=depth, threads=counts, output=output,
                      random_ids=random_ids, ctx_size=ctx_size, max_ram=ram, prefetch=prefetches,
                      lookahead=lookaheads, cold=cold)
@@ -399,6 +401,9 @@ def synth(
         "AntAngelMed widths; ~6.4 GB per MoE layer) or mini (Ling-mini-2.0 widths).")] = "tiny",
     layers: Annotated[Optional[int], typer.Option(
         "--layers", "-n", min=1, help="Number of layers (default: the preset's).")] = None,
+    experts: Annotated[Optional[int], typer.Option(
+        "--experts", help="Routed experts per layer (default: the preset's). `--preset flash --layers 32 "
+        "--experts 32` has AntAngelMed's per-token shape (top-8, same widths) in a pool that fits in RAM.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
     force: Annotated[bool, typer.Option(
         "--force", "-f", help="Write into OUT even if it is a non-empty directory.")] = False,
@@ -419,7 +424,7 @@ def synth(
         from amed.quant.convert import Settings
         from amed.app.synth import SyntheticSource
 
-        run_quantize(SyntheticSource(preset, layers, seed), out.expanduser(),
+        run_quantize(SyntheticSource(preset, layers, seed, experts), out.expanduser(),
                      Settings(bits=bits, group_size=group_size, dense=dense, head=head, layout=layout), force)
         return
 
@@ -438,7 +443,7 @@ def synth(
     with ByteBar(err, f"synth {preset}", transient=True) as bar:
         try:
             path = write_synthetic_checkpoint(out, preset=preset, layers=layers, seed=seed,
-                                              progress=bar.update)
+                                              experts=experts, progress=bar.update)
         except AmedError as e:
             bar.stop()
             fail(str(e))
