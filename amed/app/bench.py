@@ -390,7 +390,9 @@ def format_rows(rows: list[dict], fmt: str) -> str:
     for r in rows:
         decode = "bytes_per_token" in r
         er = r.get("experts_resident")
-        cells = [r["model"], f"{r['size_gb']:.2f} GB", r["quant"], str(r["threads"]), r["test"],
+        from amed.hub import fmt_bytes
+
+        cells = [r["model"], fmt_bytes(r["size_gb"] * 1e9), r["quant"], str(r["threads"]), r["test"],
                  f"{r['tps_mean']:.2f} ± {r['tps_sd']:.2f}",
                  "" if decode else f"{r['ttft_s']:.3f} s", f"{r['peak_rss_gb']:.2f} GB",
                  f"{r['bytes_per_token'] / 1e6:.1f} MB" if decode else "",
@@ -456,7 +458,7 @@ def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
     look-ahead), print the table on stdout and a summary line on stderr."""
     import numba
 
-    from amed import load
+    from amed import kernel_cache_cold, load
     from amed.engine.experts import ExpertOptions
     from amed.engine.experts.memory import fmt_size
     from amed.hub import amed_home
@@ -466,12 +468,15 @@ def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
                                                   plan.cold)
     random_ids, ram, prefetches, lookaheads = plan.random_ids, plan.max_ram, plan.prefetch, plan.lookahead
     counts = plan.threads or [numba.config.NUMBA_NUM_THREADS]
+    if kernel_cache_cold():
+        console.print("[dim]compiling kernels (first run only, ~1 min; reported apart as compile time)...[/]")
     options = ExpertOptions.from_env(max_ram=ram)
     home = amed_home()
     m = load(path, ctx_size=max(plan.ctx_size, depth + n_prompt + n_gen + 16), experts=options,
              log=lambda msg: console.print(f"[yellow]{msg}[/]"))
     tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
-    console.print("[dim]measuring memory bandwidth (cached after the first run)...[/]")
+    if not (home / "membw.json").exists():
+        console.print("[dim]measuring memory bandwidth (once: cached for later runs)...[/]")
     bw = memory_bandwidth_gbs(home / "membw.json")
     src = m.source
     size = sum((path / f).stat().st_size for f in getattr(src, "manifest", {}).get("files", {})) or \
@@ -496,7 +501,7 @@ def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
             disk_bw = disk_read_gbs(src, home / "diskbw.json", refresh=True)   # shared/virtual disks vary
         first_row = len(rows)
         for n in counts:
-            set_threads(n)
+            n = set_threads(n)
             if cold:
                 drop_expert_pages(src)
             console.print(f"[dim]{path.name}: {n} threads, prefetch {pf}, look-ahead {la}, pp{n_prompt} "

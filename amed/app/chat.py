@@ -178,11 +178,36 @@ def repl(session: ChatSession, verbose: bool = False) -> None:
         err.print(f"[dim]{session.stats_line(step)}[/]")
 
 
+COMPILE_NOTICE = "compiling kernels (first run only, ~1 min)..."
+
+
+def warm_up(model, err: Console) -> float | None:
+    """On a cold kernel cache, compile every kernel now, behind a notice on stderr, so the first
+    answer's speed is the model's, not the compiler's; returns the seconds spent (None if warm)."""
+    import time
+
+    from amed import kernel_cache_cold
+
+    if not kernel_cache_cold():
+        return None
+    t0 = time.perf_counter()
+    with err.status(COMPILE_NOTICE):
+        if not err.is_terminal:
+            err.print(COMPILE_NOTICE)
+        model.reset()
+        model.forward([1] * 8)       # the prompt kernels (several tokens)
+        model.forward([1])           # the decode kernels (one token)
+        model.reset()
+    return time.perf_counter() - t0
+
+
 def run_command(path, err: Console, *, prompt: str | None = None, system_prompt: str | None = None,
                 max_tokens: int = 1024, ctx_size: int = 4096, sampling: dict | None = None,
-                verbose: bool = False, max_ram=None, prefetch: bool = True) -> None:
+                verbose: bool = False, max_ram=None, prefetch: bool = True, threads: int | None = None) -> None:
     """`amed chat`: load the model at `path`; answer `prompt` on stdout and return, or (no
-    prompt) run the interactive loop. `sampling` overrides the model's generation_config."""
+    prompt) run the interactive loop. `sampling` overrides the model's generation_config;
+    `max_tokens` -1 means until a stop token or the context is full."""
+    import os
     import time
 
     from amed import load
@@ -195,14 +220,27 @@ def run_command(path, err: Console, *, prompt: str | None = None, system_prompt:
     t0 = time.perf_counter()
     m = load(path, ctx_size=ctx_size, max_ram=max_ram, prefetch=prefetch,
              log=lambda msg: err.print(f"[yellow]{msg}[/]"))
+    load_s = time.perf_counter() - t0
+    trained = m.config.max_position_embeddings
+    if ctx_size > trained:
+        err.print(f"[yellow]-c {ctx_size} is above the {trained} tokens the model was trained on: answers past "
+                  f"that point may degrade.[/]")
     tok = Tokenizer.from_dir(path)
     if tok.template_is_fallback:
         err.print("[yellow]no chat template in the model directory: using the built-in Ling format.[/]")
-    params = SamplingParams.from_generation_config(path, **(sampling or {}))
+    sampling = dict(sampling or {})
+    if sampling.get("seed") is None:          # a fresh seed, but one we can print to repeat the run
+        sampling["seed"] = int.from_bytes(os.urandom(4), "little")
+    params = SamplingParams.from_generation_config(path, **sampling)
+    compile_s = warm_up(m, err)
     if verbose:
-        err.print(f"[dim]model {path} loaded in {time.perf_counter() - t0:.2f} s; sampling: "
+        err.print(f"[dim]model {path} loaded in {load_s:.2f} s"
+                  + (f", kernels compiled in {compile_s:.1f} s" if compile_s is not None else "")
+                  + f"; {threads or 'all'} threads; context {ctx_size}; sampling: "
                   f"temp {params.temperature}, top-p {params.top_p}, top-k {params.top_k}, "
                   f"min-p {params.min_p}, repeat-penalty {params.repetition_penalty}, seed {params.seed}[/]")
+    if max_tokens < 0:
+        max_tokens = ctx_size
     session = ChatSession(m, tok, make_sampler(params), max_tokens, ctx_size, system_prompt, err)
     if verbose:
         from amed.app.bench import MemoryReport

@@ -13,12 +13,34 @@ from rich.console import Console
 app = typer.Typer(
     name="amed",
     help="Run AntAngelMed (a 103B medical MoE) on your own computer.",
-    no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,               # --install-completion / --show-completion (bash, zsh, fish, pwsh)
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from amed import __version__
+
+        print(f"amed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(invoke_without_command=True)
+def main_options(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", "-V", callback=show_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+):
+    """Run AntAngelMed (a 103B medical MoE) on your own computer."""
+    if ctx.invoked_subcommand is None:          # bare `amed`: the help, and success
+        text = ctx.get_help()             # Rich prints it; plain click returns it
+        if text:
+            print(text)
+        raise typer.Exit()
 
 # store formats, shared by quantize, download --quantize and synth --bits
 DENSE_HELP = "Attention, shared expert, dense MLP and embeddings: q8, q6, q4 or bf16."
@@ -206,8 +228,12 @@ def run_quantize(src, output: Path, settings, force: bool) -> None:
     from amed.app.progress import QuantizeBar
     from amed.quant.convert import quantize_model
 
-    with QuantizeBar(err) as bar:
-        summary = quantize_model(src, output, settings, force=force, progress=bar)
+    try:
+        with QuantizeBar(err) as bar:
+            summary = quantize_model(src, output, settings, force=force, progress=bar)
+    except KeyboardInterrupt:
+        err.print("[yellow]stopped: run the same command again to resume (finished files are kept).[/]")
+        raise
     print_quantize_summary(summary)
 
 
@@ -229,8 +255,13 @@ def print_quantize_summary(s: dict) -> None:
     t.add_row("total", "", f"{s['params'] / 1e6:,.2f} M", human(s["store_bytes"]),
               f"{8 * s['store_bytes'] / max(s['params'], 1):.2f}", style="bold")
     err.print(t)
-    err.print(f"{human(s['source_bytes'])} read in {s['seconds']:.1f} s "
-              f"({human(s['source_bytes'] / max(s['seconds'], 1e-9))}/s). Next: [bold]amed chat -m {s['path']}[/]")
+    read = s.get("read_bytes", s["source_bytes"])
+    earlier = ""
+    if s.get("skipped_bytes"):
+        earlier = (f"; {s['files_total'] - s['files_written']} of {s['files_total']} files "
+                   f"({human(s['skipped_bytes'])} of source) were already done by an earlier run")
+    err.print(f"{human(read)} read in {s['seconds']:.1f} s ({human(read / max(s['seconds'], 1e-9))}/s){earlier}. "
+              f"Next: [bold]amed chat -m {s['path']}[/]")
 
 
 @app.command()
@@ -239,16 +270,20 @@ def verify(
 ):
     """Hash every file of a store against its manifest (a full read; loading checks only sizes)."""
     from amed.app.progress import ByteBar
-    from amed.formats.store import open_store
+    from amed.formats.store import REPAIR, read_manifest, verified_files, verify_files
 
-    st = open_store(store)
-    total = sum(m["bytes"] for m in st.manifest["files"].values())
-    with ByteBar(err, "verify", total) as bar:
-        bad = st.verify(progress=bar.advance)
+    man = read_manifest(store)
+    if not man.get("complete"):
+        fail(f"{store} is an incomplete store (quantization was interrupted); re-run the same "
+             f"`amed quantize` command to finish it.")
+    files = verified_files(man)
+    with ByteBar(err, "verify", sum(m["bytes"] for m in files.values())) as bar:
+        bad = verify_files(store, man, progress=bar.advance)
     if bad:
-        fail(f"{len(bad)} file(s) of {store} do not match their checksums ({', '.join(bad)}): the store is "
-             f"damaged; re-create it with `amed quantize ... --force`.")
-    err.print(f"[green]ok[/]: all {len(st.manifest['files'])} files of {store} match their SHA-256.")
+        fail(f"{len(bad)} file(s) of {store} are missing or do not match their checksums ({', '.join(bad)}): "
+             f"the store is damaged; delete them and {REPAIR}")
+    unchecked = "" if "side_files" in man else " (config and tokenizer files are not hashed in this older store)"
+    err.print(f"[green]ok[/]: all {len(files)} files of {store} match their SHA-256{unchecked}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,16 +312,42 @@ def resolve_model(model: Optional[Path]) -> Path:
          f"create it with: amed download && amed quantize <download dir> -o {d} --bits 4")
 
 
-def set_threads(threads: Optional[int]) -> None:
-    if threads:
-        import numba
+def max_threads() -> int:
+    """The most threads a kernel can use here: the cores this process may run on (Numba's pool size)."""
+    import numba
 
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    return numba.config.NUMBA_NUM_THREADS
+
+
+def check_threads(threads: Optional[int]) -> Optional[int]:
+    """-t N must be 1..cores (0 or no -t: all cores, returned as None); a clear error otherwise."""
+    if threads is None or threads == 0:
+        return None
+    most = max_threads()
+    if not 1 <= threads <= most:
+        fail(f"-t/--threads must be between 1 and {most} (the cores here), or 0 for all of them; got {threads}.")
+    return threads
+
+
+def set_threads(threads: Optional[int]) -> int:
+    """Use `threads` kernel threads (None: all cores); returns the count in effect."""
+    import numba
+
+    numba.set_num_threads(threads or max_threads())
+    return numba.get_num_threads()
+
+
+def check_max_tokens(n: int, flag: str = "-n/--max-tokens") -> int:
+    """llama.cpp's convention: -1 = until a stop token or the context is full; other negatives are errors."""
+    if n < -1:
+        fail(f"{flag} must be 0 or more, or -1 for no limit (until a stop token or the context is full); got {n}.")
+    return n
 
 
 ModelOpt = Annotated[Optional[Path], typer.Option("-m", "--model", help="Store or checkpoint directory "
                                                   "(default: $AMED_MODEL, then the default store).")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads (default: all cores).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads, 1 to the number of cores "
+                                                  "(default or 0: all cores).")]
 MaxRamOpt = Annotated[Optional[str], typer.Option(
     "--max-ram", metavar="SIZE", rich_help_panel="Memory",
     help="Bound on resident memory, e.g. 16G, 16GiB, 12000M (G = GiB, GB = 10^9). Dense weights stay "
@@ -298,14 +359,24 @@ def chat(
     model: ModelOpt = None,
     prompt: Annotated[Optional[str], typer.Option("-p", "--prompt", help="One-shot: answer this and exit.")] = None,
     system_prompt: Annotated[Optional[str], typer.Option("--system-prompt", "-sys", help="System prompt.")] = None,
-    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens per answer.")] = 1024,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens per answer (-1: until a stop "
+                                            "token or the context is full).")] = 1024,
     ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context length in tokens.")] = 4096,
-    temp: Annotated[Optional[float], typer.Option("--temp", help="Temperature; 0 = greedy.", rich_help_panel="Sampling")] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", rich_help_panel="Sampling")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", rich_help_panel="Sampling")] = None,
-    min_p: Annotated[Optional[float], typer.Option("--min-p", rich_help_panel="Sampling")] = None,
-    repeat_penalty: Annotated[Optional[float], typer.Option("--repeat-penalty", rich_help_panel="Sampling")] = None,
-    seed: Annotated[Optional[int], typer.Option("-s", "--seed", rich_help_panel="Sampling")] = None,
+    temp: Annotated[Optional[float], typer.Option("--temp", rich_help_panel="Sampling", help="Temperature; 0 = "
+                                                  "greedy (default: the model's generation_config.json).")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", rich_help_panel="Sampling", help="Nucleus sampling: "
+                                                   "keep the smallest set of tokens whose probability adds up to P "
+                                                   "(1 = off).")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", rich_help_panel="Sampling", help="Keep only the K most "
+                                                 "likely tokens (0 = off).")] = None,
+    min_p: Annotated[Optional[float], typer.Option("--min-p", rich_help_panel="Sampling", help="Drop tokens less "
+                                                   "likely than P x the most likely one (0 = off).")] = None,
+    repeat_penalty: Annotated[Optional[float], typer.Option("--repeat-penalty", rich_help_panel="Sampling",
+                                                            help="Penalize tokens already in the context "
+                                                            "(1 = off, 1.1 = mild).")] = None,
+    seed: Annotated[Optional[int], typer.Option("-s", "--seed", rich_help_panel="Sampling", help="Random seed "
+                                                "(default: a fresh one, printed with -v so a run can be "
+                                                "repeated).")] = None,
     threads: ThreadsOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print settings and per-answer stats.")] = False,
     max_ram: MaxRamOpt = None,
@@ -315,19 +386,21 @@ def chat(
     """Talk to the model, with tokens streaming as they are generated.
 
     Interactive by default; with -p, or a prompt piped on stdin, prints only the answer on stdout."""
+    check_max_tokens(max_tokens)
+    threads = check_threads(threads)
     path = resolve_model(model)
     one_shot = prompt is not None or not sys.stdin.isatty()
     if one_shot and prompt is None:
         prompt = sys.stdin.read()
-        if not prompt.strip():
-            fail("no prompt: pass -p TEXT or pipe a question on stdin.")
-    set_threads(threads)
+    if one_shot and not prompt.strip():
+        fail("no prompt: pass -p TEXT or pipe a question on stdin.")
+    n_threads = set_threads(threads)
     from amed.app.chat import run_command
 
     run_command(path, err, prompt=prompt, system_prompt=system_prompt, max_tokens=max_tokens, ctx_size=ctx_size,
                 sampling=dict(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                               repetition_penalty=repeat_penalty, seed=seed),
-                verbose=verbose, max_ram=max_ram, prefetch=not no_prefetch)
+                verbose=verbose, max_ram=max_ram, prefetch=not no_prefetch, threads=n_threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +414,8 @@ def bench(
     reps: Annotated[int, typer.Option("-r", "--repetitions", help="Timed repetitions after a warm-up.")] = 5,
     depth: Annotated[int, typer.Option("-d", "--n-depth", help="Run each test after this many tokens of context "
                                        "(prefilled once, untimed): speed at a long context.")] = 0,
-    threads: Annotated[str, typer.Option("-t", "--threads", help="Thread counts to sweep, comma-separated (default: all cores).")] = "",
+    threads: Annotated[str, typer.Option("-t", "--threads", help="Thread counts to sweep, comma-separated, each "
+                                         "1 to the number of cores (default or 0: all cores).")] = "",
     output: Annotated[str, typer.Option("-o", "--output", help="md, json or csv (on stdout).")] = "md",
     random_ids: Annotated[bool, typer.Option("--random-ids", help="Random token ids instead of real text "
                                             "(prompt and decode: the most varied routing).")] = False,
@@ -367,10 +441,15 @@ def bench(
     disk per token and the disk-bound ceiling (those bytes / the disk's read speed for whole experts)."""
     if output not in ("md", "json", "csv"):
         fail(f"-o must be md, json or csv, not {output!r}.")
+    if reps < 1:
+        fail(f"-r/--repetitions must be 1 or more; got {reps}.")
+    if n_prompt < 0 or n_gen < 0:
+        fail("-p and -n must be 0 (skip the test) or more tokens.")
     try:
         counts = [int(t) for t in threads.split(",") if t.strip()]
     except ValueError:
         fail(f"-t takes comma-separated integers, not {threads!r}.")
+    counts = [check_threads(t) or max_threads() for t in counts]
     prefetches = [p.strip() for p in prefetch.split(",") if p.strip()]
     lookaheads = [p.strip() for p in lookahead.split(",") if p.strip()]
     if not prefetches or any(p not in ("on", "off") for p in prefetches):
@@ -437,6 +516,9 @@ def synth(
         fail(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}.")
     if out.exists() and not out.is_dir():
         fail(f"{out} exists and is not a directory.")
+    if (out / "amed-manifest.json").exists():
+        fail(f"{out} holds an amed store: writing a checkpoint there would replace its config and tokenizer; "
+             f"choose another directory (or remove the store first with `amed rm {out}`).")
     if out.is_dir() and any(out.iterdir()) and not force:
         fail(f"{out} is not empty; pass --force to write the checkpoint into it anyway.")
     t0 = time.perf_counter()
@@ -448,7 +530,10 @@ def synth(
             bar.stop()
             fail(str(e))
     dt = time.perf_counter() - t0
-    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    written = [*path.glob("model-*-of-*.safetensors"), path / "model.safetensors.index.json",
+               *(path / n for n in ("config.json", "generation_config.json", "tokenizer.json",
+                                    "tokenizer_config.json"))]
+    size = sum(f.stat().st_size for f in written if f.is_file())      # this checkpoint, not other files
     shards = len(list(path.glob("model-*-of-*.safetensors")))
     nl = layers or PRESETS[preset]["num_hidden_layers"]
     human = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
@@ -463,6 +548,10 @@ def main() -> None:
         app()
     except AmedError as e:
         err.print(f"[bold red]error:[/] {e}")
+        sys.exit(1)
+    except OSError as e:          # a disk or permission problem we did not foresee: one sentence, no traceback
+        where = f" ({e.filename})" if e.filename else ""
+        err.print(f"[bold red]error:[/] {e.strerror or e}{where}.", markup=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")

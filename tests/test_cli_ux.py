@@ -1,0 +1,277 @@
+"""The command line as a new user meets it (issue 19): one clear sentence for every bad input,
+flags that mean what llama.cpp users expect, and stores that repair by re-running a command.
+
+Most tests run the CLI in-process (`amed_cli`), which is fast: no interpreter start, kernels
+already compiled."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import amed
+from amed.app import cli
+
+ENV = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+
+
+@pytest.fixture
+def amed_cli(capsys, monkeypatch):
+    """amed_cli(*args, stdin="") -> (exit code, stdout, stderr), running `amed ARGS` in this process."""
+    import numba
+
+    threads = numba.get_num_threads()
+
+    def run(*args, stdin=""):
+        monkeypatch.setattr(sys, "argv", ["amed", *map(str, args)])
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        finally:
+            numba.set_num_threads(threads)
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err
+        return code, out, err
+    return run
+
+
+def one_sentence(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ---- defect 1: tracebacks instead of one sentence -----------------------------------------------
+
+def test_quantize_into_a_file_or_an_unwritable_dir(amed_cli, golden_dir, tmp_path, monkeypatch):
+    f = tmp_path / "file"
+    f.write_text("x")
+    code, out, err = amed_cli("quantize", golden_dir, "-o", f)
+    assert code == 1 and "exists and is not a directory" in one_sentence(err) and out == ""
+
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m, **k: "ro" not in str(p) and access(p, m, **k))  # root here
+    code, out, err = amed_cli("quantize", golden_dir, "-o", tmp_path / "ro")
+    assert code == 1 and "cannot write into" in one_sentence(err) and out == ""
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr("pathlib.Path.mkdir", denied)
+    code, out, err = amed_cli("quantize", golden_dir, "-o", tmp_path / "ro" / "deeper")
+    assert code == 1 and "cannot create" in one_sentence(err) and "permission denied" in err
+
+
+def test_an_unforeseen_oserror_is_one_sentence(amed_cli, golden_dir, monkeypatch):
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device", "/some/file")
+    monkeypatch.setattr("amed.app.cli.resolve_model", boom)
+    code, out, err = amed_cli("chat", "-p", "hi")
+    assert code == 1 and "No space left on device (/some/file)" in one_sentence(err)
+
+
+def test_bench_zero_repetitions(amed_cli, golden_dir):
+    code, _, err = amed_cli("bench", "-m", golden_dir, "-r", "0")
+    assert code == 1 and "-r/--repetitions must be 1 or more" in one_sentence(err)
+
+
+# ---- defect 2: -n -1 / negatives -------------------------------------------------------------
+
+def test_max_tokens_minus_one_and_negatives(amed_cli, golden_dir):
+    code, out, err = amed_cli("chat", "-m", golden_dir, "-n", "-5", "-p", "hi")
+    assert code == 1 and "-n/--max-tokens must be 0 or more, or -1" in one_sentence(err) and out == ""
+    # -1: until a stop token or the context is full (a 64-token context, greedy)
+    code, out, err = amed_cli("chat", "-m", golden_dir, "-n", "-1", "-c", "64", "--temp", "0", "-v", "-p", "hi")
+    assert code == 0, err
+    assert "(stop)" in err or "(length)" in err
+    assert out.strip()
+
+
+# ---- defect 3: threads ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t", ["-2", "999"])
+def test_threads_out_of_range(amed_cli, golden_dir, t):
+    for cmd in ("chat", "bench"):
+        code, _, err = amed_cli(cmd, "-m", golden_dir, "-t", t, "-p", "2")
+        assert code == 1 and "-t/--threads must be between 1 and" in one_sentence(err)
+
+
+def test_verbose_prints_threads_seed_and_compile_notice(amed_cli, golden_dir, monkeypatch):
+    monkeypatch.setattr(amed, "kernel_cache_cold", lambda: True)    # as on a first run
+    code, out, err = amed_cli("chat", "-m", golden_dir, "-t", "1", "-n", "2", "-v", "-p", "hi")
+    assert code == 0, err
+    assert "compiling kernels (first run only" in err and "kernels compiled in" in err
+    assert "1 threads" in err and "seed None" not in err
+    seed = int(err.split("seed ")[1].split("[")[0].split()[0].rstrip("]"))
+    # the seed printed repeats the run
+    code, out2, err2 = amed_cli("chat", "-m", golden_dir, "-n", "4", "-s", seed, "-p", "hi")
+    code, out3, err3 = amed_cli("chat", "-m", golden_dir, "-n", "4", "-s", seed, "-p", "hi")
+    assert out2 == out3
+
+
+# ---- defect 4: a cold kernel cache is detected --------------------------------------------------
+
+def test_kernel_cache_cold(tmp_path):
+    assert amed.kernel_cache_cold(str(tmp_path))
+    sub = tmp_path / "cpu_x"
+    sub.mkdir()
+    for m in ("kernels", "qr8"):
+        (sub / f"{m}.f-1.py311.nbi").write_bytes(b"")
+    assert amed.kernel_cache_cold(str(tmp_path))
+    (sub / "qrows.g-2.py311.nbi").write_bytes(b"")
+    assert not amed.kernel_cache_cold(str(tmp_path))
+
+
+# ---- defect 5: verify hashes everything, a damaged header is a checksum mismatch ------------------
+
+def test_verify_damaged_header_and_edited_tokenizer(amed_cli, golden_store, tmp_path):
+    store = tmp_path / "s"
+    shutil.copytree(golden_store(bits=4), store)
+    man = json.loads((store / "amed-manifest.json").read_text())
+    assert set(man["side_files"]) >= {"config.json", "tokenizer.json", "tokenizer_config.json"}
+    code, _, err = amed_cli("verify", store)
+    assert code == 0 and "match their SHA-256" in err
+
+    with open(store / "globals.safetensors", "r+b") as f:       # a damaged header: same size
+        f.seek(20)
+        f.write(b"\x00\xff")
+    code, _, err = amed_cli("verify", store)
+    line = one_sentence(err)
+    assert code == 1 and "globals.safetensors" in line and "checksums" in line and "amed quantize" in line
+    assert "dtype" not in line
+
+    shutil.copy(golden_store(bits=4) / "globals.safetensors", store)
+    cfg = json.loads((store / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{{ broken"
+    (store / "tokenizer_config.json").write_text(json.dumps(cfg))
+    code, _, err = amed_cli("verify", store)
+    assert code == 1 and "tokenizer_config.json" in one_sentence(err)
+
+
+def test_verify_an_older_store_without_side_hashes(amed_cli, golden_store, tmp_path):
+    store = tmp_path / "s"
+    shutil.copytree(golden_store(bits=4), store)
+    man = json.loads((store / "amed-manifest.json").read_text())
+    del man["side_files"]
+    (store / "amed-manifest.json").write_text(json.dumps(man))
+    code, _, err = amed_cli("verify", store)
+    assert code == 0 and "not hashed in this older store" in err
+    amed.load(store)                                              # and it opens
+
+
+def test_loading_a_damaged_header_says_what_to_do(golden_store, tmp_path):
+    store = tmp_path / "s"
+    shutil.copytree(golden_store(bits=4), store)
+    with open(store / "layer-001.safetensors", "r+b") as f:
+        f.seek(30)
+        f.write(b"\x00\xff\x00")
+    with pytest.raises(amed.errors.AmedError, match="amed verify .* re-run the `amed quantize`"):
+        amed.load(store)
+
+
+# ---- defect 6: -p "" agrees with empty stdin ----------------------------------------------------
+
+def test_empty_prompt_is_an_error_both_ways(amed_cli, golden_dir):
+    for args, stdin in ((["-p", ""], ""), (["-p", "   "], ""), ([], "")):
+        code, out, err = amed_cli("chat", "-m", golden_dir, *args, stdin=stdin)
+        assert code == 1 and "no prompt" in one_sentence(err) and out == ""
+
+
+# ---- defects 7 and 8: repair by re-running, Ctrl-C says how to resume ---------------------------
+
+def test_rerunning_quantize_repairs_a_damaged_store(amed_cli, golden_dir, golden_store, tmp_path):
+    store = tmp_path / "s"
+    assert amed_cli("quantize", golden_dir, "-o", store)[0] == 0
+    ref = {p.name: p.read_bytes() for p in store.iterdir()}
+    (store / "layer-001.safetensors").unlink()
+    (store / "tokenizer.json").unlink()
+    with pytest.raises(amed.errors.AmedError, match="re-run the `amed quantize`.*rewrites only the missing"):
+        amed.load(store)
+    code, _, err = amed_cli("quantize", golden_dir, "-o", store)
+    assert code == 0, err
+    assert "already done by an earlier run" in err
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == ref
+    code, _, err = amed_cli("quantize", golden_dir, "-o", store)       # intact: refused as before
+    assert code == 1 and "already holds a complete store" in one_sentence(err)
+
+
+def test_ctrl_c_in_quantize_says_rerun_resumes(amed_cli, golden_dir, tmp_path, monkeypatch):
+    import amed.quant.convert as convert
+
+    real, calls = convert.convert_tensor, []
+
+    def interrupted(*a):
+        calls.append(1)
+        if len(calls) > 20:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(convert, "convert_tensor", interrupted)
+    store = tmp_path / "s"
+    code, _, err = amed_cli("quantize", golden_dir, "-o", store, "-g", "32")
+    assert code == 130 and "run the same command again to resume" in err
+    monkeypatch.setattr(convert, "convert_tensor", real)
+    code, _, err = amed_cli("quantize", golden_dir, "-o", store, "-g", "32")
+    assert code == 0, err
+    total = sum(p.stat().st_size for p in golden_dir.glob("*.safetensors"))
+    read = err.split(" read in ")[0].split("\n")[-1]
+    assert "already done by an earlier run" in err and read != cli.human(total), read
+
+
+# ---- defect 9: synth --force into an existing dir -----------------------------------------------
+
+def test_synth_refuses_a_store_and_reports_its_own_size(amed_cli, golden_store, tmp_path):
+    store = tmp_path / "s"
+    shutil.copytree(golden_store(bits=4), store)
+    before = (store / "tokenizer.json").read_bytes()
+    code, _, err = amed_cli("synth", store, "--force")
+    assert code == 1 and "holds an amed store" in one_sentence(err)
+    assert (store / "tokenizer.json").read_bytes() == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "big.bin").write_bytes(b"\0" * 50_000_000)
+    code, _, err = amed_cli("synth", other, "--force")
+    assert code == 0 and " MB)" in err
+    size = float(err.split("shards, ")[1].split(" MB")[0])
+    assert size < 45, err
+
+
+# ---- defect 10: the small ones ------------------------------------------------------------------
+
+def test_bare_amed_shows_help_and_succeeds():
+    r = subprocess.run([sys.executable, "-m", "amed"], capture_output=True, text=True, env=ENV, timeout=60)
+    assert r.returncode == 0 and "Usage" in r.stdout and "chat" in r.stdout
+
+
+def test_quantize_error_leaves_stdout_empty(amed_cli, golden_dir, golden_store):
+    code, out, err = amed_cli("quantize", golden_dir, "-o", golden_store(bits=4))
+    assert code == 1 and out == ""
+
+
+def test_bench_small_model_size_and_cached_bandwidth(amed_cli, golden_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("AMED_HOME", str(tmp_path))
+    (tmp_path / "membw.json").write_text(json.dumps({"read_gbs": 20.0}))
+    code, out, err = amed_cli("bench", "-m", golden_dir, "-p", "4", "-n", "2", "-r", "1", "-t", "1")
+    assert code == 0, err
+    assert "measuring memory bandwidth" not in err
+    assert "0.00 GB" not in out and " MB |" in out and "| 1 |" in out
+
+
+def test_sampling_flags_have_help():
+    from typer.main import get_command
+
+    chat = get_command(cli.app).commands["chat"]
+    for p in chat.params:
+        if p.name in ("temp", "top_p", "top_k", "min_p", "repeat_penalty", "seed"):
+            assert p.help, p.name
+
+
+def test_ctx_above_training_warns(amed_cli, golden_dir):
+    code, _, err = amed_cli("chat", "-m", golden_dir, "-c", "8192", "-n", "1", "-p", "hi")
+    assert code == 0 and "above the 4096 tokens the model was trained on" in err
