@@ -275,3 +275,29 @@ def test_sampling_flags_have_help():
 def test_ctx_above_training_warns(amed_cli, golden_dir):
     code, _, err = amed_cli("chat", "-m", golden_dir, "-c", "8192", "-n", "1", "-p", "hi")
     assert code == 0 and "above the 4096 tokens the model was trained on" in err
+
+
+# ---- --version, -h, completion, warmup ---------------------------------------------------------
+
+def test_version_and_short_help(amed_cli):
+    code, out, _ = amed_cli("--version")
+    assert code == 0 and out.strip() == f"amed {amed.__version__}"
+    code, out, _ = amed_cli("-h")
+    assert code == 0 and "Usage" in out and "--version" in out
+    code, out, _ = amed_cli("chat", "-h")
+    assert code == 0 and "--max-tokens" in out
+
+
+def test_shell_completion():
+    r = subprocess.run([sys.executable, "-m", "amed", "--show-completion", "bash"], capture_output=True,
+                       text=True, env=ENV, timeout=60)
+    assert r.returncode == 0 and "complete -o default -F _amed_completion amed" in r.stdout
+    # what bash asks when the user types `amed ch<TAB>`
+    r = subprocess.run([sys.executable, "-m", "amed"], capture_output=True, text=True, timeout=60,
+                       env={**ENV, "_AMED_COMPLETE": "complete_bash", "COMP_WORDS": "amed ch", "COMP_CWORD": "1"})
+    assert r.stdout.split() == ["chat"]
+
+
+def test_warmup_compiles_ahead(amed_cli):
+    code, _, err = amed_cli("warmup")
+    assert code == 0 and "kernels ready" in err

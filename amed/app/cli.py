@@ -541,11 +541,24 @@ def synth(
               f"to {path} in {dt:.1f} s")
 
 
+@app.command()
+def warmup():
+    """Compile the CPU kernels now (about a minute, once), so the first chat or bench starts at once.
+
+    The first run of any command does this by itself; `make warmup` calls this after install."""
+    from amed import kernel_cache_cold
+    from amed.app.chat import compile_ahead
+
+    cold = kernel_cache_cold()
+    seconds = compile_ahead(err)
+    err.print(f"[green]kernels ready[/] ({'compiled' if cold else 'already cached; checked'} in {seconds:.1f} s).")
+
+
 def main() -> None:
     from amed.errors import AmedError
 
     try:
-        app()
+        app(prog_name="amed")
     except AmedError as e:
         err.print(f"[bold red]error:[/] {e}")
         sys.exit(1)
