@@ -107,7 +107,7 @@ def test_verbose_prints_threads_seed_and_compile_notice(amed_cli, golden_dir, mo
     monkeypatch.setattr(amed, "kernel_cache_cold", lambda: True)    # as on a first run
     code, out, err = amed_cli("chat", "-m", golden_dir, "-t", "1", "-n", "2", "-v", "-p", "hi")
     assert code == 0, err
-    assert "compiling kernels (first run only" in err and "kernels compiled in" in err
+    assert "compiling kernels (first run only" in err and "kernels compiled/loaded in" in err
     assert "1 threads" in err and "seed None" not in err
     seed = int(err.split("seed ")[1].split("[")[0].split()[0].rstrip("]"))
     # the seed printed repeats the run
@@ -301,3 +301,86 @@ def test_shell_completion():
 def test_warmup_compiles_ahead(amed_cli):
     code, _, err = amed_cli("warmup")
     assert code == 0 and "kernels ready" in err
+
+
+# ---- chat: -f, --stop, --json, /load, --chat-template, --no-template -----------------------------
+
+def test_stop_strings_cut_across_pieces():
+    from amed.app.chat import StopStrings
+
+    c = StopStrings(["</end>", "STOP"])
+    shown = [c.feed(p) for p in ("Hello wor", "ld </e", "nd> more")]
+    assert "".join(shown) == "Hello world " and c.hit
+    c = StopStrings(["</end>"])
+    shown = [c.feed(p) for p in ("a </", "b")] + [c.flush()]
+    assert "".join(shown) == "a </b" and not c.hit
+    assert StopStrings([]).feed("x") == "x"
+
+
+def test_prompt_file_stop_and_json(amed_cli, golden_dir, tmp_path):
+    base = ["chat", "-m", golden_dir, "-n", "12", "--temp", "0"]
+    code, full, err = amed_cli(*base, "-p", "hi")
+    assert code == 0, err
+    answer = full.rstrip("\n")
+    (tmp_path / "q.txt").write_text("hi\n")
+    code, out, _ = amed_cli(*base, "-f", tmp_path / "q.txt")
+    assert out == full                                                    # -f FILE == -p TEXT
+    stop = answer[4:7]
+    code, out, _ = amed_cli(*base, "-p", "hi", "--stop", "zzzz", "--stop", stop)
+    assert code == 0 and out == answer[:answer.index(stop)] + "\n"
+    code, out, _ = amed_cli(*base, "-p", "hi", "--json")
+    rec = json.loads(out)
+    assert rec["answer"] == answer and rec["finish_reason"] == "length" and rec["generated_tokens"] == 12
+    assert rec["prompt_tokens"] > 0 and rec["decode_tps"] > 0 and isinstance(rec["seed"], int)
+    code, out, _ = amed_cli(*base, "-p", "hi", "--stop", stop, "--json")
+    assert json.loads(out)["finish_reason"] == "stop"
+    code, _, err = amed_cli(*base, "-p", "hi", "-f", tmp_path / "q.txt")
+    assert code == 1 and "not both" in one_sentence(err)
+    code, _, err = amed_cli(*base, "-f", tmp_path / "missing.txt")
+    assert code == 1 and "cannot read the prompt file" in one_sentence(err)
+
+
+def test_chat_template_override_and_raw_completion(amed_cli, golden_dir, tmp_path, monkeypatch):
+    from amed.app import chat
+    from amed.text.tokenizer import Tokenizer
+
+    prompts = []
+    real_stream = chat.Generator.stream
+
+    def spy(self, ids, *a, **k):
+        prompts.append(list(ids))
+        return real_stream(self, ids, *a, **k)
+    monkeypatch.setattr(chat.Generator, "stream", spy)
+    tok = Tokenizer.from_dir(golden_dir)
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}Q: {{ m.content }}\n{% endfor %}A:")
+    base = ["chat", "-m", golden_dir, "-n", "2", "--temp", "0", "-p", "hi there"]
+    assert amed_cli(*base, "--chat-template", tmp_path / "t.jinja")[0] == 0
+    assert prompts[-1] == tok.encode("Q: hi there\nA:", add_bos=False)
+    assert amed_cli(*base, "--no-template")[0] == 0
+    assert prompts[-1] == tok.encode("hi there")
+    (tmp_path / "bad.jinja").write_text("{{ broken")
+    code, _, err = amed_cli(*base, "--chat-template", tmp_path / "bad.jinja")
+    assert code == 1 and "does not compile" in one_sentence(err)
+
+
+def test_load_a_saved_conversation(golden_dir, tmp_path, monkeypatch, capsys):
+    from rich.console import Console
+
+    from amed.app.chat import ChatSession, load_conversation, repl
+    from amed.text.sampling import SamplingParams, make_sampler
+    from amed.text.tokenizer import Tokenizer
+
+    s = ChatSession(amed.load(golden_dir), Tokenizer.from_dir(golden_dir),
+                    make_sampler(SamplingParams(temperature=0)), 3, 256, system="be brief",
+                    err=Console(stderr=True, width=500))
+    s.ask("first question", out=io.StringIO())
+    s.save(str(tmp_path / "c.json"))
+    s.reset()
+    (tmp_path / "bad.json").write_text('{"messages": [{"role": "robot"}]}')
+    lines = iter([f"/load {tmp_path / 'bad.json'}", f"/load {tmp_path / 'c.json'}", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    repl(s)
+    err = capsys.readouterr().err
+    assert "is not a saved conversation" in err and "loaded 2 messages" in err
+    assert s.conv.system == "be brief" and [t["role"] for t in s.conv.turns] == ["user", "assistant"]
+    assert load_conversation(str(tmp_path / "c.json")).turns == s.conv.turns

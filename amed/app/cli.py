@@ -382,14 +382,44 @@ def chat(
     max_ram: MaxRamOpt = None,
     no_prefetch: Annotated[bool, typer.Option("--no-prefetch", rich_help_panel="Memory",
                                               help="Do not read chosen experts ahead (slower from disk).")] = False,
+    file: Annotated[Optional[Path], typer.Option("-f", "--file", metavar="FILE", help="One-shot: answer the "
+                                                 "prompt in this text file and exit.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", metavar="STR", help="End the answer before this "
+                                                      "text (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One-shot: print one JSON object (answer, finish "
+                                          "reason, token counts, speeds, seed) instead of the streamed text.")] = False,
+    chat_template: Annotated[Optional[Path], typer.Option("--chat-template", metavar="FILE", help="Use this Jinja "
+                                                          "chat template instead of the model's.")] = None,
+    no_template: Annotated[bool, typer.Option("--no-template", help="One-shot raw completion: the prompt goes to "
+                                              "the model as it is, with no chat template; prints the "
+                                              "continuation.")] = False,
 ):
     """Talk to the model, with tokens streaming as they are generated.
 
-    Interactive by default; with -p, or a prompt piped on stdin, prints only the answer on stdout."""
+    Interactive by default; with -p, -f, or a prompt piped on stdin, prints only the answer on stdout.
+    In the chat, /help lists the commands (/save and /load keep a conversation)."""
     check_max_tokens(max_tokens)
     threads = check_threads(threads)
+    if prompt is not None and file is not None:
+        fail("pass the prompt with -p or -f, not both.")
+    if chat_template is not None and no_template:
+        fail("--chat-template and --no-template contradict each other; pass one.")
+    template_text = None
+    if chat_template is not None:
+        try:
+            template_text = chat_template.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read the chat template {chat_template}: {getattr(e, 'strerror', None) or e}.")
+    if file is not None:
+        try:
+            prompt = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read the prompt file {file}: {getattr(e, 'strerror', None) or e}.")
     path = resolve_model(model)
     one_shot = prompt is not None or not sys.stdin.isatty()
+    if not one_shot and (as_json or no_template):
+        fail(f"{'--json' if as_json else '--no-template'} is for one-shot runs: pass -p TEXT, -f FILE or pipe "
+             f"the prompt on stdin.")
     if one_shot and prompt is None:
         prompt = sys.stdin.read()
     if one_shot and not prompt.strip():
@@ -400,7 +430,8 @@ def chat(
     run_command(path, err, prompt=prompt, system_prompt=system_prompt, max_tokens=max_tokens, ctx_size=ctx_size,
                 sampling=dict(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                               repetition_penalty=repeat_penalty, seed=seed),
-                verbose=verbose, max_ram=max_ram, prefetch=not no_prefetch, threads=n_threads)
+                verbose=verbose, max_ram=max_ram, prefetch=not no_prefetch, threads=n_threads,
+                stops=stop or (), as_json=as_json, chat_template=template_text, raw=no_template)
 
 
 # ---------------------------------------------------------------------------------------------
