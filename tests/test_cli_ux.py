@@ -384,3 +384,17 @@ def test_load_a_saved_conversation(golden_dir, tmp_path, monkeypatch, capsys):
     assert "is not a saved conversation" in err and "loaded 2 messages" in err
     assert s.conv.system == "be brief" and [t["role"] for t in s.conv.turns] == ["user", "assistant"]
     assert load_conversation(str(tmp_path / "c.json")).turns == s.conv.turns
+
+
+# ---- bench list values ---------------------------------------------------------------------------
+
+def test_bench_list_values(amed_cli, golden_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("AMED_HOME", str(tmp_path))
+    (tmp_path / "membw.json").write_text(json.dumps({"read_gbs": 20.0}))
+    code, out, err = amed_cli("bench", "-m", golden_dir, "-p", "4,6", "-n", "2", "-t", "1,2", "-r", "1",
+                              "-o", "json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [(r["threads"], r["test"]) for r in rows] == [(t, x) for t in (1, 2) for x in ("pp4", "tg2", "pp6")]
+    code, _, err = amed_cli("bench", "-m", golden_dir, "-p", "4,x")
+    assert code == 1 and "-p takes comma-separated integers" in one_sentence(err)

@@ -418,8 +418,8 @@ def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class BenchPlan:
-    n_prompt: int = 512
-    n_gen: int = 128
+    n_prompt: int | list = 512       # ppN test(s): one value or a list (as llama-bench's -p 64,512)
+    n_gen: int | list = 128          # tgN test(s)
     reps: int = 5
     depth: int = 0                   # tokens of context prefilled (untimed) before each test
     threads: list = field(default_factory=list)      # thread counts to sweep; empty: all cores
@@ -453,6 +453,39 @@ def synthetic_store(preset: str, layers: int, bits: int, console, experts: int |
     return path
 
 
+def bench_rows(rec: dict, n_gen: int, reps: int, path: Path, size: int, qdesc: str, threads: int, bw: float,
+               cache, pf: str, la: str, ram) -> list[dict]:
+    """The table rows (ppN, tgN) of one run_bench record."""
+    from amed.engine.experts.memory import fmt_size
+
+    rows = []
+    for res in (rec["pp"], rec["tg"]):
+        if res is None:
+            continue
+        row = {"model": path.name, "size_gb": size / 1e9, "quant": qdesc, "threads": threads, "test": res.test,
+               "tps_mean": res.mean, "tps_sd": res.sd,
+               "tps_median": res.median, "tps_samples": res.tps, "peak_rss_gb": rec["peak_rss"] / 1e9,
+               "compile_s": rec["compile_s"], "mem_bw_gbs": bw}
+        if res.test.startswith("pp"):
+            row["ttft_s"] = min(res.seconds)
+        else:
+            bpt = rec["bytes_per_token"]
+            row.update(bytes_per_token=bpt, gbs=bpt * res.mean / 1e9, pct_bw=100 * bpt * res.mean / 1e9 / bw,
+                       experts_resident=rec["expert_resident"])
+            if cache is not None:
+                st, dpt = rec["tg_cache"], rec["disk_bytes_per_token"]
+                mpt = st.miss_bytes / (n_gen * reps) if cache.bounded else 0.0
+                row.update(prefetch=pf, lookahead=la if cache.bounded else "off",
+                           max_ram=fmt_size(ram) if ram else "auto",
+                           cache_budget=fmt_size(cache.budget) if cache.bounded else "all",
+                           hit_rate=st.hit_rate if st.uses else None,
+                           lookahead_acc=st.lookahead_accuracy if st.predicted else None,
+                           disk_bytes_per_token=dpt, miss_bytes_per_token=mpt,
+                           disk_gbs=None, ceiling_tps=None, rss_gb=rec["rss"] / 1e9)
+        rows.append(row)
+    return rows
+
+
 def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
     """Load the model at `path`, run every variant of `plan` (thread counts x prefetch x
     look-ahead), print the table on stdout and a summary line on stderr."""
@@ -464,15 +497,21 @@ def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
     from amed.hub import amed_home
     from amed.text.tokenizer import Tokenizer
 
-    n_prompt, n_gen, reps, depth, output, cold = (plan.n_prompt, plan.n_gen, plan.reps, plan.depth, plan.output,
-                                                  plan.cold)
+    from itertools import zip_longest
+
+    reps, depth, output, cold = plan.reps, plan.depth, plan.output, plan.cold
+    n_prompts = plan.n_prompt if isinstance(plan.n_prompt, list) else [plan.n_prompt]
+    n_gens = plan.n_gen if isinstance(plan.n_gen, list) else [plan.n_gen]
+    # each run times one ppN and one tgN test: -p 64,512 -n 32 gives pp64+tg32, then pp512
+    sizes = [(p, n) for p, n in zip_longest(n_prompts, n_gens, fillvalue=0) if p or n]
     random_ids, ram, prefetches, lookaheads = plan.random_ids, plan.max_ram, plan.prefetch, plan.lookahead
     counts = plan.threads or [numba.config.NUMBA_NUM_THREADS]
     if kernel_cache_cold():
         console.print("[dim]compiling kernels (first run only, ~1 min; reported apart as compile time)...[/]")
     options = ExpertOptions.from_env(max_ram=ram)
     home = amed_home()
-    m = load(path, ctx_size=max(plan.ctx_size, depth + n_prompt + n_gen + 16), experts=options,
+    m = load(path, ctx_size=max(plan.ctx_size, depth + max(n_prompts, default=0) + max(n_gens, default=0) + 16),
+             experts=options,
              log=lambda msg: console.print(f"[yellow]{msg}[/]"))
     tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
     if not (home / "membw.json").exists():
@@ -502,35 +541,13 @@ def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
         first_row = len(rows)
         for n in counts:
             n = set_threads(n)
-            if cold:
-                drop_expert_pages(src)
-            console.print(f"[dim]{path.name}: {n} threads, prefetch {pf}, look-ahead {la}, pp{n_prompt} "
-                          f"tg{n_gen} x {reps}...[/]")
-            rec = run_bench(m, tok, n_prompt, n_gen, reps, random_ids, depth=depth, warm_prompt=not cold)
-            for res in (rec["pp"], rec["tg"]):
-                if res is None:
-                    continue
-                row = {"model": path.name, "size_gb": size / 1e9, "quant": qdesc, "threads": n, "test": res.test,
-                       "tps_mean": res.mean, "tps_sd": res.sd,
-                       "tps_median": res.median, "tps_samples": res.tps, "peak_rss_gb": rec["peak_rss"] / 1e9,
-                       "compile_s": rec["compile_s"], "mem_bw_gbs": bw}
-                if res.test.startswith("pp"):
-                    row["ttft_s"] = min(res.seconds)
-                else:
-                    bpt = rec["bytes_per_token"]
-                    row.update(bytes_per_token=bpt, gbs=bpt * res.mean / 1e9, pct_bw=100 * bpt * res.mean / 1e9 / bw,
-                               experts_resident=rec["expert_resident"])
-                    if cache is not None:
-                        st, dpt = rec["tg_cache"], rec["disk_bytes_per_token"]
-                        mpt = st.miss_bytes / (n_gen * reps) if cache.bounded else 0.0
-                        row.update(prefetch=pf, lookahead=la if cache.bounded else "off",
-                                   max_ram=fmt_size(ram) if ram else "auto",
-                                   cache_budget=fmt_size(cache.budget) if cache.bounded else "all",
-                                   hit_rate=st.hit_rate if st.uses else None,
-                                   lookahead_acc=st.lookahead_accuracy if st.predicted else None,
-                                   disk_bytes_per_token=dpt, miss_bytes_per_token=mpt,
-                                   disk_gbs=None, ceiling_tps=None, rss_gb=rec["rss"] / 1e9)
-                rows.append(row)
+            for n_prompt, n_gen in sizes:
+                if cold:
+                    drop_expert_pages(src)
+                console.print(f"[dim]{path.name}: {n} threads, prefetch {pf}, look-ahead {la}, pp{n_prompt} "
+                              f"tg{n_gen} x {reps}...[/]")
+                rec = run_bench(m, tok, n_prompt, n_gen, reps, random_ids, depth=depth, warm_prompt=not cold)
+                rows += bench_rows(rec, n_gen, reps, path, size, qdesc, n, bw, cache, pf, la, ram)
         if cache is not None and cache.bounded:
             # and again after it: the faster of the two probes sets the ceiling (the strictest;
             # this VM's disk swung 0.1-2.5 GB/s between one minute and the next)

@@ -437,11 +437,21 @@ def chat(
 # ---------------------------------------------------------------------------------------------
 # bench
 # ---------------------------------------------------------------------------------------------
+def int_list(text: str, flag: str) -> list[int]:
+    """`64,512` -> [64, 512] (llama-bench's list values); a clear error for anything else."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        fail(f"{flag} takes comma-separated integers (e.g. 64,512), not {text!r}.")
+
+
 @app.command()
 def bench(
     model: ModelOpt = None,
-    n_prompt: Annotated[int, typer.Option("-p", "--n-prompt", help="Prompt tokens for the ppN test (0 skips it).")] = 512,
-    n_gen: Annotated[int, typer.Option("-n", "--n-gen", help="Generated tokens for the tgN test (0 skips it).")] = 128,
+    n_prompt: Annotated[str, typer.Option("-p", "--n-prompt", metavar="N[,N...]", help="Prompt tokens for the ppN "
+                                          "test; comma-separated for several (0 skips it).")] = "512",
+    n_gen: Annotated[str, typer.Option("-n", "--n-gen", metavar="N[,N...]", help="Generated tokens for the tgN "
+                                       "test; comma-separated for several (0 skips it).")] = "128",
     reps: Annotated[int, typer.Option("-r", "--repetitions", help="Timed repetitions after a warm-up.")] = 5,
     depth: Annotated[int, typer.Option("-d", "--n-depth", help="Run each test after this many tokens of context "
                                        "(prefilled once, untimed): speed at a long context.")] = 0,
@@ -474,12 +484,10 @@ def bench(
         fail(f"-o must be md, json or csv, not {output!r}.")
     if reps < 1:
         fail(f"-r/--repetitions must be 1 or more; got {reps}.")
-    if n_prompt < 0 or n_gen < 0:
+    n_prompts, n_gens = int_list(n_prompt, "-p"), int_list(n_gen, "-n")
+    if min(n_prompts + n_gens) < 0:
         fail("-p and -n must be 0 (skip the test) or more tokens.")
-    try:
-        counts = [int(t) for t in threads.split(",") if t.strip()]
-    except ValueError:
-        fail(f"-t takes comma-separated integers, not {threads!r}.")
+    counts = int_list(threads, "-t")
     counts = [check_threads(t) or max_threads() for t in counts]
     prefetches = [p.strip() for p in prefetch.split(",") if p.strip()]
     lookaheads = [p.strip() for p in lookahead.split(",") if p.strip()]
@@ -494,7 +502,7 @@ def bench(
 
     ram = parse_size(max_ram) if max_ram is not None else None
     path = synthetic_store(synthetic, layers, bits, err, experts) if synthetic else resolve_model(model)
-    plan = BenchPlan(n_prompt=n_prompt, n_gen=n_gen, reps=reps, depth=depth, threads=counts, output=output,
+    plan = BenchPlan(n_prompt=n_prompts, n_gen=n_gens, reps=reps, depth=depth, threads=counts, output=output,
                      random_ids=random_ids, ctx_size=ctx_size, max_ram=ram, prefetch=prefetches,
                      lookahead=lookaheads, cold=cold)
     run_command(path, plan, err, set_threads)
