@@ -398,3 +398,40 @@ def test_bench_list_values(amed_cli, golden_dir, tmp_path, monkeypatch):
     assert [(r["threads"], r["test"]) for r in rows] == [(t, x) for t in (1, 2) for x in ("pp4", "tg2", "pp6")]
     code, _, err = amed_cli("bench", "-m", golden_dir, "-p", "4,x")
     assert code == 1 and "-p takes comma-separated integers" in one_sentence(err)
+
+
+# ---- amed list / show / rm -------------------------------------------------------------------------
+
+def test_list_show_rm(amed_cli, golden_store, golden_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("AMED_HOME", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "250")
+    code, out, err = amed_cli("list")
+    assert code == 0 and "no stores or checkpoints" in err
+    shutil.copytree(golden_store(bits=4), tmp_path / "stores" / "tiny-q4")
+    shutil.copytree(golden_store(bits=8), tmp_path / "stores" / "tiny-q8")
+    (tmp_path / "stores" / "tiny-q8" / "layer-001.safetensors").unlink()
+    shutil.copytree(golden_dir, tmp_path / "models" / "org--tiny")
+    (tmp_path / "models" / "org--tiny" / ".amed").mkdir()
+    code, out, _ = amed_cli("list")
+    rows = {ln.split()[0]: ln for ln in out.splitlines()[1:]}
+    assert set(rows) == {"tiny-q4", "tiny-q8", "org--tiny"}
+    assert "q4/g64" in rows["tiny-q4"] and "complete" in rows["tiny-q4"] and "kB" in rows["tiny-q4"]
+    assert "damaged (1 file(s) missing)" in rows["tiny-q8"]
+    assert "checkpoint" in rows["org--tiny"] and "bf16" in rows["org--tiny"]
+
+    code, out, _ = amed_cli("show", "tiny-q4")
+    assert code == 0 and "bits 4, group_size 64, dense q8" in out and "num_hidden_layers" in out
+    assert "routed experts" in out and "source" in out
+    code, _, err = amed_cli("show", "nope")
+    assert code == 1 and "amed list" in one_sentence(err)
+
+    code, _, err = amed_cli("rm", "tiny-q4")                     # stdin is not a terminal
+    assert code == 1 and "-y/--yes" in one_sentence(err)
+    (tmp_path / "stores" / "tiny-q8" / "notes.txt").write_text("mine")
+    for name in ("tiny-q4", "tiny-q8", "org--tiny"):
+        code, _, err = amed_cli("rm", name, "-y")
+        assert code == 0 and "freed" in err
+    assert not (tmp_path / "stores" / "tiny-q4").exists() and not (tmp_path / "models" / "org--tiny").exists()
+    assert [p.name for p in (tmp_path / "stores" / "tiny-q8").iterdir()] == ["notes.txt"]
+    code, _, err = amed_cli("rm", tmp_path / "stores" / "tiny-q8", "-y")
+    assert code == 1 and "nothing removed" in one_sentence(err)

@@ -580,6 +580,65 @@ def synth(
               f"to {path} in {dt:.1f} s")
 
 
+# ---------------------------------------------------------------------------------------------
+# model management: list, show, rm
+# ---------------------------------------------------------------------------------------------
+@app.command("list")
+def list_command():
+    """The stores and checkpoints under $AMED_HOME (name, size, quantization, complete or not)."""
+    from rich.table import Table
+
+    from amed.app.models import list_models
+    from amed.hub import amed_home, fmt_bytes
+
+    entries = list_models()
+    if not entries:
+        err.print(f"no stores or checkpoints under {amed_home()} yet: `amed download` fetches one, "
+                  f"`amed synth OUT --bits 4` makes a random one.")
+        return
+    t = Table(box=None, pad_edge=False)
+    for col in ("NAME", "KIND", "SIZE", "QUANT", "STATUS", "PATH"):
+        t.add_column(col, justify="right" if col == "SIZE" else "left")
+    for e in entries:
+        t.add_row(e.name, e.kind, fmt_bytes(e.size), e.quant, e.status, str(e.path))
+    Console(highlight=False, soft_wrap=True).print(t)
+
+
+@app.command()
+def show(
+    store: Annotated[str, typer.Argument(help="Store or checkpoint: a directory, or a name from `amed list`.")],
+):
+    """What a store or checkpoint is: config, quantization, sizes, source and hub commit."""
+    from amed.app.models import resolve, show as describe
+
+    for key, value in describe(resolve(store)):
+        print(f"{key:<16} {value}")
+
+
+@app.command()
+def rm(
+    store: Annotated[str, typer.Argument(help="Store or downloaded checkpoint: a directory, or a name from "
+                                              "`amed list`.")],
+    yes: Annotated[bool, typer.Option("-y", "--yes", help="Do not ask for confirmation.")] = False,
+):
+    """Delete a store (or a checkpoint amed downloaded): only the files amed wrote there."""
+    from amed.app.models import describe, remove, resolve
+    from amed.hub import fmt_bytes
+
+    path = resolve(store)
+    e = describe(path)
+    if e is None:
+        fail(f"{path} is neither an amed store nor a Hugging Face checkpoint; nothing removed.")
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(f"not removing {path} without confirmation: pass -y/--yes.")
+        if not typer.confirm(f"remove the {e.kind} {path} ({fmt_bytes(e.size)})?", err=True):
+            fail("nothing removed.")
+    freed = remove(path)
+    err.print(f"removed {path} ({fmt_bytes(freed)} freed)" + (" (other files in it were left)" if path.exists() else ""),
+              markup=False)
+
+
 @app.command()
 def warmup():
     """Compile the CPU kernels now (about a minute, once), so the first chat or bench starts at once.
