@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import amed
@@ -435,3 +436,36 @@ def test_list_show_rm(amed_cli, golden_store, golden_dir, tmp_path, monkeypatch)
     assert [p.name for p in (tmp_path / "stores" / "tiny-q8").iterdir()] == ["notes.txt"]
     code, _, err = amed_cli("rm", tmp_path / "stores" / "tiny-q8", "-y")
     assert code == 1 and "nothing removed" in one_sentence(err)
+
+
+# ---- amed perplexity ------------------------------------------------------------------------------
+
+def test_perplexity_and_kld(amed_cli, golden_dir, golden_store, tmp_path):
+    from amed.app.bench import SAMPLE_TEXT
+    from amed.app.quality import log_softmax, score
+    from amed.text.tokenizer import Tokenizer
+
+    text = tmp_path / "t.txt"
+    text.write_text(SAMPLE_TEXT)
+    code, out, err = amed_cli("perplexity", "-m", golden_dir, "-f", text, "-c", "32", "--max-tokens", "80",
+                              "--json")
+    assert code == 0, err
+    rec = json.loads(out)
+    # against a plain computation: windows 0-31, 32-63, 64-79, each scored after its first token
+    m = amed.load(golden_dir)
+    ids = Tokenizer.from_dir(golden_dir).encode(SAMPLE_TEXT)[:80]
+    nll = n = 0
+    for w in (ids[:32], ids[32:64], ids[64:80]):
+        lp = log_softmax(m.logits(w))
+        nll -= sum(lp[i, w[i + 1]] for i in range(len(w) - 1))
+        n += len(w) - 1
+    assert rec["tokens"] == n == 77 and abs(rec["perplexity"] - np.exp(nll / n)) < 1e-6 * rec["perplexity"]
+
+    code, out, err = amed_cli("perplexity", "-m", golden_store(bits=4), "-f", text, "-c", "32",
+                              "--max-tokens", "80", "--kld-base", golden_dir)
+    assert code == 0, err
+    assert "mean KLD" in out and "top-1 agreement" in out and "base perplexity" in out
+    same = score(m, ids, 32, base=m).record()
+    assert same["mean_kld"] < 1e-9 and same["top1_agreement"] == 1.0
+    code, _, err = amed_cli("perplexity", "-m", golden_dir, "-f", tmp_path / "none.txt")
+    assert code == 1 and "cannot read" in one_sentence(err)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from amed.app.quality import kl_divergence  # noqa: F401  (its old home; tests and bench/ import it here)
 from amed.engine.experts.memory import current_rss_bytes
 
 SAMPLE_TEXT = (
@@ -400,17 +401,6 @@ def format_rows(rows: list[dict], fmt: str) -> str:
                  f"{100 * er:.1f}%" if decode and er is not None else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """Per-position KL(ref || test) over the full vocabulary, in nats (float64)."""
-    lp = ref_logits.astype(np.float64)
-    lq = logits.astype(np.float64)
-    lp = lp - lp.max(-1, keepdims=True)
-    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-    lq = lq - lq.max(-1, keepdims=True)
-    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
-    return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -581,6 +581,56 @@ def synth(
 
 
 # ---------------------------------------------------------------------------------------------
+# perplexity
+# ---------------------------------------------------------------------------------------------
+@app.command()
+def perplexity(
+    file: Annotated[Path, typer.Option("-f", "--file", metavar="FILE", help="Text file to score.")],
+    model: ModelOpt = None,
+    kld_base: Annotated[Optional[Path], typer.Option("--kld-base", metavar="MODEL", help="Another version of the "
+                        "model (e.g. the bf16 checkpoint): also report the KL divergence from it and top-1 "
+                        "agreement, the measure of what quantization costs.")] = None,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Tokens per window (each window starts "
+                                          "from an empty context).")] = 512,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Score at most this many tokens "
+                                                      "of the text (default: all).")] = None,
+    threads: ThreadsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as one JSON object.")] = False,
+):
+    """Perplexity of a model on a text; with --kld-base, KL divergence and top-1 agreement against another."""
+    import json
+
+    threads = check_threads(threads)
+    path = resolve_model(model)
+    if kld_base is not None and not kld_base.exists():
+        fail(f"{kld_base} does not exist.")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read {file}: {getattr(e, 'strerror', None) or e}.")
+    set_threads(threads)
+    from amed import load
+    from amed.app.progress import CountBar
+    from amed.app.quality import score, windows
+    from amed.text.tokenizer import Tokenizer
+
+    ids = Tokenizer.from_dir(path).encode(text)[:max_tokens]
+    m = load(path, ctx_size=max(ctx_size, 2), log=lambda msg: err.print(f"[yellow]{msg}[/]"))
+    base = load(kld_base, ctx_size=max(ctx_size, 2)) if kld_base is not None else None
+    with CountBar(err, "perplexity", len(windows(ids, ctx_size)) if ctx_size >= 2 else 0) as bar:
+        rec = score(m, ids, ctx_size, base, progress=bar.update).record()
+    rec = {"model": str(path), "base": str(kld_base) if kld_base else None, "ctx_size": ctx_size, **rec}
+    if as_json:
+        print(json.dumps(rec))
+        return
+    print(f"perplexity       {rec['perplexity']:.4f}  ({rec['tokens']} tokens scored, windows of {ctx_size})")
+    if base is not None:
+        print(f"base perplexity  {rec['base_perplexity']:.4f}  ({kld_base})")
+        print(f"mean KLD         {rec['mean_kld']:.6f} nats  (p99 {rec['p99_kld']:.6f}, max {rec['max_kld']:.6f})")
+        print(f"top-1 agreement  {100 * rec['top1_agreement']:.2f}%")
+
+
+# ---------------------------------------------------------------------------------------------
 # model management: list, show, rm
 # ---------------------------------------------------------------------------------------------
 @app.command("list")
