@@ -469,3 +469,19 @@ def test_perplexity_and_kld(amed_cli, golden_dir, golden_store, tmp_path):
     assert same["mean_kld"] < 1e-9 and same["top1_agreement"] == 1.0
     code, _, err = amed_cli("perplexity", "-m", golden_dir, "-f", tmp_path / "none.txt")
     assert code == 1 and "cannot read" in one_sentence(err)
+
+
+# ---- synth flag letters agree with chat/bench -------------------------------------------------------
+
+def test_synth_letters(amed_cli, tmp_path):
+    code, _, err = amed_cli("synth", tmp_path / "a", "--preset", "tiny", "-L", "2", "-s", "3")
+    assert code == 0 and "2 layers" in err
+    code, _, err = amed_cli("synth", tmp_path / "b", "--layers", "2", "--seed", "3")      # long names as before
+    assert code == 0
+    assert (tmp_path / "a" / "model-00001-of-00003.safetensors").read_bytes() == \
+        (tmp_path / "b" / "model-00001-of-00003.safetensors").read_bytes()
+    for old, new in (("-p", "--preset"), ("-n", "-L/--layers")):
+        code, _, err = amed_cli("synth", tmp_path / "c", old, "2")
+        assert code == 1 and f"amed synth {old} is now {new}" in one_sentence(err)
+    code, _, err = amed_cli("synth", tmp_path / "a", "-f")
+    assert code == 1 and "is now --force" in one_sentence(err)

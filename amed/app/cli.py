@@ -515,16 +515,21 @@ def bench(
 def synth(
     out: Annotated[Path, typer.Argument(help="Directory to write the checkpoint into.")],
     preset: Annotated[str, typer.Option(
-        "--preset", "-p", help="Model shape: tiny (a few MB), flash (real Ling-flash-2.0 / "
+        "--preset", help="Model shape: tiny (a few MB), flash (real Ling-flash-2.0 / "
         "AntAngelMed widths; ~6.4 GB per MoE layer) or mini (Ling-mini-2.0 widths).")] = "tiny",
     layers: Annotated[Optional[int], typer.Option(
-        "--layers", "-n", min=1, help="Number of layers (default: the preset's).")] = None,
+        "--layers", "-L", min=1, help="Number of layers (default: the preset's).")] = None,
     experts: Annotated[Optional[int], typer.Option(
         "--experts", help="Routed experts per layer (default: the preset's). `--preset flash --layers 32 "
         "--experts 32` has AntAngelMed's per-token shape (top-8, same widths) in a pool that fits in RAM.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
+    seed: Annotated[int, typer.Option("-s", "--seed", help="Random seed (same seed, same bytes).")] = 0,
     force: Annotated[bool, typer.Option(
-        "--force", "-f", help="Write into OUT even if it is a non-empty directory.")] = False,
+        "--force", help="Write into OUT even if it is a non-empty directory.")] = False,
+    # the letters synth used before they were made to agree with chat/bench (-p prompt, -n tokens,
+    # -f file): hidden, and answered with the new spelling
+    old_p: Annotated[Optional[str], typer.Option("-p", hidden=True)] = None,
+    old_n: Annotated[Optional[str], typer.Option("-n", hidden=True)] = None,
+    old_f: Annotated[bool, typer.Option("-f", hidden=True)] = False,
     bits: Annotated[Optional[int], typer.Option(
         "--bits", "-b", help="Write a quantized amed store (4 or 8) directly, with no bf16 copy on "
         "disk: how a store larger than RAM is made.")] = None,
@@ -537,6 +542,11 @@ def synth(
 
     With --bits, write a quantized store instead (same weights as synth + quantize)."""
     import time
+
+    for value, letter, new in ((old_p, "-p", "--preset"), (old_n, "-n", "-L/--layers"),
+                               (old_f or None, "-f", "--force")):
+        if value is not None:
+            fail(f"amed synth {letter} is now {new} ({letter} means prompt, tokens or file in chat and bench).")
 
     if bits is not None:
         from amed.quant.convert import Settings
