@@ -19,21 +19,20 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from amed.app.serve import create_app, model_loader  # noqa: E402
-from amed.text.stops import StopStrings  # noqa: E402
+from amed.app.chat import StopStrings  # noqa: E402
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "TERM": "dumb"}
 PROMPT = "What helps a headache?"
 CTX = 1024
 
 
-# ---- stop strings (no server) ----------------------------------------------------------------
+# ---- stop strings as the server uses them (no server) -------------------------------------------
 def feed_all(stops, pieces):
     s = StopStrings(stops)
     out = []
     for p in pieces:
-        text, stopped = s.feed(p)
-        out.append(text)
-        if stopped:
+        out.append(s.feed(p))
+        if s.hit:
             return "".join(out), True
     return "".join(out) + s.flush(), False
 
@@ -45,7 +44,7 @@ def test_stop_strings_cut_exactly_across_pieces():
     assert feed_all([], ["a", "b"]) == ("ab", False)
     assert feed_all(["ab"], ["xa"]) == ("xa", False)                           # flushed at the end
     s = StopStrings(["<end>"])
-    assert s.feed("text <e") == ("text ", False) and s.feed("nd> tail") == ("", True) and s.flush() == ""
+    assert s.feed("text <e") == "text " and not s.hit and s.feed("nd> tail") == "" and s.hit and s.flush() == ""
 
 
 # ---- a server on a loopback port ------------------------------------------------------------------
@@ -311,7 +310,9 @@ def test_disconnect_stops_generation_and_frees_the_slot(server, store, stream):
     if stream:
         c.getresponse().fp.readline()                # the first event has come: generation is running
     else:
-        time.sleep(0.3)
+        t0 = time.time()
+        while server.get("/stats")[1]["active"] == 0 and time.time() - t0 < 30:
+            time.sleep(0.01)                         # the answer is being generated
     c.sock.shutdown(socket.SHUT_RDWR)
     c.close()
     t0 = time.time()
@@ -320,7 +321,7 @@ def test_disconnect_stops_generation_and_frees_the_slot(server, store, stream):
         if st["cancelled"] > before["cancelled"] and st["active"] == 0:
             break
         time.sleep(0.05)
-    assert st["cancelled"] == before["cancelled"] + 1 and st["active"] == 0
+    assert st["cancelled"] == before["cancelled"] + 1 and st["active"] == 0, (before, st)
     assert st["completion_tokens"] - before["completion_tokens"] < 900
     status, _ = server.get("/health")
     assert status == 200

@@ -186,8 +186,8 @@ class Scheduler:
             self._start(slot, job)
 
     def _start(self, slot: Slot, job: Job) -> None:
+        from amed.app.chat import StopStrings
         from amed.text.sampling import make_sampler
-        from amed.text.stops import StopStrings
 
         if slot.state is None:
             slot.state = self.model.state if slot.index == 0 else self.model.new_state(self.ctx_size)
@@ -243,10 +243,10 @@ class Scheduler:
         s.history.append(tok)
         job.completion_tokens += 1
         self.counters["completion_tokens"] += 1
-        text, stopped = s.stopper.feed(s.decoder.step(tok))
+        text = s.stopper.feed(s.decoder.step(tok))
         if text:
             job.emit("text", text)
-        if stopped:
+        if s.stopper.hit:
             return self._finish(s, "stop")
         if job.completion_tokens >= s.budget:
             return self._finish(s, "length")
@@ -254,8 +254,11 @@ class Scheduler:
 
     def _finish(self, s: Slot, reason: str) -> None:
         job = s.job
-        text, stopped = s.stopper.feed(s.decoder.flush())
-        text += s.stopper.flush()
+        text = ""
+        if not s.stopper.hit:                       # the held-back tail, unless a stop string cut it
+            text = s.stopper.feed(s.decoder.flush())
+            text += "" if s.stopper.hit else s.stopper.flush()
+        stopped = s.stopper.hit
         if text:
             job.emit("text", text)
         now = time.perf_counter()
@@ -419,7 +422,7 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
 
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
 
@@ -482,7 +485,11 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
 
     async def read_body(request: Request) -> dict:
         try:
-            body = json.loads(await request.body())
+            raw = await request.body()
+        except ClientDisconnect:
+            raise ApiError(499, "the client went away before sending the whole request.") from None
+        try:
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON.") from None
         if not isinstance(body, dict):
