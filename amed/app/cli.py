@@ -433,6 +433,36 @@ def chat(
                 verbose=verbose, max_ram=max_ram, prefetch=not no_prefetch, threads=n_threads,
                 stops=stop or (), as_json=as_json, chat_template=template_text, raw=no_template)
 
+# ---------------------------------------------------------------------------------------------
+# serve
+# ---------------------------------------------------------------------------------------------
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (default: this computer only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.", min=1, max=65535)] = 8080,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context length in tokens, per sequence.",
+                                          min=16)] = 4096,
+    parallel: Annotated[int, typer.Option("-np", "--parallel", help="Sequences decoded at once (each keeps "
+                                          "its own KV cache); more requests wait in a queue.", min=1)] = 4,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="AMED_API_KEY",
+                                                   help="Require 'Authorization: Bearer KEY' on the API.")] = None,
+    threads: ThreadsOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
+    max_ram: MaxRamOpt = None,
+    no_prefetch: Annotated[bool, typer.Option("--no-prefetch", rich_help_panel="Memory",
+                                              help="Do not read chosen experts ahead (slower from disk).")] = False,
+):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models), with a chat page at / ; several clients at once."""
+    path = resolve_model(model)
+    set_threads(threads)
+    from amed.app.serve import run_command
+
+    run_command(path, err, host=host, port=port, ctx_size=ctx_size, parallel=parallel, api_key=api_key,
+                max_ram=max_ram, prefetch=not no_prefetch, verbose=verbose)
+
+
 
 # ---------------------------------------------------------------------------------------------
 # bench

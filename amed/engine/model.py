@@ -110,6 +110,45 @@ class Model:
         w.lm_head.matmul(x, logits)                                        # [T or 1, V]
         return logits if all_logits else logits[0]
 
+    def forward_batch(self, ids, states: list[State]) -> np.ndarray:
+        """One decode step for several sequences at once: token ids[i] appended to states[i].
+        Returns the logits [N, V]. The dense matmuls (QKV, attention output, dense MLP, shared
+        expert, router, lm_head) run once over the N tokens and each routed expert once for the
+        tokens that chose it, so their weights are read once per step, not N times; attention
+        runs per sequence on its own cache. Row i equals `forward([ids[i]], state=states[i])` up
+        to float32 summation order (one sequence: exactly, it is that call)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        c, w, B = self.config, self.weights, self.backend
+        N = len(ids)
+        if N != len(states) or N == 0:
+            raise AmedError("forward_batch() needs one token per state, and at least one.")
+        if len({id(s) for s in states}) != N:
+            raise AmedError("forward_batch() got the same state twice.")
+        if N == 1:
+            return self.forward(ids, state=states[0])[None, :]
+        if ids.min() < 0 or ids.max() >= c.vocab_size:
+            raise AmedError(f"token id out of range [0, {c.vocab_size}).")
+        for s in states:
+            s.ensure_capacity(s.pos + 1)
+
+        x = w.embed.rows_f32(ids)                                          # [N, H]
+        h = np.empty_like(x)
+        for L, lw in enumerate(w.layers):
+            B.rmsnorm(x, lw.attn_norm, c.rms_norm_eps, h)
+            x += self._attention_batch(states, L, lw, h)
+            B.rmsnorm(x, lw.ffn_norm, c.rms_norm_eps, h)
+            if lw.router is None:
+                x += lw.mlp(h)
+            else:
+                x += self._moe(L, lw, h)                                   # experts grouped over N
+        for s in states:
+            s.pos += 1
+            s.tokens_forwarded += 1
+        B.rmsnorm(x, w.norm, c.rms_norm_eps, x)
+        logits = np.empty((N, c.vocab_size), F32)
+        w.lm_head.matmul(x, logits)                                        # [N, V]
+        return logits
+
     def logits(self, ids, state: State | None = None) -> np.ndarray:
         """Logits for every position of `ids` in a fresh context: float32 [len, V]."""
         s = self.state if state is None else state
@@ -131,6 +170,24 @@ class Model:
         att = np.empty((T, nh * d), F32)
         self.backend.attention(q, s.k_cache[L], s.v_cache[L], s.pos, att)  # [T, nh d]
         return lw.attn_out.matmul(att, np.empty((T, c.hidden_size), F32))  # [T, H]
+
+    def _attention_batch(self, states: list[State], L: int, lw, h: np.ndarray) -> np.ndarray:
+        """_attention for one new token of each of N sequences: QKV and output projections over
+        the N rows at once, RoPE, cache writes and attention per sequence at its own position."""
+        c = self.config
+        N = h.shape[0]
+        nh, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_size
+        qkv = lw.qkv.matmul(h, np.empty((N, (nh + 2 * nkv) * d), F32))
+        q = np.empty((N, nh, d), F32)
+        att = np.empty((N, nh * d), F32)
+        no_norm = np.ones(d, F32)
+        for i, s in enumerate(states):
+            self.backend.qk_norm_rope_store(
+                qkv[i:i + 1], nh, nkv, d, c.rot_dim, lw.q_norm if lw.q_norm is not None else no_norm,
+                lw.k_norm if lw.k_norm is not None else no_norm, c.use_qk_norm, c.rms_norm_eps,
+                s.cos, s.sin, s.pos, q[i:i + 1], s.k_cache[L], s.v_cache[L])
+            self.backend.attention(q[i:i + 1], s.k_cache[L], s.v_cache[L], s.pos, att[i:i + 1])
+        return lw.attn_out.matmul(att, np.empty((N, c.hidden_size), F32))
 
     def _moe(self, L: int, lw, h: np.ndarray) -> np.ndarray:
         c = self.config
