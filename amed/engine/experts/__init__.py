@@ -152,9 +152,10 @@ def open_experts(model, options: ExpertOptions | None = None, log=None) -> Exper
     store's own MADV_WILLNEED prefetch), else a SlotCache (io "slots") or an mmap ExpertCache."""
     o = (options or ExpertOptions()).validate()
     store, backend = model.source, model.backend
+    swiglu = backend.routed_backend.swiglu       # routed experts run on the CPU, whatever the device
 
     def bind(L, e):
-        return backend.swiglu(*store.expert(L, e))
+        return swiglu(*store.expert(L, e))
 
     info = getattr(store, "experts_info", None)
     if not info:
@@ -196,7 +197,7 @@ def open_experts(model, options: ExpertOptions | None = None, log=None) -> Exper
     per_token = c.num_experts_per_tok * max(1, moe_layers)                        # expert uses
     order = dict(half_life=HALF_LIFE_TOKENS * per_token, recent=per_token)
     if budget is not None and o.io == "slots":
-        cache = SlotCache(budget, store, backend.swiglu, prefetch=o.prefetch, readers=o.readers,
+        cache = SlotCache(budget, store, swiglu, prefetch=o.prefetch, readers=o.readers,
                           guess_readers=o.guess_readers, **order)
         kind = SlotExperts
     else:

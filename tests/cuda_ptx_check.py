@@ -1,0 +1,42 @@
+"""Compile every CUDA kernel (amed/engine/backends/cuda/kernels.py) to PTX for the compute
+capabilities amed supports, without a GPU: `python tests/cuda_ptx_check.py [cc ...]`.
+
+Run as its own process (tests/test_cuda.py does): compile_ptx needs the real numba.cuda target,
+the other CUDA tests the simulator, and Numba picks one per process at import. numba-cuda asks
+the current device for its compute capability when it compiles a device function called by a
+kernel, so here that question is answered with the capability being compiled for.
+Prints one line per kernel and capability; exits 1 on the first failure."""
+
+import sys
+import time
+
+CCS = [(7, 5), (8, 6), (8, 9), (12, 0)]
+
+
+def main(argv) -> int:
+    ccs = [tuple(int(p) for p in a.split(".")) for a in argv] or CCS
+    from numba import cuda
+    from numba.cuda import dispatcher
+
+    from amed.engine.backends.cuda import kernels as K
+
+    class _Device:
+        compute_capability = None
+
+    device = _Device()
+    dispatcher.get_current_device = lambda: device
+    for cc in ccs:
+        device.compute_capability = cc
+        for name, sig in K.signatures().items():
+            t = time.perf_counter()
+            ptx, _ = cuda.compile_ptx(getattr(K, name).py_func, sig, cc=cc)
+            target = f".target sm_{cc[0]}{cc[1]}"
+            if target not in ptx:
+                print(f"FAIL {name} sm_{cc[0]}{cc[1]}: no '{target}' in the PTX")
+                return 1
+            print(f"ok {name} sm_{cc[0]}{cc[1]} {len(ptx)} chars {time.perf_counter() - t:.2f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
