@@ -390,7 +390,8 @@ def format_rows(rows: list[dict], fmt: str) -> str:
     for r in rows:
         decode = "bytes_per_token" in r
         er = r.get("experts_resident")
-        cells = [r["model"], f"{r['size_gb']:.2f} GB", r["quant"], str(r["threads"]), r["test"],
+        device = r.get("device", "cpu")
+        cells = [r["model"] + ("" if device == "cpu" else f" ({device})"), f"{r['size_gb']:.2f} GB", r["quant"], str(r["threads"]), r["test"],
                  f"{r['tps_mean']:.2f} ± {r['tps_sd']:.2f}",
                  "" if decode else f"{r['ttft_s']:.3f} s", f"{r['peak_rss_gb']:.2f} GB",
                  f"{r['bytes_per_token'] / 1e6:.1f} MB" if decode else "",
@@ -428,6 +429,8 @@ class BenchPlan:
     prefetch: list = field(default_factory=lambda: ["on"])
     lookahead: list = field(default_factory=lambda: ["auto"])
     cold: bool = False
+    device: str = "cpu"              # cpu | cuda
+    gpu_experts: int | str = 0       # with cuda: experts per layer cached in VRAM (or "auto")
 
 
 def synthetic_store(preset: str, layers: int, bits: int, console) -> Path:
@@ -465,9 +468,9 @@ def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
                                                   plan.cold)
     random_ids, ram, prefetches, lookaheads = plan.random_ids, plan.max_ram, plan.prefetch, plan.lookahead
     counts = plan.threads or [numba.config.NUMBA_NUM_THREADS]
-    options = ExpertOptions.from_env(max_ram=ram)
+    options = ExpertOptions.from_env(max_ram=ram, gpu_experts=plan.gpu_experts)
     home = amed_home()
-    m = load(path, ctx_size=max(plan.ctx_size, depth + n_prompt + n_gen + 16), experts=options,
+    m = load(path, ctx_size=max(plan.ctx_size, depth + n_prompt + n_gen + 16), experts=options, device=plan.device,
              log=lambda msg: console.print(f"[yellow]{msg}[/]"))
     tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
     console.print("[dim]measuring memory bandwidth (cached after the first run)...[/]")
@@ -507,7 +510,8 @@ def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
                 row = {"model": path.name, "size_gb": size / 1e9, "quant": qdesc, "threads": n, "test": res.test,
                        "tps_mean": res.mean, "tps_sd": res.sd,
                        "tps_median": res.median, "tps_samples": res.tps, "peak_rss_gb": rec["peak_rss"] / 1e9,
-                       "compile_s": rec["compile_s"], "mem_bw_gbs": bw}
+                       "compile_s": rec["compile_s"], "mem_bw_gbs": bw,
+                       "device": plan.device if plan.device == "cpu" else f"{plan.device}, {plan.gpu_experts} gpu experts"}
                 if res.test.startswith("pp"):
                     row["ttft_s"] = min(res.seconds)
                 else:

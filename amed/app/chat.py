@@ -180,7 +180,8 @@ def repl(session: ChatSession, verbose: bool = False) -> None:
 
 def run_command(path, err: Console, *, prompt: str | None = None, system_prompt: str | None = None,
                 max_tokens: int = 1024, ctx_size: int = 4096, sampling: dict | None = None,
-                verbose: bool = False, max_ram=None, prefetch: bool = True) -> None:
+                verbose: bool = False, max_ram=None, prefetch: bool = True, device: str = "cpu",
+                gpu_experts: int | str = 0) -> None:
     """`amed chat`: load the model at `path`; answer `prompt` on stdout and return, or (no
     prompt) run the interactive loop. `sampling` overrides the model's generation_config."""
     import time
@@ -193,7 +194,7 @@ def run_command(path, err: Console, *, prompt: str | None = None, system_prompt:
     err.print(f"[dim]{NOTICE}[/]")
 
     t0 = time.perf_counter()
-    m = load(path, ctx_size=ctx_size, max_ram=max_ram, prefetch=prefetch,
+    m = load(path, ctx_size=ctx_size, max_ram=max_ram, prefetch=prefetch, device=device, gpu_experts=gpu_experts,
              log=lambda msg: err.print(f"[yellow]{msg}[/]"))
     tok = Tokenizer.from_dir(path)
     if tok.template_is_fallback:

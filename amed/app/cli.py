@@ -287,6 +287,12 @@ def set_threads(threads: Optional[int]) -> None:
 ModelOpt = Annotated[Optional[Path], typer.Option("-m", "--model", help="Store or checkpoint directory "
                                                   "(default: $AMED_MODEL, then the default store).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads (default: all cores).")]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", rich_help_panel="Device",
+    help="cpu, or cuda: dense weights on an NVIDIA GPU (needs pip install 'amed[cuda]'), routed experts on the CPU.")]
+GpuExpertsOpt = Annotated[str, typer.Option(
+    "--gpu-experts", metavar="N|auto", rich_help_panel="Device",
+    help="With --device cuda: routed experts per layer cached in VRAM (the most used), or auto: as many as fit.")]
 MaxRamOpt = Annotated[Optional[str], typer.Option(
     "--max-ram", metavar="SIZE", rich_help_panel="Memory",
     help="Bound on resident memory, e.g. 16G, 16GiB, 12000M (G = GiB, GB = 10^9). Dense weights stay "
@@ -311,6 +317,8 @@ def chat(
     max_ram: MaxRamOpt = None,
     no_prefetch: Annotated[bool, typer.Option("--no-prefetch", rich_help_panel="Memory",
                                               help="Do not read chosen experts ahead (slower from disk).")] = False,
+    device: DeviceOpt = "cpu",
+    gpu_experts: GpuExpertsOpt = "0",
 ):
     """Talk to the model, with tokens streaming as they are generated.
 
@@ -327,7 +335,7 @@ def chat(
     run_command(path, err, prompt=prompt, system_prompt=system_prompt, max_tokens=max_tokens, ctx_size=ctx_size,
                 sampling=dict(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                               repetition_penalty=repeat_penalty, seed=seed),
-                verbose=verbose, max_ram=max_ram, prefetch=not no_prefetch)
+                verbose=verbose, max_ram=max_ram, prefetch=not no_prefetch, device=device, gpu_experts=gpu_experts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,6 +366,8 @@ def bench(
                          "(tiny, flash, mini), built once and cached: no download needed.")] = None,
     layers: Annotated[int, typer.Option("--layers", help="With --synthetic: number of layers.")] = 4,
     bits: Annotated[int, typer.Option("--bits", help="With --synthetic: 4 or 8.")] = 4,
+    device: DeviceOpt = "cpu",
+    gpu_experts: GpuExpertsOpt = "0",
 ):
     """Measure prefill and decode speed, memory, and how close that is to the hardware.
 
@@ -384,7 +394,7 @@ def bench(
     path = synthetic_store(synthetic, layers, bits, err) if synthetic else resolve_model(model)
     plan = BenchPlan(n_prompt=n_prompt, n_gen=n_gen, reps=reps, depth=depth, threads=counts, output=output,
                      random_ids=random_ids, ctx_size=ctx_size, max_ram=ram, prefetch=prefetches,
-                     lookahead=lookaheads, cold=cold)
+                     lookahead=lookaheads, cold=cold, device=device, gpu_experts=gpu_experts)
     run_command(path, plan, err, set_threads)
 
 

@@ -202,14 +202,16 @@ class Model:
 
 
 def load(path, ctx_size: int = 4096, max_ram=None, prefetch: bool = True, lookahead: str = "auto",
-         log=None, experts=None, device: str = "cpu") -> Model:
+         log=None, experts=None, device: str = "cpu", gpu_experts: int | str = 0) -> Model:
     """Open a Hugging Face checkpoint directory or an amed store directory.
 
     For a store, `max_ram` (bytes or "16G"; default: from available memory) bounds what stays
     resident: dense weights always, routed experts in a cache within the rest, the least used
     evicted first (engine/experts). `prefetch` reads chosen experts ahead; `lookahead` ("auto",
     "on", "off") also guesses the next layer's. `experts` (an ExpertOptions) sets all of these at
-    once instead (and the I/O mode). `log(message)` receives warnings."""
+    once instead (and the I/O mode). `log(message)` receives warnings. `device` "cuda" runs the
+    dense weights on an NVIDIA GPU (engine/backends/cuda), with `gpu_experts` (a number or "auto")
+    routed experts per layer cached in VRAM, the rest on the CPU."""
     from amed.engine.backends import get_backend
     from amed.engine.experts import ExpertOptions
     from amed.engine.weights import build_weights
@@ -227,7 +229,7 @@ def load(path, ctx_size: int = 4096, max_ram=None, prefetch: bool = True, lookah
         source = Checkpoint(path)
     backend = get_backend(device)
     options = experts if experts is not None else \
-        ExpertOptions.from_env(max_ram=max_ram, prefetch=prefetch, lookahead=lookahead)
+        ExpertOptions.from_env(max_ram=max_ram, prefetch=prefetch, lookahead=lookahead, gpu_experts=gpu_experts)
     model = Model(source.config, build_weights(source.config, source, backend), None, backend,
                   ctx_size=ctx_size, source=source)
     model.use_experts(options, log=log)

@@ -86,6 +86,10 @@ class CUDABackend:
         self.uploaded += a.nbytes
         return d
 
+    def free_vram(self) -> float:
+        """Free device memory in bytes (inf in the simulator)."""
+        return float(self.cuda.current_context().get_memory_info()[0])
+
     def vector(self, v: np.ndarray):
         return self._put(np.asarray(v, F32))
 
