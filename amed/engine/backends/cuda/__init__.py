@@ -12,7 +12,7 @@ Per MoE layer the hidden state crosses PCIe down once and the routed sum up once
 expert's kernels are launched before the CPU experts run, so the two overlap.
 
 Kernels: kernels.py (each has a NumPy-checked twin on the CPU). Launch sizes: 128 threads per
-block on a GPU, 32 in Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1), where every thread is a
+block on a GPU, 8 in Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1), where every thread is a
 Python thread and the tests run."""
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ class CUDABackend:
 
         self.k = kernels
         self.simulator = _simulator()
-        self.nt = 32 if self.simulator else 128       # threads per block
+        # threads per block (a power of two, 8..MAXT); in the simulator each is a Python thread
+        self.nt = 8 if self.simulator else 128
         self.routed_backend = CPUBackend()            # routed experts run on the host
         self.host = self.routed_backend
         self.uploaded = 0                              # bytes of weights put on the device
