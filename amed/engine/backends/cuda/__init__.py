@@ -35,11 +35,16 @@ def _simulator() -> bool:
 
 def _import_cuda():
     """numba.cuda, or an AmedError that says what is missing and how to run on the CPU."""
-    try:
-        from numba import cuda
-    except ImportError as e:
-        raise AmedError(f"--device cuda needs numba-cuda (pip install 'amed[cuda]'), which is not installed "
-                        f"({e}); {CPU_HINT}.") from None
+    import importlib.util
+
+    missing = "numba-cuda" if importlib.util.find_spec("numba_cuda") is None else None
+    if missing is None:
+        try:
+            from numba import cuda                # numba-cuda's, redirected by its .pth file
+        except ImportError as e:                  # e.g. its cuda-bindings wheel is missing
+            missing = f"a working numba-cuda ({e})"
+    if missing:
+        raise AmedError(f"--device cuda needs {missing}: pip install 'amed[cuda]'; or {CPU_HINT}.")
     if _simulator():
         return cuda
     try:
