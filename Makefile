@@ -4,6 +4,10 @@ PY ?= python3
 install:
 	$(PY) -m pip install -q -e ".[dev]"
 
+# compile the CPU kernels ahead (about a minute, once), so the first chat starts at once
+warmup: install
+	$(PY) -m amed warmup
+
 # run the test suite (the command CI runs)
 test: install
 	$(PY) -m pytest
@@ -18,4 +22,4 @@ clean:
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	rm -rf "$${XDG_CACHE_HOME:-$$HOME/.cache}/amed/numba"
 
-.PHONY: install test demo clean
+.PHONY: install warmup test demo clean

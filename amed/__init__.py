@@ -56,6 +56,20 @@ def _kernel_sources_hash(here: str | None = None) -> str:
 
 _setup_environment()
 
+# modules whose kernels every model uses: without their cache index files, the first run compiles
+KERNEL_MODULES = ("kernels", "qr8", "qrows")
+
+
+def kernel_cache_cold(cache_dir: str | None = None) -> bool:
+    """True when the compiled-kernel cache lacks the index files (*.nbi) of a kernel module, so the
+    first forward pass will compile for about a minute. A directory listing: cheap enough to ask
+    before every load."""
+    cache_dir = cache_dir or os.environ.get("NUMBA_CACHE_DIR", "")
+    seen = set()
+    for root, _dirs, files in os.walk(cache_dir):
+        seen.update(f.split(".", 1)[0] for f in files if f.endswith(".nbi"))
+    return not set(KERNEL_MODULES) <= seen
+
 
 def load(path, **kwargs):
     """Open a model directory (HF checkpoint or amed store) for inference."""
@@ -64,4 +78,4 @@ def load(path, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["load", "__version__"]
+__all__ = ["load", "kernel_cache_cold", "__version__"]

@@ -8,6 +8,17 @@ under ~/.cache/amed/bench). Prints a Markdown table of prefill (ppN) and decode 
 ratios amed / llama.cpp.
 
     python bench/compare_llamacpp.py -p 64 -n 32 -r 5 -t 2 --rounds 3
+    python bench/compare_llamacpp.py --name flash-32-e32 -t 1,2 --rounds 3   # real per-token shape, scaling
+
+--name NAME picks the inputs DIR/NAME-q4, NAME-q8, NAME-q4-dq4 (amed stores) and NAME-q4_0.gguf,
+NAME-q8_0.gguf (default NAME flash-4; DIR is $AMED_BENCH_DIR or ~/.cache/amed/bench); any
+checkpoint works: make its stores and GGUFs under those names, or pass the paths one by one.
+The real per-token shape (32 layers, top-8 of 32 experts, AntAngelMed's widths) fits in RAM here:
+    amed synth CKPT --preset flash --layers 32 --experts 32        # ~31 GB bf16 (for the GGUFs)
+    amed quantize CKPT -o DIR/flash-32-e32-q4 --bits 4             # or `amed synth ... --bits 4`
+-t takes a list (1,2,4): each pair runs at every thread count, and the table adds each tool's
+speed-up over the first count. Every round runs llama.cpp then amed (A B A B ...); the ratios of
+each round are printed, and the table gives their median.
 
 llama-bench is found via --llama-bench, $LLAMA_BENCH or PATH; without it only amed runs.
 To get llama.cpp (outside this repo): a llama.cpp checkout, or the copy vendored in the
@@ -97,11 +108,12 @@ def amed_bench(store: Path, a) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--amed-q4", type=Path, default=DIR / "flash-4-q4")
-    ap.add_argument("--amed-q8", type=Path, default=DIR / "flash-4-q8")
-    ap.add_argument("--amed-q4m", type=Path, default=DIR / "flash-4-q4-dq4")
-    ap.add_argument("--gguf-q4", type=Path, default=DIR / "flash-4-q4_0.gguf")
-    ap.add_argument("--gguf-q8", type=Path, default=DIR / "flash-4-q8_0.gguf")
+    ap.add_argument("--name", default="flash-4", help="input name under DIR (see the top of this file)")
+    ap.add_argument("--amed-q4", type=Path)
+    ap.add_argument("--amed-q8", type=Path)
+    ap.add_argument("--amed-q4m", type=Path)
+    ap.add_argument("--gguf-q4", type=Path)
+    ap.add_argument("--gguf-q8", type=Path)
     ap.add_argument("--pairs", default="q4,q8",
                     help="pairs to run: q4 (amed int4 vs Q4_0), q8 (int8 vs Q8_0), q4m (int4 with "
                          "--dense q4 vs Q4_0: equal bytes per token)")
@@ -111,12 +123,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate the two tools this many times; the ratio is the median of the "
                          "rounds' ratios (a shared machine's speed drifts between runs)")
-    ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
+    ap.add_argument("-t", "--threads", default=str(os.cpu_count()), help="thread counts, comma-separated")
     ap.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench"))
     ap.add_argument("--convert", type=Path, metavar="CKPT", help="make the missing GGUFs from this HF checkpoint")
     ap.add_argument("--llama-src", help="llama.cpp source tree (for --convert)")
     ap.add_argument("--python", default=sys.executable, help="python with the converter's deps (for --convert)")
     a = ap.parse_args()
+    for attr, suffix in (("amed_q4", "-q4"), ("amed_q8", "-q8"), ("amed_q4m", "-q4-dq4"),
+                         ("gguf_q4", "-q4_0.gguf"), ("gguf_q8", "-q8_0.gguf")):
+        if getattr(a, attr) is None:
+            setattr(a, attr, DIR / f"{a.name}{suffix}")
+    try:
+        counts = [int(t) for t in str(a.threads).split(",") if t.strip()]
+    except ValueError:
+        ap.error(f"-t takes comma-separated integers, not {a.threads!r}")
+    a.threads = counts[0]
     pairs = [x for x in a.pairs.split(",") if x]
     if not set(pairs) <= {"q4", "q8", "q4m"}:
         ap.error("--pairs takes a list of q4, q8, q4m (or '' with --convert to only convert)")
@@ -127,8 +148,10 @@ def main() -> None:
               "(see the top of this file) and pass --llama-bench PATH or set $LLAMA_BENCH.", file=sys.stderr)
 
     # means (what both tools print) and medians (robust to the stalls of a shared machine)
-    table = ["| pair | test | amed t/s mean / median | llama.cpp t/s mean / median | amed / llama.cpp mean / median |",
-             "|---|---|---:|---:|---:|"]
+    table = ["| pair | threads | test | amed t/s mean / median | llama.cpp t/s mean / median "
+             "| amed / llama.cpp mean / median | speed-up amed / llama.cpp |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    med = statistics.median
     for pair in pairs:
         store, gguf = {"q4": (a.amed_q4, a.gguf_q4), "q8": (a.amed_q8, a.gguf_q8),
                        "q4m": (a.amed_q4m, a.gguf_q4)}[pair]
@@ -138,25 +161,43 @@ def main() -> None:
             continue
         if a.llama_bench and not gguf.exists():
             print(f"no GGUF at {gguf} (make it with --convert CKPT --llama-src SRC)", file=sys.stderr)
-        rounds = []                         # (ours, theirs) per round, each {test: (mean, median)}
-        for _ in range(max(1, a.rounds)):
-            theirs = llama_bench(a.llama_bench, gguf, a) if a.llama_bench and gguf.exists() else {}
-            rounds.append((amed_bench(store, a), theirs))
-        for t, n in (("pp", a.p), ("tg", a.n)):
-            us = [r[0][t] for r in rounds if t in r[0]]
-            them = [r[1][t] for r in rounds if t in r[1]]
-            med = statistics.median
-            cells = [f"{med(u[0] for u in us):.2f} / {med(u[1] for u in us):.2f}" if us else "-",
-                     f"{med(x[0] for x in them):.2f} / {med(x[1] for x in them):.2f}" if them else "-"]
-            if us and them and len(us) == len(them):
-                cells.append(f"{med(u[0] / x[0] for u, x in zip(us, them)):.2f}x / "
-                             f"{med(u[1] / x[1] for u, x in zip(us, them)):.2f}x")
-            else:
-                cells.append("-")
-            table.append(f"| {name} | {t}{n} | " + " | ".join(cells) + " |")
+        first = {}                          # (tool, test) -> median t/s at the first thread count
+        for threads in counts:
+            a.threads = threads
+            rounds = []                     # (ours, theirs) per round, each {test: (mean, median)}
+            for i in range(max(1, a.rounds)):
+                theirs = llama_bench(a.llama_bench, gguf, a) if a.llama_bench and gguf.exists() else {}
+                ours = amed_bench(store, a)
+                rounds.append((ours, theirs))
+                ratios = ", ".join(f"{t} {ours[t][1] / theirs[t][1]:.2f}x" for t in ("pp", "tg")
+                                   if t in ours and t in theirs)
+                print(f"round {i + 1}, {threads} threads, {pair}: amed "
+                      + ", ".join(f"{t} {v[1]:.2f}" for t, v in ours.items())
+                      + ("; llama.cpp " + ", ".join(f"{t} {v[1]:.2f}" for t, v in theirs.items())
+                         + f"; ratios (medians) {ratios}" if theirs else ""), file=sys.stderr)
+            for t, n in (("pp", a.p), ("tg", a.n)):
+                us = [r[0][t] for r in rounds if t in r[0]]
+                them = [r[1][t] for r in rounds if t in r[1]]
+                cells = [f"{med(u[0] for u in us):.2f} / {med(u[1] for u in us):.2f}" if us else "-",
+                         f"{med(x[0] for x in them):.2f} / {med(x[1] for x in them):.2f}" if them else "-"]
+                if us and them and len(us) == len(them):
+                    cells.append(f"{med(u[0] / x[0] for u, x in zip(us, them)):.2f}x / "
+                                 f"{med(u[1] / x[1] for u, x in zip(us, them)):.2f}x")
+                else:
+                    cells.append("-")
+                ups = []
+                for tool, vals in (("amed", us), ("llama", them)):
+                    if vals:
+                        v = med(x[1] for x in vals)
+                        first.setdefault((tool, t), v)
+                        ups.append(f"{v / first[(tool, t)]:.2f}x")
+                    else:
+                        ups.append("-")
+                cells.append(" / ".join(ups))
+                table.append(f"| {name} | {threads} | {t}{n} | " + " | ".join(cells) + " |")
     if len(table) > 2:
-        print(f"\n{a.threads} threads, {a.r} repetitions, {a.rounds} round(s)\n\n" + "\n".join(table))
-
+        print(f"\nthreads {','.join(map(str, counts))}, {a.r} repetitions, {a.rounds} round(s)\n\n"
+              + "\n".join(table))
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,7 @@
 """Quantization quality: mean KL divergence and top-1 agreement of amed stores against the
-unquantized forward pass, teacher-forced over real text, on synthetic models.
+unquantized forward pass, teacher-forced over real text, on synthetic models: a sweep of quantize
+settings. For one model against another, use `amed perplexity -m STORE -f TEXT --kld-base CKPT`
+(amed/app/quality.py, which this script's measures come from).
 
     python bench/quality.py                       # golden-like tiny + a flash-like medium model
     python bench/quality.py --ckpt DIR            # any checkpoint you have
@@ -16,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 import amed
-from amed.app.bench import SAMPLE_TEXT, kl_divergence
+from amed.app.bench import SAMPLE_TEXT
+from amed.app.quality import kl_divergence
 from amed.quant.convert import Settings, quantize_model
 from amed.app.synth import write_synthetic_checkpoint
 from amed.text.tokenizer import Tokenizer

@@ -229,3 +229,20 @@ def test_cli(tmp_path):
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
     r = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--preset", "huge"])
     assert r.exit_code == 1 and "huge" in r.output
+
+
+def test_experts_option_keeps_the_per_token_shape():
+    """--experts N: a smaller pool of routed experts, same top-k, widths and groups."""
+    import pytest
+
+    from amed.app.synth import SyntheticSource, synthetic_config
+    from amed.errors import AmedError
+
+    cfg = synthetic_config("flash", 32, experts=32)
+    assert cfg["num_experts"] == 32 and cfg["num_experts_per_tok"] == 8 and cfg["n_group"] == 8
+    assert cfg["moe_intermediate_size"] == PRESETS["flash"]["moe_intermediate_size"]
+    src = SyntheticSource("tiny", 2, 0, experts=16)
+    assert src.config.num_experts == 16 and "model.layers.1.mlp.experts.15.up_proj.weight" in src.specs
+    for bad in (30, 8, 0):
+        with pytest.raises(AmedError, match="--experts must be a multiple of the 8 expert groups"):
+            synthetic_config("flash", 2, experts=bad)

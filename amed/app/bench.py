@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from amed.app.quality import kl_divergence  # noqa: F401  (its old home; tests and bench/ import it here)
 from amed.engine.experts.memory import current_rss_bytes
 
 SAMPLE_TEXT = (
@@ -390,8 +391,10 @@ def format_rows(rows: list[dict], fmt: str) -> str:
     for r in rows:
         decode = "bytes_per_token" in r
         er = r.get("experts_resident")
+        from amed.hub import fmt_bytes
+
         device = r.get("device", "cpu")
-        cells = [r["model"] + ("" if device == "cpu" else f" ({device})"), f"{r['size_gb']:.2f} GB", r["quant"], str(r["threads"]), r["test"],
+        cells = [r["model"] + ("" if device == "cpu" else f" ({device})"), fmt_bytes(r["size_gb"] * 1e9), r["quant"], str(r["threads"]), r["test"],
                  f"{r['tps_mean']:.2f} ± {r['tps_sd']:.2f}",
                  "" if decode else f"{r['ttft_s']:.3f} s", f"{r['peak_rss_gb']:.2f} GB",
                  f"{r['bytes_per_token'] / 1e6:.1f} MB" if decode else "",
@@ -401,24 +404,13 @@ def format_rows(rows: list[dict], fmt: str) -> str:
     return "\n".join(lines)
 
 
-def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """Per-position KL(ref || test) over the full vocabulary, in nats (float64)."""
-    lp = ref_logits.astype(np.float64)
-    lq = logits.astype(np.float64)
-    lp = lp - lp.max(-1, keepdims=True)
-    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-    lq = lq - lq.max(-1, keepdims=True)
-    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
-    return (np.exp(lp) * (lp - lq)).sum(-1)
-
-
 # ---------------------------------------------------------------------------------------------
 # the `amed bench` command (the CLI parses the flags into a BenchPlan and calls run_command)
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class BenchPlan:
-    n_prompt: int = 512
-    n_gen: int = 128
+    n_prompt: int | list = 512       # ppN test(s): one value or a list (as llama-bench's -p 64,512)
+    n_gen: int | list = 128          # tgN test(s)
     reps: int = 5
     depth: int = 0                   # tokens of context prefilled (untimed) before each test
     threads: list = field(default_factory=list)      # thread counts to sweep; empty: all cores
@@ -433,7 +425,7 @@ class BenchPlan:
     gpu_experts: int | str = 0       # with cuda: experts per layer cached in VRAM (or "auto")
 
 
-def synthetic_store(preset: str, layers: int, bits: int, console) -> Path:
+def synthetic_store(preset: str, layers: int, bits: int, console, experts: int | None = None) -> Path:
     """A random quantized store for benchmarks, built on first use under $AMED_HOME/bench."""
     from amed.app.progress import QuantizeBar
     from amed.app.synth import SyntheticSource
@@ -441,7 +433,8 @@ def synthetic_store(preset: str, layers: int, bits: int, console) -> Path:
     from amed.hub import amed_home
     from amed.quant.convert import Settings, quantize_model
 
-    path = amed_home() / "bench" / f"synthetic-{preset}-{layers}-q{bits}"
+    name = f"synthetic-{preset}-{layers}" + (f"-e{experts}" if experts else "") + f"-q{bits}"
+    path = amed_home() / "bench" / name
     try:
         done = json.loads((path / MANIFEST).read_text()).get("complete")
     except (OSError, ValueError):
@@ -449,8 +442,41 @@ def synthetic_store(preset: str, layers: int, bits: int, console) -> Path:
     if not done:
         console.print(f"[dim]building a random {preset} store with {layers} layers at {path} (once)...[/]")
         with QuantizeBar(console) as bar:
-            quantize_model(SyntheticSource(preset, layers, 0), path, Settings(bits=bits), progress=bar)
+            quantize_model(SyntheticSource(preset, layers, 0, experts), path, Settings(bits=bits), progress=bar)
     return path
+
+
+def bench_rows(rec: dict, n_gen: int, reps: int, path: Path, size: int, qdesc: str, threads: int, bw: float,
+               cache, pf: str, la: str, ram) -> list[dict]:
+    """The table rows (ppN, tgN) of one run_bench record."""
+    from amed.engine.experts.memory import fmt_size
+
+    rows = []
+    for res in (rec["pp"], rec["tg"]):
+        if res is None:
+            continue
+        row = {"model": path.name, "size_gb": size / 1e9, "quant": qdesc, "threads": threads, "test": res.test,
+               "tps_mean": res.mean, "tps_sd": res.sd,
+               "tps_median": res.median, "tps_samples": res.tps, "peak_rss_gb": rec["peak_rss"] / 1e9,
+               "compile_s": rec["compile_s"], "mem_bw_gbs": bw}
+        if res.test.startswith("pp"):
+            row["ttft_s"] = min(res.seconds)
+        else:
+            bpt = rec["bytes_per_token"]
+            row.update(bytes_per_token=bpt, gbs=bpt * res.mean / 1e9, pct_bw=100 * bpt * res.mean / 1e9 / bw,
+                       experts_resident=rec["expert_resident"])
+            if cache is not None:
+                st, dpt = rec["tg_cache"], rec["disk_bytes_per_token"]
+                mpt = st.miss_bytes / (n_gen * reps) if cache.bounded else 0.0
+                row.update(prefetch=pf, lookahead=la if cache.bounded else "off",
+                           max_ram=fmt_size(ram) if ram else "auto",
+                           cache_budget=fmt_size(cache.budget) if cache.bounded else "all",
+                           hit_rate=st.hit_rate if st.uses else None,
+                           lookahead_acc=st.lookahead_accuracy if st.predicted else None,
+                           disk_bytes_per_token=dpt, miss_bytes_per_token=mpt,
+                           disk_gbs=None, ceiling_tps=None, rss_gb=rec["rss"] / 1e9)
+        rows.append(row)
+    return rows
 
 
 def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
@@ -458,22 +484,31 @@ def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
     look-ahead), print the table on stdout and a summary line on stderr."""
     import numba
 
-    from amed import load
+    from amed import kernel_cache_cold, load
     from amed.engine.experts import ExpertOptions
     from amed.engine.experts.memory import fmt_size
     from amed.hub import amed_home
     from amed.text.tokenizer import Tokenizer
 
-    n_prompt, n_gen, reps, depth, output, cold = (plan.n_prompt, plan.n_gen, plan.reps, plan.depth, plan.output,
-                                                  plan.cold)
+    from itertools import zip_longest
+
+    reps, depth, output, cold = plan.reps, plan.depth, plan.output, plan.cold
+    n_prompts = plan.n_prompt if isinstance(plan.n_prompt, list) else [plan.n_prompt]
+    n_gens = plan.n_gen if isinstance(plan.n_gen, list) else [plan.n_gen]
+    # each run times one ppN and one tgN test: -p 64,512 -n 32 gives pp64+tg32, then pp512
+    sizes = [(p, n) for p, n in zip_longest(n_prompts, n_gens, fillvalue=0) if p or n]
     random_ids, ram, prefetches, lookaheads = plan.random_ids, plan.max_ram, plan.prefetch, plan.lookahead
     counts = plan.threads or [numba.config.NUMBA_NUM_THREADS]
+    if kernel_cache_cold():
+        console.print("[dim]compiling kernels (first run only, ~1 min; reported apart as compile time)...[/]")
     options = ExpertOptions.from_env(max_ram=ram, gpu_experts=plan.gpu_experts)
     home = amed_home()
-    m = load(path, ctx_size=max(plan.ctx_size, depth + n_prompt + n_gen + 16), experts=options, device=plan.device,
+    m = load(path, ctx_size=max(plan.ctx_size, depth + max(n_prompts, default=0) + max(n_gens, default=0) + 16),
+             experts=options, device=plan.device,
              log=lambda msg: console.print(f"[yellow]{msg}[/]"))
     tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
-    console.print("[dim]measuring memory bandwidth (cached after the first run)...[/]")
+    if not (home / "membw.json").exists():
+        console.print("[dim]measuring memory bandwidth (once: cached for later runs)...[/]")
     bw = memory_bandwidth_gbs(home / "membw.json")
     src = m.source
     size = sum((path / f).stat().st_size for f in getattr(src, "manifest", {}).get("files", {})) or \
@@ -498,37 +533,17 @@ def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
             disk_bw = disk_read_gbs(src, home / "diskbw.json", refresh=True)   # shared/virtual disks vary
         first_row = len(rows)
         for n in counts:
-            set_threads(n)
-            if cold:
-                drop_expert_pages(src)
-            console.print(f"[dim]{path.name}: {n} threads, prefetch {pf}, look-ahead {la}, pp{n_prompt} "
-                          f"tg{n_gen} x {reps}...[/]")
-            rec = run_bench(m, tok, n_prompt, n_gen, reps, random_ids, depth=depth, warm_prompt=not cold)
-            for res in (rec["pp"], rec["tg"]):
-                if res is None:
-                    continue
-                row = {"model": path.name, "size_gb": size / 1e9, "quant": qdesc, "threads": n, "test": res.test,
-                       "tps_mean": res.mean, "tps_sd": res.sd,
-                       "tps_median": res.median, "tps_samples": res.tps, "peak_rss_gb": rec["peak_rss"] / 1e9,
-                       "compile_s": rec["compile_s"], "mem_bw_gbs": bw,
-                       "device": plan.device if plan.device == "cpu" else f"{plan.device}, {plan.gpu_experts} gpu experts"}
-                if res.test.startswith("pp"):
-                    row["ttft_s"] = min(res.seconds)
-                else:
-                    bpt = rec["bytes_per_token"]
-                    row.update(bytes_per_token=bpt, gbs=bpt * res.mean / 1e9, pct_bw=100 * bpt * res.mean / 1e9 / bw,
-                               experts_resident=rec["expert_resident"])
-                    if cache is not None:
-                        st, dpt = rec["tg_cache"], rec["disk_bytes_per_token"]
-                        mpt = st.miss_bytes / (n_gen * reps) if cache.bounded else 0.0
-                        row.update(prefetch=pf, lookahead=la if cache.bounded else "off",
-                                   max_ram=fmt_size(ram) if ram else "auto",
-                                   cache_budget=fmt_size(cache.budget) if cache.bounded else "all",
-                                   hit_rate=st.hit_rate if st.uses else None,
-                                   lookahead_acc=st.lookahead_accuracy if st.predicted else None,
-                                   disk_bytes_per_token=dpt, miss_bytes_per_token=mpt,
-                                   disk_gbs=None, ceiling_tps=None, rss_gb=rec["rss"] / 1e9)
-                rows.append(row)
+            n = set_threads(n)
+            for n_prompt, n_gen in sizes:
+                if cold:
+                    drop_expert_pages(src)
+                console.print(f"[dim]{path.name}: {n} threads, prefetch {pf}, look-ahead {la}, pp{n_prompt} "
+                              f"tg{n_gen} x {reps}...[/]")
+                rec = run_bench(m, tok, n_prompt, n_gen, reps, random_ids, depth=depth, warm_prompt=not cold)
+                new = bench_rows(rec, n_gen, reps, path, size, qdesc, n, bw, cache, pf, la, ram)
+                for row in new:
+                    row["device"] = plan.device if plan.device == "cpu" else f"{plan.device}, {plan.gpu_experts} gpu experts"
+                rows += new
         if cache is not None and cache.bounded:
             # and again after it: the faster of the two probes sets the ceiling (the strictest;
             # this VM's disk swung 0.1-2.5 GB/s between one minute and the next)

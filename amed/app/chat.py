@@ -21,10 +21,57 @@ HELP = """commands:
   /reset           forget the conversation (keeps the system prompt)
   /system TEXT     set the system prompt (and reset)
   /save FILE       save the conversation as JSON
+  /load FILE       resume a conversation saved with /save
   /stats           statistics of the last answer
   /quit            leave (Ctrl-D works too)
   \"\"\"             start/end a multi-line message
 Ctrl-C stops an answer and keeps the conversation."""
+
+
+class StopStrings:
+    """Cut the answer at the first of `stops` (--stop): text that could still be the start of a stop
+    string is held back until the next piece shows it is not."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in stops if s]
+        self.buf = ""
+        self.hit = False
+
+    def feed(self, text: str) -> str:
+        """Add generated text; return what can be shown now (sets `hit` at a stop string)."""
+        if not self.stops:
+            return text
+        self.buf += text
+        cut = min((i for i in (self.buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.buf, self.hit = self.buf[:cut], "", True
+            return out
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.buf.endswith(s[:k])), default=0)
+        out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+def load_conversation(path: str) -> "Conversation":
+    """A conversation saved by /save ({"messages": [...]}); one clear sentence if it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise AmedError(f"cannot read {path}: {e.strerror}.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AmedError(f"{path} is not JSON; /load takes a file written by /save.") from None
+    msgs = data.get("messages") if isinstance(data, dict) else None
+    if not isinstance(msgs, list) or not all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+            and isinstance(m.get("content"), str) for m in msgs):
+        raise AmedError(f"{path} is not a saved conversation ({{\"messages\": [{{\"role\": ..., "
+                        f"\"content\": ...}}]}}, as /save writes).")
+    system = "\n".join(m["content"] for m in msgs if m["role"] == "system") or None
+    return Conversation(system, [dict(role=m["role"], content=m["content"]) for m in msgs if m["role"] != "system"])
 
 
 @dataclass
@@ -41,7 +88,9 @@ class ChatSession:
     """A conversation bound to a model: fits the context, streams answers, keeps the cache."""
 
     def __init__(self, model, tokenizer, sampler, max_tokens: int, ctx_size: int,
-                 system: str | None = None, err: Console | None = None):
+                 system: str | None = None, err: Console | None = None, stops=(), raw: bool = False):
+        self.stops = list(stops)          # --stop strings: the answer ends before the first one
+        self.raw = raw                    # --no-template: the text is the whole prompt (completion)
         self.gen = Generator(model, tokenizer)
         self.tok = tokenizer
         self.sampler = sampler
@@ -72,23 +121,40 @@ class ChatSession:
         return ids
 
     def ask(self, text: str, out=None) -> Step:
-        """Add a user message, stream the answer to `out` (stdout), return the final step."""
+        """Add a user message, stream the answer to `out` (stdout), return the final step (the
+        answer's text is the last assistant turn)."""
         out = out or sys.stdout
-        self.conv.turns.append({"role": "user", "content": text})
-        ids = self._fit()
+        if self.raw:
+            ids = self.tok.encode(text)
+            if len(ids) >= self.ctx_size:
+                raise AmedError(f"the prompt is {len(ids)} tokens, more than the context of {self.ctx_size}; "
+                                f"shorten it or raise -c/--ctx-size.")
+            self.conv.turns[:] = [{"role": "user", "content": text}]
+        else:
+            self.conv.turns.append({"role": "user", "content": text})
+            ids = self._fit()
         pieces = []
+        cutter = StopStrings(self.stops)
         stream = self.gen.stream(ids, self.sampler, self.max_tokens, self.tok.stop_ids, self.ctx_size)
+
+        def show(piece: str) -> None:
+            if piece:
+                pieces.append(piece)
+                out.write(piece)
+                out.flush()
         try:
             for step in stream:
-                if step.text:
-                    pieces.append(step.text)
-                    out.write(step.text)
-                    out.flush()
                 self.last = step
+                show(cutter.feed(step.text))
+                if cutter.hit:
+                    stream.close()
+                    step.finish_reason = "stop"
+                    break
         except KeyboardInterrupt:       # landed outside the generator's own handler
             stream.close()
             if self.last is not None:
                 self.last.finish_reason = "interrupted"
+        show(cutter.flush())
         self.conv.turns.append({"role": "assistant", "content": "".join(pieces)})
         return self.last
 
@@ -156,6 +222,18 @@ def repl(session: ChatSession, verbose: bool = False) -> None:
                 else:
                     session.save(arg)
                     err.print(f"[dim]saved to {arg}[/]")
+            elif cmd == "/load":
+                if not arg:
+                    err.print("[red]usage: /load FILE[/]")
+                    continue
+                try:
+                    conv = load_conversation(arg)
+                except AmedError as e:
+                    err.print(f"[red]{e}[/]")
+                    continue
+                session.conv = conv
+                err.print(f"[dim]loaded {len(conv.turns)} messages from {arg}"
+                          + (" (with its system prompt)" if conv.system else "") + "[/]")
             elif cmd == "/stats":
                 err.print(session.stats_line(session.last) if session.last else "no answer yet")
             else:
@@ -178,12 +256,59 @@ def repl(session: ChatSession, verbose: bool = False) -> None:
         err.print(f"[dim]{session.stats_line(step)}[/]")
 
 
+COMPILE_NOTICE = "compiling kernels (first run only, ~1 min)..."
+
+
+def warm_up(model, err: Console, always: bool = False) -> float | None:
+    """On a cold kernel cache (or `always`), compile every kernel now, behind a notice on stderr,
+    so the first answer's speed is the model's, not the compiler's; returns the seconds spent
+    (None if the cache was warm)."""
+    import time
+
+    from amed import kernel_cache_cold
+
+    cold = kernel_cache_cold()
+    if not (cold or always):
+        return None
+    notice = COMPILE_NOTICE if cold else "loading the compiled kernels from the cache..."
+    t0 = time.perf_counter()
+    with err.status(notice):
+        if not err.is_terminal:
+            err.print(notice)
+        model.reset()
+        model.forward([1] * 8)       # the prompt kernels (several tokens)
+        model.forward([1])           # the decode kernels (one token)
+        model.reset()
+    return time.perf_counter() - t0
+
+
+def compile_ahead(err: Console) -> float:
+    """`amed warmup`: compile the kernels of a default store (q4 experts, q8 dense, q6 lm_head, r8
+    rows) on a tiny random one, so the first real run starts at once. Returns the seconds spent."""
+    import tempfile
+
+    from amed import load
+    from amed.app.synth import SyntheticSource
+    from amed.quant.convert import Settings, quantize_model
+
+    with tempfile.TemporaryDirectory(prefix="amed-warmup-") as tmp:
+        quantize_model(SyntheticSource("tiny"), tmp, Settings(bits=4))
+        seconds = warm_up(load(tmp), err, always=True)
+    return seconds
+
+
 def run_command(path, err: Console, *, prompt: str | None = None, system_prompt: str | None = None,
                 max_tokens: int = 1024, ctx_size: int = 4096, sampling: dict | None = None,
-                verbose: bool = False, max_ram=None, prefetch: bool = True, device: str = "cpu",
-                gpu_experts: int | str = 0) -> None:
+                verbose: bool = False, max_ram=None, prefetch: bool = True, threads: int | None = None,
+                stops=(), as_json: bool = False, chat_template: str | None = None, raw: bool = False,
+                device: str = "cpu", gpu_experts: int | str = 0) -> None:
     """`amed chat`: load the model at `path`; answer `prompt` on stdout and return, or (no
-    prompt) run the interactive loop. `sampling` overrides the model's generation_config."""
+    prompt) run the interactive loop. `sampling` overrides the model's generation_config;
+    `max_tokens` -1 means until a stop token or the context is full; `stops` end an answer before
+    the first of them; `as_json` prints one JSON object (answer and stats) instead of the stream;
+    `chat_template` replaces the model's template (its source text); `raw` sends the prompt as
+    it is, with no template (text completion)."""
+    import os
     import time
 
     from amed import load
@@ -196,15 +321,30 @@ def run_command(path, err: Console, *, prompt: str | None = None, system_prompt:
     t0 = time.perf_counter()
     m = load(path, ctx_size=ctx_size, max_ram=max_ram, prefetch=prefetch, device=device, gpu_experts=gpu_experts,
              log=lambda msg: err.print(f"[yellow]{msg}[/]"))
+    load_s = time.perf_counter() - t0
+    trained = m.config.max_position_embeddings
+    if ctx_size > trained:
+        err.print(f"[yellow]-c {ctx_size} is above the {trained} tokens the model was trained on: answers past "
+                  f"that point may degrade.[/]")
     tok = Tokenizer.from_dir(path)
-    if tok.template_is_fallback:
+    if chat_template is not None:
+        tok.use_template(chat_template)
+    if tok.template_is_fallback and not raw:
         err.print("[yellow]no chat template in the model directory: using the built-in Ling format.[/]")
-    params = SamplingParams.from_generation_config(path, **(sampling or {}))
+    sampling = dict(sampling or {})
+    if sampling.get("seed") is None:          # a fresh seed, but one we can print to repeat the run
+        sampling["seed"] = int.from_bytes(os.urandom(4), "little")
+    params = SamplingParams.from_generation_config(path, **sampling)
+    compile_s = warm_up(m, err, always=verbose or as_json)     # stats then time the model, not the compiler
     if verbose:
-        err.print(f"[dim]model {path} loaded in {time.perf_counter() - t0:.2f} s; sampling: "
+        err.print(f"[dim]model {path} loaded in {load_s:.2f} s"
+                  + (f", kernels compiled/loaded in {compile_s:.1f} s" if compile_s is not None else "")
+                  + f"; {threads or 'all'} threads; context {ctx_size}; sampling: "
                   f"temp {params.temperature}, top-p {params.top_p}, top-k {params.top_k}, "
                   f"min-p {params.min_p}, repeat-penalty {params.repetition_penalty}, seed {params.seed}[/]")
-    session = ChatSession(m, tok, make_sampler(params), max_tokens, ctx_size, system_prompt, err)
+    if max_tokens < 0:
+        max_tokens = ctx_size
+    session = ChatSession(m, tok, make_sampler(params), max_tokens, ctx_size, system_prompt, err, stops, raw)
     if verbose:
         from amed.app.bench import MemoryReport
 
@@ -216,8 +356,20 @@ def run_command(path, err: Console, *, prompt: str | None = None, system_prompt:
                       f"{human(cache.budget) if cache.bounded else 'unbounded (all fit)'}[/]")
         stats_line = session.stats_line
         session.stats_line = lambda step: f"{stats_line(step)}\n{memory.line(step.generated_tokens)}"
+    if prompt is not None and as_json:
+        import io
+
+        step = session.ask(prompt if raw else prompt.strip(), out=io.StringIO())
+        print(json.dumps({"model": str(path), "answer": session.conv.turns[-1]["content"],
+                          "finish_reason": step.finish_reason, "prompt_tokens": step.prompt_tokens,
+                          "generated_tokens": step.generated_tokens, "ttft_s": round(step.ttft, 4),
+                          "prefill_tps": round(step.prefill_tps, 3), "decode_tps": round(step.decode_tps, 3),
+                          "seed": params.seed, "compile_s": compile_s}, ensure_ascii=False))
+        if verbose:
+            err.print(f"[dim]{session.stats_line(step)}[/]")
+        return
     if prompt is not None:
-        step = session.ask(prompt.strip())
+        step = session.ask(prompt if raw else prompt.strip())
         sys.stdout.write("\n")
         sys.stdout.flush()
         if verbose:

@@ -13,12 +13,34 @@ from rich.console import Console
 app = typer.Typer(
     name="amed",
     help="Run AntAngelMed (a 103B medical MoE) on your own computer.",
-    no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,               # --install-completion / --show-completion (bash, zsh, fish, pwsh)
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from amed import __version__
+
+        print(f"amed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(invoke_without_command=True)
+def main_options(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", "-V", callback=show_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+):
+    """Run AntAngelMed (a 103B medical MoE) on your own computer."""
+    if ctx.invoked_subcommand is None:          # bare `amed`: the help, and success
+        text = ctx.get_help()             # Rich prints it; plain click returns it
+        if text:
+            print(text)
+        raise typer.Exit()
 
 # store formats, shared by quantize, download --quantize and synth --bits
 DENSE_HELP = "Attention, shared expert, dense MLP and embeddings: q8, q6, q4 or bf16."
@@ -206,8 +228,12 @@ def run_quantize(src, output: Path, settings, force: bool) -> None:
     from amed.app.progress import QuantizeBar
     from amed.quant.convert import quantize_model
 
-    with QuantizeBar(err) as bar:
-        summary = quantize_model(src, output, settings, force=force, progress=bar)
+    try:
+        with QuantizeBar(err) as bar:
+            summary = quantize_model(src, output, settings, force=force, progress=bar)
+    except KeyboardInterrupt:
+        err.print("[yellow]stopped: run the same command again to resume (finished files are kept).[/]")
+        raise
     print_quantize_summary(summary)
 
 
@@ -229,8 +255,13 @@ def print_quantize_summary(s: dict) -> None:
     t.add_row("total", "", f"{s['params'] / 1e6:,.2f} M", human(s["store_bytes"]),
               f"{8 * s['store_bytes'] / max(s['params'], 1):.2f}", style="bold")
     err.print(t)
-    err.print(f"{human(s['source_bytes'])} read in {s['seconds']:.1f} s "
-              f"({human(s['source_bytes'] / max(s['seconds'], 1e-9))}/s). Next: [bold]amed chat -m {s['path']}[/]")
+    read = s.get("read_bytes", s["source_bytes"])
+    earlier = ""
+    if s.get("skipped_bytes"):
+        earlier = (f"; {s['files_total'] - s['files_written']} of {s['files_total']} files "
+                   f"({human(s['skipped_bytes'])} of source) were already done by an earlier run")
+    err.print(f"{human(read)} read in {s['seconds']:.1f} s ({human(read / max(s['seconds'], 1e-9))}/s){earlier}. "
+              f"Next: [bold]amed chat -m {s['path']}[/]")
 
 
 @app.command()
@@ -239,16 +270,20 @@ def verify(
 ):
     """Hash every file of a store against its manifest (a full read; loading checks only sizes)."""
     from amed.app.progress import ByteBar
-    from amed.formats.store import open_store
+    from amed.formats.store import REPAIR, read_manifest, verified_files, verify_files
 
-    st = open_store(store)
-    total = sum(m["bytes"] for m in st.manifest["files"].values())
-    with ByteBar(err, "verify", total) as bar:
-        bad = st.verify(progress=bar.advance)
+    man = read_manifest(store)
+    if not man.get("complete"):
+        fail(f"{store} is an incomplete store (quantization was interrupted); re-run the same "
+             f"`amed quantize` command to finish it.")
+    files = verified_files(man)
+    with ByteBar(err, "verify", sum(m["bytes"] for m in files.values())) as bar:
+        bad = verify_files(store, man, progress=bar.advance)
     if bad:
-        fail(f"{len(bad)} file(s) of {store} do not match their checksums ({', '.join(bad)}): the store is "
-             f"damaged; re-create it with `amed quantize ... --force`.")
-    err.print(f"[green]ok[/]: all {len(st.manifest['files'])} files of {store} match their SHA-256.")
+        fail(f"{len(bad)} file(s) of {store} are missing or do not match their checksums ({', '.join(bad)}): "
+             f"the store is damaged; delete them and {REPAIR}")
+    unchecked = "" if "side_files" in man else " (config and tokenizer files are not hashed in this older store)"
+    err.print(f"[green]ok[/]: all {len(files)} files of {store} match their SHA-256{unchecked}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,16 +312,42 @@ def resolve_model(model: Optional[Path]) -> Path:
          f"create it with: amed download && amed quantize <download dir> -o {d} --bits 4")
 
 
-def set_threads(threads: Optional[int]) -> None:
-    if threads:
-        import numba
+def max_threads() -> int:
+    """The most threads a kernel can use here: the cores this process may run on (Numba's pool size)."""
+    import numba
 
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    return numba.config.NUMBA_NUM_THREADS
+
+
+def check_threads(threads: Optional[int]) -> Optional[int]:
+    """-t N must be 1..cores (0 or no -t: all cores, returned as None); a clear error otherwise."""
+    if threads is None or threads == 0:
+        return None
+    most = max_threads()
+    if not 1 <= threads <= most:
+        fail(f"-t/--threads must be between 1 and {most} (the cores here), or 0 for all of them; got {threads}.")
+    return threads
+
+
+def set_threads(threads: Optional[int]) -> int:
+    """Use `threads` kernel threads (None: all cores); returns the count in effect."""
+    import numba
+
+    numba.set_num_threads(threads or max_threads())
+    return numba.get_num_threads()
+
+
+def check_max_tokens(n: int, flag: str = "-n/--max-tokens") -> int:
+    """llama.cpp's convention: -1 = until a stop token or the context is full; other negatives are errors."""
+    if n < -1:
+        fail(f"{flag} must be 0 or more, or -1 for no limit (until a stop token or the context is full); got {n}.")
+    return n
 
 
 ModelOpt = Annotated[Optional[Path], typer.Option("-m", "--model", help="Store or checkpoint directory "
                                                   "(default: $AMED_MODEL, then the default store).")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads (default: all cores).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads, 1 to the number of cores "
+                                                  "(default or 0: all cores).")]
 DeviceOpt = Annotated[str, typer.Option(
     "--device", rich_help_panel="Device",
     help="cpu, or cuda: dense weights on an NVIDIA GPU (needs pip install 'amed[cuda]'), routed experts on the CPU.")]
@@ -304,52 +365,107 @@ def chat(
     model: ModelOpt = None,
     prompt: Annotated[Optional[str], typer.Option("-p", "--prompt", help="One-shot: answer this and exit.")] = None,
     system_prompt: Annotated[Optional[str], typer.Option("--system-prompt", "-sys", help="System prompt.")] = None,
-    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens per answer.")] = 1024,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens per answer (-1: until a stop "
+                                            "token or the context is full).")] = 1024,
     ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context length in tokens.")] = 4096,
-    temp: Annotated[Optional[float], typer.Option("--temp", help="Temperature; 0 = greedy.", rich_help_panel="Sampling")] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", rich_help_panel="Sampling")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", rich_help_panel="Sampling")] = None,
-    min_p: Annotated[Optional[float], typer.Option("--min-p", rich_help_panel="Sampling")] = None,
-    repeat_penalty: Annotated[Optional[float], typer.Option("--repeat-penalty", rich_help_panel="Sampling")] = None,
-    seed: Annotated[Optional[int], typer.Option("-s", "--seed", rich_help_panel="Sampling")] = None,
+    temp: Annotated[Optional[float], typer.Option("--temp", rich_help_panel="Sampling", help="Temperature; 0 = "
+                                                  "greedy (default: the model's generation_config.json).")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", rich_help_panel="Sampling", help="Nucleus sampling: "
+                                                   "keep the smallest set of tokens whose probability adds up to P "
+                                                   "(1 = off).")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", rich_help_panel="Sampling", help="Keep only the K most "
+                                                 "likely tokens (0 = off).")] = None,
+    min_p: Annotated[Optional[float], typer.Option("--min-p", rich_help_panel="Sampling", help="Drop tokens less "
+                                                   "likely than P x the most likely one (0 = off).")] = None,
+    repeat_penalty: Annotated[Optional[float], typer.Option("--repeat-penalty", rich_help_panel="Sampling",
+                                                            help="Penalize tokens already in the context "
+                                                            "(1 = off, 1.1 = mild).")] = None,
+    seed: Annotated[Optional[int], typer.Option("-s", "--seed", rich_help_panel="Sampling", help="Random seed "
+                                                "(default: a fresh one, printed with -v so a run can be "
+                                                "repeated).")] = None,
     threads: ThreadsOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print settings and per-answer stats.")] = False,
     max_ram: MaxRamOpt = None,
     no_prefetch: Annotated[bool, typer.Option("--no-prefetch", rich_help_panel="Memory",
                                               help="Do not read chosen experts ahead (slower from disk).")] = False,
+    file: Annotated[Optional[Path], typer.Option("-f", "--file", metavar="FILE", help="One-shot: answer the "
+                                                 "prompt in this text file and exit.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", metavar="STR", help="End the answer before this "
+                                                      "text (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One-shot: print one JSON object (answer, finish "
+                                          "reason, token counts, speeds, seed) instead of the streamed text.")] = False,
+    chat_template: Annotated[Optional[Path], typer.Option("--chat-template", metavar="FILE", help="Use this Jinja "
+                                                          "chat template instead of the model's.")] = None,
+    no_template: Annotated[bool, typer.Option("--no-template", help="One-shot raw completion: the prompt goes to "
+                                              "the model as it is, with no chat template; prints the "
+                                              "continuation.")] = False,
     device: DeviceOpt = "cpu",
     gpu_experts: GpuExpertsOpt = "0",
 ):
     """Talk to the model, with tokens streaming as they are generated.
 
-    Interactive by default; with -p, or a prompt piped on stdin, prints only the answer on stdout."""
+    Interactive by default; with -p, -f, or a prompt piped on stdin, prints only the answer on stdout.
+    In the chat, /help lists the commands (/save and /load keep a conversation)."""
+    check_max_tokens(max_tokens)
+    threads = check_threads(threads)
+    if prompt is not None and file is not None:
+        fail("pass the prompt with -p or -f, not both.")
+    if chat_template is not None and no_template:
+        fail("--chat-template and --no-template contradict each other; pass one.")
+    template_text = None
+    if chat_template is not None:
+        try:
+            template_text = chat_template.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read the chat template {chat_template}: {getattr(e, 'strerror', None) or e}.")
+    if file is not None:
+        try:
+            prompt = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read the prompt file {file}: {getattr(e, 'strerror', None) or e}.")
     path = resolve_model(model)
     one_shot = prompt is not None or not sys.stdin.isatty()
+    if not one_shot and (as_json or no_template):
+        fail(f"{'--json' if as_json else '--no-template'} is for one-shot runs: pass -p TEXT, -f FILE or pipe "
+             f"the prompt on stdin.")
     if one_shot and prompt is None:
         prompt = sys.stdin.read()
-        if not prompt.strip():
-            fail("no prompt: pass -p TEXT or pipe a question on stdin.")
-    set_threads(threads)
+    if one_shot and not prompt.strip():
+        fail("no prompt: pass -p TEXT or pipe a question on stdin.")
+    n_threads = set_threads(threads)
     from amed.app.chat import run_command
 
     run_command(path, err, prompt=prompt, system_prompt=system_prompt, max_tokens=max_tokens, ctx_size=ctx_size,
                 sampling=dict(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                               repetition_penalty=repeat_penalty, seed=seed),
-                verbose=verbose, max_ram=max_ram, prefetch=not no_prefetch, device=device, gpu_experts=gpu_experts)
+                verbose=verbose, max_ram=max_ram, prefetch=not no_prefetch, threads=n_threads,
+                stops=stop or (), as_json=as_json, chat_template=template_text, raw=no_template,
+                device=device, gpu_experts=gpu_experts)
 
 
 # ---------------------------------------------------------------------------------------------
 # bench
 # ---------------------------------------------------------------------------------------------
+def int_list(text: str, flag: str) -> list[int]:
+    """`64,512` -> [64, 512] (llama-bench's list values); a clear error for anything else."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        fail(f"{flag} takes comma-separated integers (e.g. 64,512), not {text!r}.")
+
+
 @app.command()
 def bench(
     model: ModelOpt = None,
-    n_prompt: Annotated[int, typer.Option("-p", "--n-prompt", help="Prompt tokens for the ppN test (0 skips it).")] = 512,
-    n_gen: Annotated[int, typer.Option("-n", "--n-gen", help="Generated tokens for the tgN test (0 skips it).")] = 128,
+    n_prompt: Annotated[str, typer.Option("-p", "--n-prompt", metavar="N[,N...]", help="Prompt tokens for the ppN "
+                                          "test; comma-separated for several (0 skips it).")] = "512",
+    n_gen: Annotated[str, typer.Option("-n", "--n-gen", metavar="N[,N...]", help="Generated tokens for the tgN "
+                                       "test; comma-separated for several (0 skips it).")] = "128",
     reps: Annotated[int, typer.Option("-r", "--repetitions", help="Timed repetitions after a warm-up.")] = 5,
     depth: Annotated[int, typer.Option("-d", "--n-depth", help="Run each test after this many tokens of context "
                                        "(prefilled once, untimed): speed at a long context.")] = 0,
-    threads: Annotated[str, typer.Option("-t", "--threads", help="Thread counts to sweep, comma-separated (default: all cores).")] = "",
+    threads: Annotated[str, typer.Option("-t", "--threads", help="Thread counts to sweep, comma-separated, each "
+                                         "1 to the number of cores (default or 0: all cores).")] = "",
     output: Annotated[str, typer.Option("-o", "--output", help="md, json or csv (on stdout).")] = "md",
     random_ids: Annotated[bool, typer.Option("--random-ids", help="Random token ids instead of real text "
                                             "(prompt and decode: the most varied routing).")] = False,
@@ -365,6 +481,8 @@ def bench(
     synthetic: Annotated[Optional[str], typer.Option("--synthetic", help="Bench a random store of this preset "
                          "(tiny, flash, mini), built once and cached: no download needed.")] = None,
     layers: Annotated[int, typer.Option("--layers", help="With --synthetic: number of layers.")] = 4,
+    experts: Annotated[Optional[int], typer.Option("--experts", help="With --synthetic: routed experts per "
+                                                   "layer (default: the preset's).")] = None,
     bits: Annotated[int, typer.Option("--bits", help="With --synthetic: 4 or 8.")] = 4,
     device: DeviceOpt = "cpu",
     gpu_experts: GpuExpertsOpt = "0",
@@ -375,10 +493,13 @@ def bench(
     disk per token and the disk-bound ceiling (those bytes / the disk's read speed for whole experts)."""
     if output not in ("md", "json", "csv"):
         fail(f"-o must be md, json or csv, not {output!r}.")
-    try:
-        counts = [int(t) for t in threads.split(",") if t.strip()]
-    except ValueError:
-        fail(f"-t takes comma-separated integers, not {threads!r}.")
+    if reps < 1:
+        fail(f"-r/--repetitions must be 1 or more; got {reps}.")
+    n_prompts, n_gens = int_list(n_prompt, "-p"), int_list(n_gen, "-n")
+    if min(n_prompts + n_gens) < 0:
+        fail("-p and -n must be 0 (skip the test) or more tokens.")
+    counts = int_list(threads, "-t")
+    counts = [check_threads(t) or max_threads() for t in counts]
     prefetches = [p.strip() for p in prefetch.split(",") if p.strip()]
     lookaheads = [p.strip() for p in lookahead.split(",") if p.strip()]
     if not prefetches or any(p not in ("on", "off") for p in prefetches):
@@ -391,8 +512,8 @@ def bench(
     from amed.engine.experts.memory import parse_size
 
     ram = parse_size(max_ram) if max_ram is not None else None
-    path = synthetic_store(synthetic, layers, bits, err) if synthetic else resolve_model(model)
-    plan = BenchPlan(n_prompt=n_prompt, n_gen=n_gen, reps=reps, depth=depth, threads=counts, output=output,
+    path = synthetic_store(synthetic, layers, bits, err, experts) if synthetic else resolve_model(model)
+    plan = BenchPlan(n_prompt=n_prompts, n_gen=n_gens, reps=reps, depth=depth, threads=counts, output=output,
                      random_ids=random_ids, ctx_size=ctx_size, max_ram=ram, prefetch=prefetches,
                      lookahead=lookaheads, cold=cold, device=device, gpu_experts=gpu_experts)
     run_command(path, plan, err, set_threads)
@@ -405,13 +526,21 @@ def bench(
 def synth(
     out: Annotated[Path, typer.Argument(help="Directory to write the checkpoint into.")],
     preset: Annotated[str, typer.Option(
-        "--preset", "-p", help="Model shape: tiny (a few MB), flash (real Ling-flash-2.0 / "
+        "--preset", help="Model shape: tiny (a few MB), flash (real Ling-flash-2.0 / "
         "AntAngelMed widths; ~6.4 GB per MoE layer) or mini (Ling-mini-2.0 widths).")] = "tiny",
     layers: Annotated[Optional[int], typer.Option(
-        "--layers", "-n", min=1, help="Number of layers (default: the preset's).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
+        "--layers", "-L", min=1, help="Number of layers (default: the preset's).")] = None,
+    experts: Annotated[Optional[int], typer.Option(
+        "--experts", help="Routed experts per layer (default: the preset's). `--preset flash --layers 32 "
+        "--experts 32` has AntAngelMed's per-token shape (top-8, same widths) in a pool that fits in RAM.")] = None,
+    seed: Annotated[int, typer.Option("-s", "--seed", help="Random seed (same seed, same bytes).")] = 0,
     force: Annotated[bool, typer.Option(
-        "--force", "-f", help="Write into OUT even if it is a non-empty directory.")] = False,
+        "--force", help="Write into OUT even if it is a non-empty directory.")] = False,
+    # the letters synth used before they were made to agree with chat/bench (-p prompt, -n tokens,
+    # -f file): hidden, and answered with the new spelling
+    old_p: Annotated[Optional[str], typer.Option("-p", hidden=True)] = None,
+    old_n: Annotated[Optional[str], typer.Option("-n", hidden=True)] = None,
+    old_f: Annotated[bool, typer.Option("-f", hidden=True)] = False,
     bits: Annotated[Optional[int], typer.Option(
         "--bits", "-b", help="Write a quantized amed store (4 or 8) directly, with no bf16 copy on "
         "disk: how a store larger than RAM is made.")] = None,
@@ -425,11 +554,16 @@ def synth(
     With --bits, write a quantized store instead (same weights as synth + quantize)."""
     import time
 
+    for value, letter, new in ((old_p, "-p", "--preset"), (old_n, "-n", "-L/--layers"),
+                               (old_f or None, "-f", "--force")):
+        if value is not None:
+            fail(f"amed synth {letter} is now {new} ({letter} means prompt, tokens or file in chat and bench).")
+
     if bits is not None:
         from amed.quant.convert import Settings
         from amed.app.synth import SyntheticSource
 
-        run_quantize(SyntheticSource(preset, layers, seed), out.expanduser(),
+        run_quantize(SyntheticSource(preset, layers, seed, experts), out.expanduser(),
                      Settings(bits=bits, group_size=group_size, dense=dense, head=head, layout=layout), force)
         return
 
@@ -442,18 +576,24 @@ def synth(
         fail(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}.")
     if out.exists() and not out.is_dir():
         fail(f"{out} exists and is not a directory.")
+    if (out / "amed-manifest.json").exists():
+        fail(f"{out} holds an amed store: writing a checkpoint there would replace its config and tokenizer; "
+             f"choose another directory (or remove the store first with `amed rm {out}`).")
     if out.is_dir() and any(out.iterdir()) and not force:
         fail(f"{out} is not empty; pass --force to write the checkpoint into it anyway.")
     t0 = time.perf_counter()
     with ByteBar(err, f"synth {preset}", transient=True) as bar:
         try:
             path = write_synthetic_checkpoint(out, preset=preset, layers=layers, seed=seed,
-                                              progress=bar.update)
+                                              experts=experts, progress=bar.update)
         except AmedError as e:
             bar.stop()
             fail(str(e))
     dt = time.perf_counter() - t0
-    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    written = [*path.glob("model-*-of-*.safetensors"), path / "model.safetensors.index.json",
+               *(path / n for n in ("config.json", "generation_config.json", "tokenizer.json",
+                                    "tokenizer_config.json"))]
+    size = sum(f.stat().st_size for f in written if f.is_file())      # this checkpoint, not other files
     shards = len(list(path.glob("model-*-of-*.safetensors")))
     nl = layers or PRESETS[preset]["num_hidden_layers"]
     human = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
@@ -461,13 +601,139 @@ def synth(
               f"to {path} in {dt:.1f} s")
 
 
+# ---------------------------------------------------------------------------------------------
+# perplexity
+# ---------------------------------------------------------------------------------------------
+@app.command()
+def perplexity(
+    file: Annotated[Path, typer.Option("-f", "--file", metavar="FILE", help="Text file to score.")],
+    model: ModelOpt = None,
+    kld_base: Annotated[Optional[Path], typer.Option("--kld-base", metavar="MODEL", help="Another version of the "
+                        "model (e.g. the bf16 checkpoint): also report the KL divergence from it and top-1 "
+                        "agreement, the measure of what quantization costs.")] = None,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Tokens per window (each window starts "
+                                          "from an empty context).")] = 512,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Score at most this many tokens "
+                                                      "of the text (default: all).")] = None,
+    threads: ThreadsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as one JSON object.")] = False,
+):
+    """Perplexity of a model on a text; with --kld-base, KL divergence and top-1 agreement against another."""
+    import json
+
+    threads = check_threads(threads)
+    path = resolve_model(model)
+    if kld_base is not None and not kld_base.exists():
+        fail(f"{kld_base} does not exist.")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read {file}: {getattr(e, 'strerror', None) or e}.")
+    set_threads(threads)
+    from amed import load
+    from amed.app.progress import CountBar
+    from amed.app.quality import score, windows
+    from amed.text.tokenizer import Tokenizer
+
+    ids = Tokenizer.from_dir(path).encode(text)[:max_tokens]
+    m = load(path, ctx_size=max(ctx_size, 2), log=lambda msg: err.print(f"[yellow]{msg}[/]"))
+    base = load(kld_base, ctx_size=max(ctx_size, 2)) if kld_base is not None else None
+    with CountBar(err, "perplexity", len(windows(ids, ctx_size)) if ctx_size >= 2 else 0) as bar:
+        rec = score(m, ids, ctx_size, base, progress=bar.update).record()
+    rec = {"model": str(path), "base": str(kld_base) if kld_base else None, "ctx_size": ctx_size, **rec}
+    if as_json:
+        print(json.dumps(rec))
+        return
+    print(f"perplexity       {rec['perplexity']:.4f}  ({rec['tokens']} tokens scored, windows of {ctx_size})")
+    if base is not None:
+        print(f"base perplexity  {rec['base_perplexity']:.4f}  ({kld_base})")
+        print(f"mean KLD         {rec['mean_kld']:.6f} nats  (p99 {rec['p99_kld']:.6f}, max {rec['max_kld']:.6f})")
+        print(f"top-1 agreement  {100 * rec['top1_agreement']:.2f}%")
+
+
+# ---------------------------------------------------------------------------------------------
+# model management: list, show, rm
+# ---------------------------------------------------------------------------------------------
+@app.command("list")
+def list_command():
+    """The stores and checkpoints under $AMED_HOME (name, size, quantization, complete or not)."""
+    from rich.table import Table
+
+    from amed.app.models import list_models
+    from amed.hub import amed_home, fmt_bytes
+
+    entries = list_models()
+    if not entries:
+        err.print(f"no stores or checkpoints under {amed_home()} yet: `amed download` fetches one, "
+                  f"`amed synth OUT --bits 4` makes a random one.")
+        return
+    t = Table(box=None, pad_edge=False)
+    for col in ("NAME", "KIND", "SIZE", "QUANT", "STATUS", "PATH"):
+        t.add_column(col, justify="right" if col == "SIZE" else "left")
+    for e in entries:
+        t.add_row(e.name, e.kind, fmt_bytes(e.size), e.quant, e.status, str(e.path))
+    Console(highlight=False, soft_wrap=True).print(t)
+
+
+@app.command()
+def show(
+    store: Annotated[str, typer.Argument(help="Store or checkpoint: a directory, or a name from `amed list`.")],
+):
+    """What a store or checkpoint is: config, quantization, sizes, source and hub commit."""
+    from amed.app.models import resolve, show as describe
+
+    for key, value in describe(resolve(store)):
+        print(f"{key:<16} {value}")
+
+
+@app.command()
+def rm(
+    store: Annotated[str, typer.Argument(help="Store or downloaded checkpoint: a directory, or a name from "
+                                              "`amed list`.")],
+    yes: Annotated[bool, typer.Option("-y", "--yes", help="Do not ask for confirmation.")] = False,
+):
+    """Delete a store (or a checkpoint amed downloaded): only the files amed wrote there."""
+    from amed.app.models import describe, remove, resolve
+    from amed.hub import fmt_bytes
+
+    path = resolve(store)
+    e = describe(path)
+    if e is None:
+        fail(f"{path} is neither an amed store nor a Hugging Face checkpoint; nothing removed.")
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(f"not removing {path} without confirmation: pass -y/--yes.")
+        if not typer.confirm(f"remove the {e.kind} {path} ({fmt_bytes(e.size)})?", err=True):
+            fail("nothing removed.")
+    freed = remove(path)
+    err.print(f"removed {path} ({fmt_bytes(freed)} freed)" + (" (other files in it were left)" if path.exists() else ""),
+              markup=False)
+
+
+@app.command()
+def warmup():
+    """Compile the CPU kernels now (about a minute, once), so the first chat or bench starts at once.
+
+    The first run of any command does this by itself; `make warmup` calls this after install."""
+    from amed import kernel_cache_cold
+    from amed.app.chat import compile_ahead
+
+    cold = kernel_cache_cold()
+    seconds = compile_ahead(err)
+    err.print(f"[green]kernels ready[/] ({'compiled' if cold else 'already cached; checked'} in {seconds:.1f} s).")
+
+
 def main() -> None:
     from amed.errors import AmedError
 
     try:
-        app()
+        app(prog_name="amed")
     except AmedError as e:
         err.print(f"[bold red]error:[/] {e}")
+        sys.exit(1)
+    except OSError as e:          # a disk or permission problem we did not foresee: one sentence, no traceback
+        where = f" ({e.filename})" if e.filename else ""
+        err.print(f"[bold red]error:[/] {e.strerror or e}{where}.", markup=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")

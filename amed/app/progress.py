@@ -145,3 +145,25 @@ class ByteBar:
     def __exit__(self, *exc):
         self._p.stop()
         return False
+
+
+class CountBar:
+    """A bar of counted steps (`amed perplexity` windows), as a context; `update(done, total)`."""
+
+    def __init__(self, console, label: str, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+        self._p = _progress(console, TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            transient=True, disable=not console.is_terminal)
+        self._task = self._p.add_task(label, total=total)
+
+    def update(self, done: int, total: int | None = None) -> None:
+        self._p.update(self._task, completed=done, **({"total": total} if total is not None else {}))
+
+    def __enter__(self):
+        self._p.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._p.stop()
+        return False

@@ -34,6 +34,9 @@ COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "toke
                 "special_tokens_map.json")
 
 SCALE_DTYPE = "F16"
+# what fixes a store with missing or damaged files (amed/quant/convert.py prepare_output)
+REPAIR = ("re-run the `amed quantize` (or `amed download --quantize`) command that made it: it rewrites only "
+          "the missing or damaged files.")
 
 MADV_RANDOM = getattr(mmap, "MADV_RANDOM", None)
 MADV_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)
@@ -77,12 +80,17 @@ class Store:
             if os.sep in fname or not fname.endswith(".safetensors"):
                 raise AmedError(f"{MANIFEST} names an invalid file {fname!r}.")
             if not fpath.exists():
-                raise AmedError(f"{fname} is missing from the store {self.path}; re-run `amed quantize`.")
+                raise AmedError(f"{fname} is missing from the store {self.path}; {REPAIR}")
             size = fpath.stat().st_size
             if size != meta["bytes"]:
                 raise AmedError(f"{fname} in {self.path} has {size} bytes but the manifest says "
-                                f"{meta['bytes']}: the store is damaged; re-run `amed quantize --force`.")
-            for name, info in read_safetensors_header(fpath).items():
+                                f"{meta['bytes']}: the store is damaged; {REPAIR}")
+            try:
+                headers = read_safetensors_header(fpath)
+            except AmedError as e:
+                raise AmedError(f"{self.path} is damaged ({e}); run `amed verify {self.path}` to find the "
+                                f"damaged files, delete them, and {REPAIR}") from None
+            for name, info in headers.items():
                 self.tensors[name] = info
             with open(fpath, "rb") as f:
                 self.maps[fname] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -204,15 +212,28 @@ class Store:
 
     def verify(self, progress=None) -> list[str]:
         """Hash every file against the manifest; returns the names of damaged files."""
-        from amed.formats.container import sha256_file
+        return verify_files(self.path, self.manifest, progress)
 
-        bad = []
-        for fname, meta in self.manifest["files"].items():
-            if sha256_file(self.path / fname) != meta["sha256"]:
-                bad.append(fname)
-            if progress:
-                progress(meta["bytes"])
-        return bad
+
+def verified_files(man: dict) -> dict:
+    """Every file a manifest vouches for: the tensor files, then (stores written since side files
+    were hashed) config, tokenizer and generation files."""
+    return {**man["files"], **man.get("side_files", {})}
+
+
+def verify_files(path: Path, man: dict, progress=None) -> list[str]:
+    """Hash the files of a store against its manifest without parsing them (a damaged header is a
+    checksum mismatch here, not a parse error); returns the names of missing or damaged files."""
+    from amed.formats.container import sha256_file
+
+    bad = []
+    for fname, meta in verified_files(man).items():
+        fpath = Path(path) / fname
+        if os.sep in fname or not fpath.is_file() or sha256_file(fpath) != meta["sha256"]:
+            bad.append(fname)
+        if progress:
+            progress(meta["bytes"])
+    return bad
 
 
 def component_specs(fmt: str, shape: tuple, group: int | None, layout: str = "rows") -> list[tuple[str, str, tuple]]:

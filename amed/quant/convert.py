@@ -226,6 +226,7 @@ def quantize_model(src, dst, settings: Settings = Settings(), force: bool = Fals
 
     total_src = sum(ckpt.tensors[s.hf].nbytes for fp in plans for s in fp.specs)
     done_src = sum(ckpt.tensors[s.hf].nbytes for fp in plans if fp.name in man["files"] for s in fp.specs)
+    skipped_src = done_src                     # written by an earlier, interrupted run
     ntensors = sum(len(fp.specs) for fp in plans if fp.name in man["files"])
     if progress:
         progress(done_src, ntensors, total_src)
@@ -253,17 +254,31 @@ def quantize_model(src, dst, settings: Settings = Settings(), force: bool = Fals
 
     for name, data in side.items():
         (dst / name).write_bytes(data)
+    # config, tokenizer and generation files are hashed too: `amed verify` catches an edit that
+    # would break chat (stores before this key exist: verify checks what they list)
+    man["side_files"] = side_file_entries(side)
     man["files"] = {fp.name: man["files"][fp.name] for fp in plans}   # canonical order
     man["complete"] = True
     write_json_atomic(dst / MANIFEST, man)
-    return summarize(cfg, settings, plans, ckpt, time.perf_counter() - t0, dst)
+    summary = summarize(cfg, settings, plans, ckpt, time.perf_counter() - t0, dst)
+    summary.update(read_bytes=done_src - skipped_src, skipped_bytes=skipped_src,
+                   files_written=len(todo), files_total=len(plans))
+    return summary
+
+
+def side_file_entries(side: dict[str, bytes]) -> dict:
+    """The manifest's `side_files`: size and SHA-256 of each copied config/tokenizer file."""
+    return {n: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in sorted(side.items())}
 
 
 def prepare_output(dst: Path, man: dict, force: bool) -> dict | None:
-    """Look at what `dst` already holds: a finished store (refused without force), an interrupted
-    run of this same job (its finished files go into man["files"]; the old manifest is returned),
-    or something else (refused, or cleared with force). Creates `dst`."""
+    """Look at what `dst` already holds: a finished store (refused without force, unless files
+    are missing or damaged: then they are rewritten), an interrupted run of this same job (its
+    finished files go into man["files"]; the old manifest is returned), or something else (refused,
+    or cleared with force). Creates `dst`."""
     old = None
+    if dst.exists() and not dst.is_dir():
+        raise AmedError(f"{dst} exists and is not a directory; choose another -o.")
     if dst.exists() and any(dst.iterdir()):
         if (dst / MANIFEST).exists():
             try:
@@ -271,22 +286,31 @@ def prepare_output(dst: Path, man: dict, force: bool) -> dict | None:
             except AmedError:
                 old = None
             same_job = old is not None and all(old.get(k) == man[k] for k in ("config", "source", "quantization"))
-            if old is not None and old.get("complete") and not force:
-                raise AmedError(f"{dst} already holds a complete store; pass --force to overwrite it.")
+            intact = {f: m for f, m in (old or {}).get("files", {}).items()
+                      if (dst / f).is_file() and (dst / f).stat().st_size == m["bytes"]}
+            whole = (old is not None and len(intact) == len(old.get("files", {}))
+                     and all((dst / f).is_file() for f in old.get("side_files", {})))
+            if old is not None and old.get("complete") and not force and (whole or not same_job):
+                raise AmedError(f"{dst} already holds a complete store; pass --force to overwrite it "
+                                f"(`amed verify {dst}` checks it).")
             if not same_job and not force:
                 raise AmedError(f"{dst} holds an unfinished store made with other settings or another "
                                 f"source; pass --force to start over, or choose another -o.")
             if force:
                 _clear_store(dst)
                 old = None
-            else:
-                man["files"] = {f: m for f, m in old["files"].items()
-                                if (dst / f).exists() and (dst / f).stat().st_size == m["bytes"]}
+            else:                 # resume, or repair a complete store: rewrite what is missing or damaged
+                man["files"] = intact
         elif not force:
             raise AmedError(f"{dst} is not empty and is not an amed store; choose another -o or pass --force.")
         else:
             _clear_store(dst)
-    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AmedError(f"cannot create {dst}: {e.strerror.lower()}; choose another -o.") from None
+    if not os.access(dst, os.W_OK | os.X_OK):
+        raise AmedError(f"cannot write into {dst}: permission denied; choose another -o.")
     return old
 
 

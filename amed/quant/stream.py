@@ -39,7 +39,8 @@ from amed.formats.checkpoint import DTYPES, ShardedCheckpoint, TensorSpec, read_
 from amed.config import ModelConfig
 from amed.formats.container import ContainerWriter, sha256_file, write_json_atomic
 from amed.errors import AmedError
-from amed.quant.convert import Settings, convert_tensor, manifest_skeleton, plan_store, prepare_output, source_fingerprint, summarize
+from amed.quant.convert import (Settings, convert_tensor, manifest_skeleton, plan_store, prepare_output,
+                                side_file_entries, source_fingerprint, summarize)
 from amed.formats.store import COPIED_FILES, MANIFEST
 
 INDEX = "model.safetensors.index.json"
@@ -256,9 +257,10 @@ def _run(plan, remote, dst, dl, settings, token, force, progress, overlap, retri
         raise AmedError(f"internal error: store files {', '.join(missing)} were not completed.")
 
     # ---- the end: exactly what quantize_model writes
-    for name in COPIED_FILES:
-        if (dl / name).exists():
-            shutil.copyfile(dl / name, dst / name)
+    side = {name: (dl / name).read_bytes() for name in COPIED_FILES if (dl / name).exists()}
+    for name, data in side.items():
+        (dst / name).write_bytes(data)
+    man["side_files"] = side_file_entries(side)
     man["files"] = {fp.name: man["files"][fp.name] for fp in plans}
     man["complete"] = True
     write_json_atomic(dst / MANIFEST, man)

@@ -272,6 +272,12 @@ class Tokenizer:
             eos_token_id=eos_id,
         )
 
+    def use_template(self, source: str) -> None:
+        """Replace the chat template (`amed chat --chat-template FILE`); compiled in the same sandbox."""
+        self._template = compile_chat_template(source)
+        self.chat_template = source
+        self.template_is_fallback = False
+
     # ---- text <-> ids ----
     @property
     def vocab_size(self) -> int:
