@@ -433,7 +433,9 @@ def silu_mul(gate, up, out):
         t = i // N
         c = i - t * N
         g = gate[t, c]
-        out[t, c] = g / (float32(1.0) + math.exp(-g)) * up[t, c]
+        # exp's argument capped: for g < -80 silu(g) is below 1e-33 either way, and the simulator's
+        # math.exp raises OverflowError where a GPU returns inf
+        out[t, c] = g / (float32(1.0) + math.exp(min(-g, float32(80.0)))) * up[t, c]
 
 
 @cuda.jit
