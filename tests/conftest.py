@@ -1,5 +1,10 @@
+import os
 import sys
 from pathlib import Path
+
+# CUDA tests run in Numba's CUDA simulator unless told otherwise (NUMBA_ENABLE_CUDASIM=0 on a GPU
+# machine: bench/gpu_check.sh). Numba reads this when numba.cuda is first imported.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 import pytest
 

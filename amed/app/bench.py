@@ -393,7 +393,8 @@ def format_rows(rows: list[dict], fmt: str) -> str:
         er = r.get("experts_resident")
         from amed.hub import fmt_bytes
 
-        cells = [r["model"], fmt_bytes(r["size_gb"] * 1e9), r["quant"], str(r["threads"]), r["test"],
+        device = r.get("device", "cpu")
+        cells = [r["model"] + ("" if device == "cpu" else f" ({device})"), fmt_bytes(r["size_gb"] * 1e9), r["quant"], str(r["threads"]), r["test"],
                  f"{r['tps_mean']:.2f} ± {r['tps_sd']:.2f}",
                  "" if decode else f"{r['ttft_s']:.3f} s", f"{r['peak_rss_gb']:.2f} GB",
                  f"{r['bytes_per_token'] / 1e6:.1f} MB" if decode else "",
@@ -420,6 +421,8 @@ class BenchPlan:
     prefetch: list = field(default_factory=lambda: ["on"])
     lookahead: list = field(default_factory=lambda: ["auto"])
     cold: bool = False
+    device: str = "cpu"              # cpu | cuda
+    gpu_experts: int | str = 0       # with cuda: experts per layer cached in VRAM (or "auto")
 
 
 def synthetic_store(preset: str, layers: int, bits: int, console, experts: int | None = None) -> Path:
@@ -498,10 +501,10 @@ def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
     counts = plan.threads or [numba.config.NUMBA_NUM_THREADS]
     if kernel_cache_cold():
         console.print("[dim]compiling kernels (first run only, ~1 min; reported apart as compile time)...[/]")
-    options = ExpertOptions.from_env(max_ram=ram)
+    options = ExpertOptions.from_env(max_ram=ram, gpu_experts=plan.gpu_experts)
     home = amed_home()
     m = load(path, ctx_size=max(plan.ctx_size, depth + max(n_prompts, default=0) + max(n_gens, default=0) + 16),
-             experts=options,
+             experts=options, device=plan.device,
              log=lambda msg: console.print(f"[yellow]{msg}[/]"))
     tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
     if not (home / "membw.json").exists():
@@ -537,7 +540,10 @@ def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
                 console.print(f"[dim]{path.name}: {n} threads, prefetch {pf}, look-ahead {la}, pp{n_prompt} "
                               f"tg{n_gen} x {reps}...[/]")
                 rec = run_bench(m, tok, n_prompt, n_gen, reps, random_ids, depth=depth, warm_prompt=not cold)
-                rows += bench_rows(rec, n_gen, reps, path, size, qdesc, n, bw, cache, pf, la, ram)
+                new = bench_rows(rec, n_gen, reps, path, size, qdesc, n, bw, cache, pf, la, ram)
+                for row in new:
+                    row["device"] = plan.device if plan.device == "cpu" else f"{plan.device}, {plan.gpu_experts} gpu experts"
+                rows += new
         if cache is not None and cache.bounded:
             # and again after it: the faster of the two probes sets the ceiling (the strictest;
             # this VM's disk swung 0.1-2.5 GB/s between one minute and the next)

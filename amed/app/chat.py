@@ -300,7 +300,8 @@ def compile_ahead(err: Console) -> float:
 def run_command(path, err: Console, *, prompt: str | None = None, system_prompt: str | None = None,
                 max_tokens: int = 1024, ctx_size: int = 4096, sampling: dict | None = None,
                 verbose: bool = False, max_ram=None, prefetch: bool = True, threads: int | None = None,
-                stops=(), as_json: bool = False, chat_template: str | None = None, raw: bool = False) -> None:
+                stops=(), as_json: bool = False, chat_template: str | None = None, raw: bool = False,
+                device: str = "cpu", gpu_experts: int | str = 0) -> None:
     """`amed chat`: load the model at `path`; answer `prompt` on stdout and return, or (no
     prompt) run the interactive loop. `sampling` overrides the model's generation_config;
     `max_tokens` -1 means until a stop token or the context is full; `stops` end an answer before
@@ -318,7 +319,7 @@ def run_command(path, err: Console, *, prompt: str | None = None, system_prompt:
     err.print(f"[dim]{NOTICE}[/]")
 
     t0 = time.perf_counter()
-    m = load(path, ctx_size=ctx_size, max_ram=max_ram, prefetch=prefetch,
+    m = load(path, ctx_size=ctx_size, max_ram=max_ram, prefetch=prefetch, device=device, gpu_experts=gpu_experts,
              log=lambda msg: err.print(f"[yellow]{msg}[/]"))
     load_s = time.perf_counter() - t0
     trained = m.config.max_position_embeddings

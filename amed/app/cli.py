@@ -348,6 +348,12 @@ ModelOpt = Annotated[Optional[Path], typer.Option("-m", "--model", help="Store o
                                                   "(default: $AMED_MODEL, then the default store).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads, 1 to the number of cores "
                                                   "(default or 0: all cores).")]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", rich_help_panel="Device",
+    help="cpu, or cuda: dense weights on an NVIDIA GPU (needs pip install 'amed[cuda]'), routed experts on the CPU.")]
+GpuExpertsOpt = Annotated[str, typer.Option(
+    "--gpu-experts", metavar="N|auto", rich_help_panel="Device",
+    help="With --device cuda: routed experts per layer cached in VRAM (the most used), or auto: as many as fit.")]
 MaxRamOpt = Annotated[Optional[str], typer.Option(
     "--max-ram", metavar="SIZE", rich_help_panel="Memory",
     help="Bound on resident memory, e.g. 16G, 16GiB, 12000M (G = GiB, GB = 10^9). Dense weights stay "
@@ -393,6 +399,8 @@ def chat(
     no_template: Annotated[bool, typer.Option("--no-template", help="One-shot raw completion: the prompt goes to "
                                               "the model as it is, with no chat template; prints the "
                                               "continuation.")] = False,
+    device: DeviceOpt = "cpu",
+    gpu_experts: GpuExpertsOpt = "0",
 ):
     """Talk to the model, with tokens streaming as they are generated.
 
@@ -431,7 +439,8 @@ def chat(
                 sampling=dict(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                               repetition_penalty=repeat_penalty, seed=seed),
                 verbose=verbose, max_ram=max_ram, prefetch=not no_prefetch, threads=n_threads,
-                stops=stop or (), as_json=as_json, chat_template=template_text, raw=no_template)
+                stops=stop or (), as_json=as_json, chat_template=template_text, raw=no_template,
+                device=device, gpu_experts=gpu_experts)
 
 # ---------------------------------------------------------------------------------------------
 # serve
@@ -505,6 +514,8 @@ def bench(
     experts: Annotated[Optional[int], typer.Option("--experts", help="With --synthetic: routed experts per "
                                                    "layer (default: the preset's).")] = None,
     bits: Annotated[int, typer.Option("--bits", help="With --synthetic: 4 or 8.")] = 4,
+    device: DeviceOpt = "cpu",
+    gpu_experts: GpuExpertsOpt = "0",
 ):
     """Measure prefill and decode speed, memory, and how close that is to the hardware.
 
@@ -534,7 +545,7 @@ def bench(
     path = synthetic_store(synthetic, layers, bits, err, experts) if synthetic else resolve_model(model)
     plan = BenchPlan(n_prompt=n_prompts, n_gen=n_gens, reps=reps, depth=depth, threads=counts, output=output,
                      random_ids=random_ids, ctx_size=ctx_size, max_ram=ram, prefetch=prefetches,
-                     lookahead=lookaheads, cold=cold)
+                     lookahead=lookaheads, cold=cold, device=device, gpu_experts=gpu_experts)
     run_command(path, plan, err, set_threads)
 
 

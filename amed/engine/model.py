@@ -47,7 +47,7 @@ class Model:
     # ---- sequences ------------------------------------------------------------------------
     def new_state(self, ctx_size: int | None = None) -> State:
         """A fresh sequence over this model (its own KV cache)."""
-        return State(self.config, ctx_size or self.ctx_size)
+        return State(self.config, ctx_size or self.ctx_size, self.backend)
 
     @property
     def pos(self) -> int:
@@ -90,24 +90,23 @@ class Model:
             raise AmedError(f"token id out of range [0, {c.vocab_size}).")
         s.ensure_capacity(s.pos + T)
 
-        x = w.embed.rows_f32(ids)                                          # [T, H]
-        h = np.empty_like(x)
+        x = B.to_device(w.embed.rows_f32(ids))                             # [T, H]
+        h = B.empty(x.shape)
         for L, lw in enumerate(w.layers):
             B.rmsnorm(x, lw.attn_norm, c.rms_norm_eps, h)
-            x += self._attention(s, L, lw, h)
+            B.add(x, self._attention(s, L, lw, h))                         # x += ...
             B.rmsnorm(x, lw.ffn_norm, c.rms_norm_eps, h)
             if lw.router is None:
-                x += lw.mlp(h)                                             # SwiGLU
+                B.add(x, lw.mlp(h))                                        # SwiGLU
             else:
-                x += self._moe(L, lw, h)
+                B.add(x, self._moe(L, lw, h))
         s.pos += T
         s.tokens_forwarded += T
 
         if not all_logits:
             x = x[-1:]
         B.rmsnorm(x, w.norm, c.rms_norm_eps, x)
-        logits = np.empty((x.shape[0], c.vocab_size), F32)
-        w.lm_head.matmul(x, logits)                                        # [T or 1, V]
+        logits = B.to_host(w.lm_head.matmul(x, B.empty((x.shape[0], c.vocab_size))))   # [T or 1, V]
         return logits if all_logits else logits[0]
 
     def forward_batch(self, ids, states: list[State]) -> np.ndarray:
@@ -131,23 +130,21 @@ class Model:
         for s in states:
             s.ensure_capacity(s.pos + 1)
 
-        x = w.embed.rows_f32(ids)                                          # [N, H]
-        h = np.empty_like(x)
+        x = B.to_device(w.embed.rows_f32(ids))                             # [N, H]
+        h = B.empty(x.shape)
         for L, lw in enumerate(w.layers):
             B.rmsnorm(x, lw.attn_norm, c.rms_norm_eps, h)
-            x += self._attention_batch(states, L, lw, h)
+            B.add(x, self._attention_batch(states, L, lw, h))
             B.rmsnorm(x, lw.ffn_norm, c.rms_norm_eps, h)
             if lw.router is None:
-                x += lw.mlp(h)
+                B.add(x, lw.mlp(h))
             else:
-                x += self._moe(L, lw, h)                                   # experts grouped over N
+                B.add(x, self._moe(L, lw, h))                              # experts grouped over N
         for s in states:
             s.pos += 1
             s.tokens_forwarded += 1
         B.rmsnorm(x, w.norm, c.rms_norm_eps, x)
-        logits = np.empty((N, c.vocab_size), F32)
-        w.lm_head.matmul(x, logits)                                        # [N, V]
-        return logits
+        return B.to_host(w.lm_head.matmul(x, B.empty((N, c.vocab_size))))   # [N, V]
 
     def logits(self, ids, state: State | None = None) -> np.ndarray:
         """Logits for every position of `ids` in a fresh context: float32 [len, V]."""
@@ -157,29 +154,29 @@ class Model:
 
     # ---- blocks ---------------------------------------------------------------------------
     def _attention(self, s: State, L: int, lw, h: np.ndarray) -> np.ndarray:
-        c = self.config
+        c, B = self.config, self.backend
         T = h.shape[0]
         nh, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_size
-        qkv = lw.qkv.matmul(h, np.empty((T, (nh + 2 * nkv) * d), F32))    # [T, (nh+2nkv) d]
-        q = np.empty((T, nh, d), F32)
+        qkv = lw.qkv.matmul(h, B.empty((T, (nh + 2 * nkv) * d)))          # [T, (nh+2nkv) d]
+        q = B.empty((T, nh, d))
         no_norm = np.ones(d, F32)
         self.backend.qk_norm_rope_store(
             qkv, nh, nkv, d, c.rot_dim, lw.q_norm if lw.q_norm is not None else no_norm,
             lw.k_norm if lw.k_norm is not None else no_norm, c.use_qk_norm, c.rms_norm_eps,
             s.cos, s.sin, s.pos, q, s.k_cache[L], s.v_cache[L])
-        att = np.empty((T, nh * d), F32)
+        att = B.empty((T, nh * d))
         self.backend.attention(q, s.k_cache[L], s.v_cache[L], s.pos, att)  # [T, nh d]
-        return lw.attn_out.matmul(att, np.empty((T, c.hidden_size), F32))  # [T, H]
+        return lw.attn_out.matmul(att, B.empty((T, c.hidden_size)))        # [T, H]
 
     def _attention_batch(self, states: list[State], L: int, lw, h: np.ndarray) -> np.ndarray:
         """_attention for one new token of each of N sequences: QKV and output projections over
         the N rows at once, RoPE, cache writes and attention per sequence at its own position."""
-        c = self.config
+        c, B = self.config, self.backend
         N = h.shape[0]
         nh, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_size
-        qkv = lw.qkv.matmul(h, np.empty((N, (nh + 2 * nkv) * d), F32))
-        q = np.empty((N, nh, d), F32)
-        att = np.empty((N, nh * d), F32)
+        qkv = lw.qkv.matmul(h, B.empty((N, (nh + 2 * nkv) * d)))
+        q = B.empty((N, nh, d))
+        att = B.empty((N, nh * d))
         no_norm = np.ones(d, F32)
         for i, s in enumerate(states):
             self.backend.qk_norm_rope_store(
@@ -187,27 +184,32 @@ class Model:
                 lw.k_norm if lw.k_norm is not None else no_norm, c.use_qk_norm, c.rms_norm_eps,
                 s.cos, s.sin, s.pos, q[i:i + 1], s.k_cache[L], s.v_cache[L])
             self.backend.attention(q[i:i + 1], s.k_cache[L], s.v_cache[L], s.pos, att[i:i + 1])
-        return lw.attn_out.matmul(att, np.empty((N, c.hidden_size), F32))
+        return lw.attn_out.matmul(att, B.empty((N, c.hidden_size)))
 
-    def _moe(self, L: int, lw, h: np.ndarray) -> np.ndarray:
-        c = self.config
+    def _moe(self, L: int, lw, h):
+        """The MoE block for h [T, H] (the backend's array). Routing and the routed experts run on
+        the host (h crosses over once; on the CPU backend it is already there); the shared expert
+        runs on the backend, started first so that it overlaps the routed experts."""
+        c, B = self.config, self.backend
         T, k = h.shape[0], c.num_experts_per_tok
-        logits = lw.router.matmul(h, np.empty((T, c.num_experts), F32))   # [T, E] fp32
+        logits = B.to_host(lw.router.matmul(h, B.empty((T, c.num_experts))))   # [T, E] fp32
         idx = np.empty((T, k), np.int64)
         wts = np.empty((T, k), F32)
         self.backend.route(logits, lw.expert_bias, c.n_group, c.topk_group, k, c.routed_scaling_factor,
                            idx, wts)
+        hh = B.to_host(h)
         if T == 1:
-            return self._moe_one_token(L, lw, h, idx[0], wts[0])
-        out = np.zeros_like(h)
+            return B.to_device(self._moe_one_token(L, lw, h, hh, idx[0], wts[0]))
+        out = np.zeros_like(hh)
         for t0 in range(0, T, MOE_CHUNK):
             t1 = min(T, t0 + MOE_CHUNK)
-            self._moe_tokens(L, lw, h[t0:t1], idx[t0:t1], wts[t0:t1], out[t0:t1])
-        return out
+            self._moe_tokens(L, lw, h[t0:t1], hh[t0:t1], idx[t0:t1], wts[t0:t1], out[t0:t1])
+        return B.to_device(out)
 
-    def _moe_tokens(self, L: int, lw, h: np.ndarray, idx: np.ndarray, wts: np.ndarray, out: np.ndarray) -> None:
-        """out (zeros) = the MoE output for tokens h [T, H] (T <= MOE_CHUNK): the routed experts'
-        weighted outputs summed in expert-id order, then the shared expert's."""
+    def _moe_tokens(self, L: int, lw, h, hh: np.ndarray, idx: np.ndarray, wts: np.ndarray, out: np.ndarray) -> None:
+        """out (zeros, host) = the MoE output for tokens h [T, H] (T <= MOE_CHUNK; hh: h on the
+        host): the routed experts' weighted outputs summed in expert-id order, then the shared
+        expert's."""
         k = idx.shape[1]
         # Group tokens by expert so each chosen expert's weights are read once for the batch;
         # experts nobody chose are never touched (their pages never leave the disk). Gathered
@@ -218,51 +220,53 @@ class Model:
         ends = np.append(starts[1:], len(flat))
         span = dict(zip(experts.tolist(), zip(starts.tolist(), ends.tolist())))
         tok = order // k
-        hs = h[tok]                                                        # [T k, H]
+        hs = hh[tok]                                                       # [T k, H]
         ys = np.empty_like(hs)
         # The provider starts reading experts not in memory and returns the order to compute
         # them in (ready ones first); the shared expert runs first: it needs no read.
-        run = self.experts.start(L, list(span), h)
+        run = self.experts.start(L, list(span), hh)
         shared = lw.shared(h) if lw.shared is not None else None
         for e in run:
             a, b = span[e]
             self.experts.get(L, e)(hs[a:b], ys[a:b])
         self.backend.moe_combine(out, ys, tok, wts.reshape(-1)[order])    # in expert-id order
         if shared is not None:
-            out += shared                                                  # shared expert, weight 1
+            out += self.backend.to_host(shared)                            # shared expert, weight 1
 
-    def _moe_one_token(self, L: int, lw, h: np.ndarray, idx: np.ndarray, wts: np.ndarray) -> np.ndarray:
+    def _moe_one_token(self, L: int, lw, h, hh: np.ndarray, idx: np.ndarray, wts: np.ndarray) -> np.ndarray:
         """_moe for one token (decode), without the grouping: the same sums in the same order
         (expert-id order, then the shared expert), so the logits are bit-identical. Python work per
         layer matters here: it is paid 32 times per decoded token."""
         order = np.argsort(idx)
         experts = idx[order].tolist()                                      # ascending ids
         wsel = wts[order]
-        run = self.experts.start(L, experts, h)
+        run = self.experts.start(L, experts, hh)
         shared = lw.shared(h) if lw.shared is not None else None
-        out = np.zeros_like(h)
+        out = np.zeros_like(hh)
         ys = {}
         nxt = 0                                     # next expert (in id order) to add to the sum
         get = self.experts.get
         for e in run:
-            ys[e] = get(L, e)(h)
+            ys[e] = get(L, e)(hh)
             while nxt < len(experts) and experts[nxt] in ys:
                 out += wsel[nxt] * ys.pop(experts[nxt])
                 nxt += 1
         if shared is not None:
-            out += shared
+            out += self.backend.to_host(shared)
         return out
 
 
 def load(path, ctx_size: int = 4096, max_ram=None, prefetch: bool = True, lookahead: str = "auto",
-         log=None, experts=None, device: str = "cpu") -> Model:
+         log=None, experts=None, device: str = "cpu", gpu_experts: int | str = 0) -> Model:
     """Open a Hugging Face checkpoint directory or an amed store directory.
 
     For a store, `max_ram` (bytes or "16G"; default: from available memory) bounds what stays
     resident: dense weights always, routed experts in a cache within the rest, the least used
     evicted first (engine/experts). `prefetch` reads chosen experts ahead; `lookahead` ("auto",
     "on", "off") also guesses the next layer's. `experts` (an ExpertOptions) sets all of these at
-    once instead (and the I/O mode). `log(message)` receives warnings."""
+    once instead (and the I/O mode). `log(message)` receives warnings. `device` "cuda" runs the
+    dense weights on an NVIDIA GPU (engine/backends/cuda), with `gpu_experts` (a number or "auto")
+    routed experts per layer cached in VRAM, the rest on the CPU."""
     from amed.engine.backends import get_backend
     from amed.engine.experts import ExpertOptions
     from amed.engine.weights import build_weights
@@ -280,7 +284,7 @@ def load(path, ctx_size: int = 4096, max_ram=None, prefetch: bool = True, lookah
         source = Checkpoint(path)
     backend = get_backend(device)
     options = experts if experts is not None else \
-        ExpertOptions.from_env(max_ram=max_ram, prefetch=prefetch, lookahead=lookahead)
+        ExpertOptions.from_env(max_ram=max_ram, prefetch=prefetch, lookahead=lookahead, gpu_experts=gpu_experts)
     model = Model(source.config, build_weights(source.config, source, backend), None, backend,
                   ctx_size=ctx_size, source=source)
     model.use_experts(options, log=log)

@@ -22,19 +22,24 @@ class State:
     """KV cache [layer][nkv, S, d] for S positions (grown by doubling when a forward would run past
     it), the number of positions filled (`pos`), and the tokens ever run through it."""
 
-    def __init__(self, config, ctx_size: int = 4096):
+    def __init__(self, config, ctx_size: int = 4096, backend=None):
         self.config = config
+        self.backend = backend     # where the cache lives (None: NumPy arrays in host memory)
         self.pos = 0               # tokens in the KV cache
         self.tokens_forwarded = 0  # total tokens ever run through it: lets tests count prefill
         self._alloc(max(16, min(ctx_size, config.max_position_embeddings)))
 
     def _alloc(self, capacity: int) -> None:
         c = self.config
+        B = self.backend
+        zeros = (lambda shape: np.zeros(shape, F32)) if B is None else B.zeros
         shape = (c.num_key_value_heads, capacity, c.head_size)               # [nkv, S, d]
-        self.k_cache = [np.zeros(shape, F32) for _ in range(c.num_hidden_layers)]
-        self.v_cache = [np.zeros(shape, F32) for _ in range(c.num_hidden_layers)]
+        self.k_cache = [zeros(shape) for _ in range(c.num_hidden_layers)]
+        self.v_cache = [zeros(shape) for _ in range(c.num_hidden_layers)]
         self.capacity = capacity
         self.cos, self.sin = rope_tables(capacity, c.rot_dim, c.rope_theta)
+        if B is not None:
+            self.cos, self.sin = B.to_device(self.cos), B.to_device(self.sin)
 
     def ensure_capacity(self, needed: int) -> None:
         """Grow the cache (doubling) when a forward would run past its end; keeps the context."""
@@ -43,8 +48,12 @@ class State:
         old_k, old_v, n = self.k_cache, self.v_cache, self.pos
         self._alloc(max(needed, 2 * self.capacity))
         for L in range(self.config.num_hidden_layers):
-            self.k_cache[L][:, :n] = old_k[L][:, :n]
-            self.v_cache[L][:, :n] = old_v[L][:, :n]
+            if self.backend is None:
+                self.k_cache[L][:, :n] = old_k[L][:, :n]
+                self.v_cache[L][:, :n] = old_v[L][:, :n]
+            else:
+                self.backend.copy_prefix(self.k_cache[L], old_k[L], n)
+                self.backend.copy_prefix(self.v_cache[L], old_v[L], n)
 
     @property
     def nbytes(self) -> int:

@@ -35,7 +35,7 @@ def build_weights(cfg, source, backend) -> Weights:
     matrix = lambda name: backend.linear(source.matrix(name))         # noqa: E731
     swiglu = lambda b, suffix: backend.swiglu(*(source.matrix(f"{b}ffn_{m}{suffix}")   # noqa: E731
                                              for m in ("gate", "up", "down")))
-    vector = source.vector
+    vector = lambda name: backend.vector(source.vector(name))           # noqa: E731 - norms
     layers = []
     for L in range(cfg.num_hidden_layers):
         b = f"blk.{L}."
@@ -47,9 +47,10 @@ def build_weights(cfg, source, backend) -> Weights:
             lw.mlp = swiglu(b, "")
         else:
             lw.router = matrix(b + "ffn_gate_inp")   # bf16/f32 only: the router runs in fp32 (§2d)
-            lw.expert_bias = (vector(b + "exp_probs_b") if cfg.moe_router_enable_expert_bias
+            # routing runs on the host (it decides which experts run where): a host array
+            lw.expert_bias = (source.vector(b + "exp_probs_b") if cfg.moe_router_enable_expert_bias
                               else np.zeros(cfg.num_experts, np.float32))
             if cfg.num_shared_experts:
                 lw.shared = swiglu(b, "_shexp")
         layers.append(lw)
-    return Weights(matrix("token_embd"), layers, vector("output_norm"), matrix("output"))
+    return Weights(backend.embedding(source.matrix("token_embd")), layers, vector("output_norm"), matrix("output"))

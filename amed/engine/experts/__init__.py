@@ -46,6 +46,7 @@ class ExpertOptions:
     readers: int = 4                   # reader threads
     guess_readers: int = 2             # of which at most this many read look-ahead guesses
     expert_budget: int | None = None   # expert bytes, directly (tests and bench variants)
+    gpu_experts: int | str = 0         # --device cuda: experts per layer cached in VRAM (a number or "auto")
 
     @classmethod
     def from_env(cls, **kw) -> "ExpertOptions":
@@ -69,6 +70,8 @@ class ExpertOptions:
             raise AmedError(f"unknown eviction mode {self.evict!r}; use one of {', '.join(EVICT_ADVICE)}.")
         if self.lookahead not in LOOKAHEAD_MODES:
             raise AmedError(f"--lookahead takes auto, on or off, not {self.lookahead!r}.")
+        if self.gpu_experts != "auto" and not (str(self.gpu_experts).isdigit()):
+            raise AmedError(f"--gpu-experts takes a number of experts per layer or auto, not {self.gpu_experts!r}.")
         return self
 
     def replace(self, **kw) -> "ExpertOptions":
@@ -143,6 +146,28 @@ class SlotExperts(CachedExperts):
 # ---- choosing and wiring a provider -----------------------------------------------------------------
 
 def open_experts(model, options: ExpertOptions | None = None, log=None) -> ExpertProvider:
+    """The provider for `model.source` (see _host_experts); on a GPU with `options.gpu_experts`,
+    wrapped so that the most used experts of each layer are cached in VRAM (gpu.py)."""
+    o = (options or ExpertOptions()).validate()
+    provider = _host_experts(model, o, log)
+    backend = model.backend
+    if backend.name != "cuda":
+        return provider
+    from amed.engine.experts.gpu import GPUExperts, experts_per_layer, placement_line
+
+    store = model.source
+    per_layer = experts_per_layer(o.gpu_experts, model.config, store, backend.free_vram())
+    if log:
+        log(placement_line(per_layer, model.config, store, backend.uploaded))
+    if not per_layer:
+        return provider
+
+    def bind_gpu(L, e):
+        return backend.swiglu(*store.expert(L, e))
+    return GPUExperts(provider, bind_gpu, per_layer)
+
+
+def _host_experts(model, o: ExpertOptions, log=None) -> ExpertProvider:
     """The provider for `model.source`: a checkpoint's experts stay in its maps; a store's get an
     expert cache whose budget is
 
@@ -150,11 +175,11 @@ def open_experts(model, options: ExpertOptions | None = None, log=None) -> Exper
 
     (or `options.expert_budget`): unbounded when every expert fits (then only counting, with the
     store's own MADV_WILLNEED prefetch), else a SlotCache (io "slots") or an mmap ExpertCache."""
-    o = (options or ExpertOptions()).validate()
     store, backend = model.source, model.backend
+    swiglu = backend.routed_backend.swiglu       # routed experts run on the CPU, whatever the device
 
     def bind(L, e):
-        return backend.swiglu(*store.expert(L, e))
+        return swiglu(*store.expert(L, e))
 
     info = getattr(store, "experts_info", None)
     if not info:
@@ -196,7 +221,7 @@ def open_experts(model, options: ExpertOptions | None = None, log=None) -> Exper
     per_token = c.num_experts_per_tok * max(1, moe_layers)                        # expert uses
     order = dict(half_life=HALF_LIFE_TOKENS * per_token, recent=per_token)
     if budget is not None and o.io == "slots":
-        cache = SlotCache(budget, store, backend.swiglu, prefetch=o.prefetch, readers=o.readers,
+        cache = SlotCache(budget, store, swiglu, prefetch=o.prefetch, readers=o.readers,
                           guess_readers=o.guess_readers, **order)
         kind = SlotExperts
     else:

@@ -3,6 +3,8 @@ dispatch.py: which kernel a weight's format and layout take)."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from amed.engine.backends.cpu import dispatch, kernels
 
 
@@ -17,3 +19,32 @@ class CPUBackend:
     attention = staticmethod(kernels.attention)
     route = staticmethod(kernels.route)
     moe_combine = staticmethod(kernels.moe_combine)
+    embedding = staticmethod(dispatch.linear)
+
+    # activations are NumPy arrays in host memory: these are the plain NumPy operations
+    vector = staticmethod(lambda v: v)
+    to_host = staticmethod(lambda a: a)
+    to_device = staticmethod(lambda a: a)
+    empty = staticmethod(lambda shape: np.empty(shape, np.float32))
+    zeros = staticmethod(lambda shape: np.zeros(shape, np.float32))
+    zeros_like = staticmethod(np.zeros_like)
+
+    @property
+    def routed_backend(self):
+        """The backend routed experts run on: this one."""
+        return self
+
+    @staticmethod
+    def add(x, y):
+        """x += y (in place); returns x."""
+        x += y
+        return x
+
+    @staticmethod
+    def copy_prefix(dst, src, n: int) -> None:
+        """dst[:, :n] = src[:, :n] (growing the KV cache)."""
+        dst[:, :n] = src[:, :n]
+
+    @staticmethod
+    def synchronize() -> None:
+        pass

@@ -1,0 +1,191 @@
+"""The CUDA backend (engine/backends/cuda): every kernel against NumPy, and the whole model against
+the CPU, in Numba's CUDA simulator (conftest.py sets NUMBA_ENABLE_CUDASIM=1 unless the environment
+says 0: then on a real GPU, as bench/gpu_check.sh runs them); every kernel compiled to PTX for
+sm_75/86/89/120 in a subprocess (compile_ptx needs the real CUDA target, the simulator replaces it
+for the whole process). The simulator runs each GPU thread as a Python thread: shapes stay tiny."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import amed
+from amed.errors import AmedError
+from amed.quant.formats import dequantize, quantize
+
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+ROOT = Path(__file__).parent.parent
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def B():
+    """The backend; in the simulator, with a short GIL switch interval: its block manager polls
+    the block's threads, and at the default 5 ms most of a launch is spent waiting for the GIL."""
+    pytest.importorskip("numba.cuda")
+    from amed.engine.backends.cuda import CUDABackend
+
+    old = sys.getswitchinterval()
+    if SIM:
+        sys.setswitchinterval(1e-5)
+    b = CUDABackend()
+    b.nt = 32                 # 4 threads per row in the rows layout: the reductions run (the model: 8, 1 per row)
+    yield b
+    sys.setswitchinterval(old)
+
+
+def _rng():
+    return np.random.default_rng(18)
+
+
+# ---- kernels ------------------------------------------------------------------------------------
+
+MATRICES = [("q4", 32, "rows"), ("q4", 64, "rows"), ("q6", 32, "rows"), ("q6", 64, "rows"), ("q8", 32, "rows"),
+            ("q4", 32, "r8"), ("q8", 64, "r8"), ("bf16", 0, ""), ("f32", 0, "")]
+
+
+@pytest.mark.parametrize("fmt,group,layout", MATRICES, ids=[f"{f}-g{g}-{l}" for f, g, l in MATRICES])
+def test_matmul_matches_numpy(B, fmt, group, layout):
+    """out = x @ W.T for every format and layout, one token (decode) and 9 (two token blocks);
+    20 rows in the rows layout (a partial block of 8), 16 in r8."""
+    rng = _rng()
+    N, K = (16 if layout == "r8" else 20), 128
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    if fmt == "f32":
+        m, ref = w, w
+    elif fmt == "bf16":
+        m = (w.view(np.uint32) >> 16).astype(np.uint16)
+        ref = (m.astype(np.uint32) << 16).view(np.float32)
+    else:
+        m = quantize(w, fmt, group, layout=layout)
+        ref = dequantize(m)
+    lin = B.linear(m)
+    for T in (1, 9):
+        x = rng.standard_normal((T, K)).astype(np.float32)
+        got = B.to_host(lin.matmul(B.to_device(x), B.empty((T, N))))
+        want = x.astype(np.float64) @ ref.T.astype(np.float64)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+        host = lin.matmul(x, np.empty((T, N), np.float32))          # host arrays in and out
+        np.testing.assert_array_equal(host, got)
+
+
+def test_rmsnorm_silu_add(B):
+    rng = _rng()
+    x = rng.standard_normal((3, 40)).astype(np.float32)
+    w = rng.standard_normal(40).astype(np.float32)
+    out = B.empty(x.shape)
+    B.rmsnorm(B.to_device(x), B.vector(w), 1e-6, out)
+    want = w * x / np.sqrt((x.astype(np.float64) ** 2).mean(1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(B.to_host(out), want, rtol=1e-5, atol=1e-6)
+    g, u = rng.standard_normal((2, 3, 40)).astype(np.float32)
+    d = B.empty(g.shape)
+    B.silu_mul(B.to_device(g), B.to_device(u), d)
+    np.testing.assert_allclose(B.to_host(d), g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
+    a = B.to_device(x)
+    B.add(a, x)                                                        # a host y is copied up
+    np.testing.assert_array_equal(B.to_host(a), 2 * x)
+
+
+def test_qk_norm_rope_and_attention_match_cpu(B):
+    """QK-norm + partial RoPE into the KV cache, then causal GQA attention (3 new tokens after 2
+    cached ones), against the CPU kernels (which tests/test_kernels.py holds to NumPy)."""
+    from amed.engine.backends.cpu import kernels as C
+    from amed.engine.state import rope_tables
+
+    rng = _rng()
+    T, nh, nkv, d, rot, S, pos = 3, 4, 2, 16, 8, 8, 2
+    qkv = rng.standard_normal((T, (nh + 2 * nkv) * d)).astype(np.float32)
+    qn, kn = (1 + 0.1 * rng.standard_normal((2, d))).astype(np.float32)
+    cos, sin = rope_tables(S, rot, 10000.0)
+    kc0 = rng.standard_normal((nkv, S, d)).astype(np.float32)
+    vc0 = rng.standard_normal((nkv, S, d)).astype(np.float32)
+    q, kc, vc = np.empty((T, nh, d), np.float32), kc0.copy(), vc0.copy()
+    C.qk_norm_rope_store(qkv, nh, nkv, d, rot, qn, kn, True, 1e-6, cos, sin, pos, q, kc, vc)
+    att = np.empty((T, nh * d), np.float32)
+    C.attention(q, kc, vc, pos, att)
+
+    dq, dk, dv = B.empty((T, nh, d)), B.to_device(kc0), B.to_device(vc0)
+    B.qk_norm_rope_store(B.to_device(qkv), nh, nkv, d, rot, B.vector(qn), B.vector(kn), True, 1e-6,
+                         B.to_device(cos), B.to_device(sin), pos, dq, dk, dv)
+    np.testing.assert_allclose(B.to_host(dq), q, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(B.to_host(dk)[:, :pos + T], kc[:, :pos + T], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(B.to_host(dv)[:, :pos + T], vc[:, :pos + T])
+    datt = B.empty((T, nh * d))
+    B.attention(dq, dk, dv, pos, datt)
+    np.testing.assert_allclose(B.to_host(datt), att, rtol=1e-5, atol=1e-5)
+
+
+# ---- the whole model ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def store(golden_store):
+    return golden_store(bits=4)          # q4 r8 experts, q8 r8 dense, q6 rows lm_head
+
+
+def _prefill_then_decode(m, ids):
+    full = m.logits(ids[:3])
+    step = m.forward(ids[3:4])
+    return full, step
+
+
+@pytest.mark.parametrize("gpu_experts", [0, "auto"])
+def test_model_on_cuda_equals_cpu(B, store, gpu_experts):
+    """Prefill 3 tokens then decode 1 on the GPU (experts on the CPU, or all in VRAM): the logits
+    equal the CPU's to 1e-4."""
+    ids = [5, 17, 99, 3]
+    want_full, want_step = _prefill_then_decode(amed.load(store), ids)
+    lines = []
+    if SIM:
+        sys.setswitchinterval(1e-5)       # the B fixture restores it
+    m = amed.load(store, device="cuda", gpu_experts=gpu_experts, log=lines.append)
+    full, step = _prefill_then_decode(m, ids)
+    assert np.abs(full - want_full).max() < TOL and np.abs(step - want_step).max() < TOL
+    assert any(line.startswith("GPU: dense weights") for line in lines)
+    resident = getattr(m.experts, "resident", 0)
+    assert (resident > 0) == (gpu_experts == "auto")
+
+
+# ---- errors, and no CUDA import unless asked -------------------------------------------------------
+
+def _run(code: str, **env):
+    e = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=e, timeout=300)
+
+
+def test_no_gpu_is_one_clear_sentence(store):
+    """Without a GPU (the real CUDA target, not the simulator): an AmedError that says how to run
+    on the CPU; `amed chat --device cuda` prints it without a traceback."""
+    r = subprocess.run([sys.executable, "-m", "amed", "chat", "-m", str(store), "--device", "cuda", "-p", "hi"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env=dict(os.environ, NUMBA_ENABLE_CUDASIM="0", CUDA_VISIBLE_DEVICES=""))
+    if r.returncode == 0:
+        pytest.skip("this machine has a usable GPU")
+    assert "Traceback" not in r.stderr, r.stderr
+    assert "CPU" in r.stderr and ("no usable NVIDIA GPU" in r.stderr or "numba-cuda" in r.stderr), r.stderr
+
+
+def test_cli_does_not_import_cuda():
+    r = _run("import sys, amed.app.cli; from amed.engine.model import load; print('numba.cuda' in sys.modules)")
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+def test_bad_gpu_experts_value(store):
+    with pytest.raises(AmedError, match="--gpu-experts"):
+        amed.load(store, gpu_experts="many")
+
+
+# ---- PTX for every supported compute capability -------------------------------------------------------
+
+def test_every_kernel_compiles_to_ptx():
+    """tests/cuda_ptx_check.py in its own process (exit 77: no NVVM here, skip)."""
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "cuda_ptx_check.py")], capture_output=True, text=True,
+                       cwd=ROOT, timeout=600, env=dict(os.environ, NUMBA_ENABLE_CUDASIM="0",
+                                                      PYTHONPATH=str(ROOT)))
+    if r.returncode == 77:
+        pytest.skip(r.stdout.strip().splitlines()[-1])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    for cc in ("sm_75", "sm_86", "sm_89", "sm_120"):
+        assert f"ok attention {cc}" in r.stdout and f"ok mm_q6_rows {cc}" in r.stdout
