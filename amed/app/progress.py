@@ -26,7 +26,19 @@ def _byte_columns(description: str, extra=()):
             *(TextColumn(c) for c in extra), TimeRemainingColumn())
 
 
-class Bars:
+class _Live:
+    """A Rich Progress (`self._p`) shown while the object is used as a context."""
+
+    def __enter__(self):
+        self._p.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._p.stop()
+        return False
+
+
+class Bars(_Live):
     """Byte progress bars: a description, a bar, bytes, rate, `extra` columns, ETA; notes
     printed above the bars. Shared by `amed download` and `amed download --quantize`."""
 
@@ -36,14 +48,6 @@ class Bars:
 
     def note(self, msg: str) -> None:
         self._p.console.print(f"[yellow]{msg}[/]")
-
-    def __enter__(self):
-        self._p.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._p.stop()
-        return False
 
 
 class DownloadBars(Bars, DownloadHooks):
@@ -97,7 +101,7 @@ class StreamBars(Bars, StreamProgress):
             self._p.update(self._dl, info=f"{name} {event}")
 
 
-class QuantizeBar:
+class QuantizeBar(_Live):
     """`amed quantize`: a bar that appears at the first progress call (once validation has passed,
     so an error prints alone). Use as a context; call it with (bytes done, tensors done, total)."""
 
@@ -112,14 +116,10 @@ class QuantizeBar:
         self._p.update(self._task, completed=done, tensors=ntensors)
 
     def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._p.stop()
-        return False
+        return self                  # started by the first call
 
 
-class ByteBar:
+class ByteBar(_Live):
     """One bar of bytes (`amed verify`, `amed synth`), as a context. `advance(n)` adds bytes;
     `update(done, total)` sets them. A transient bar is cleared at the end and drawn only on a
     terminal."""
@@ -138,16 +138,8 @@ class ByteBar:
     def stop(self) -> None:
         self._p.stop()
 
-    def __enter__(self):
-        self._p.start()
-        return self
 
-    def __exit__(self, *exc):
-        self._p.stop()
-        return False
-
-
-class CountBar:
+class CountBar(_Live):
     """A bar of counted steps (`amed perplexity` windows), as a context; `update(done, total)`."""
 
     def __init__(self, console, label: str, total: int):
@@ -159,11 +151,3 @@ class CountBar:
 
     def update(self, done: int, total: int | None = None) -> None:
         self._p.update(self._task, completed=done, **({"total": total} if total is not None else {}))
-
-    def __enter__(self):
-        self._p.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._p.stop()
-        return False
