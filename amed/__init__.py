@@ -20,6 +20,12 @@ def _setup_environment() -> None:
     # OpenBLAS pool next to it costs ms-long stalls (docs/kernels-and-tooling.md §2).
     for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
         os.environ.setdefault(var, "1")
+    # A worker that finishes a parallel region early spins for the others (libgomp: 300k spins by
+    # default) before it sleeps. On an idle machine 10k spins are as fast (4-layer flash store,
+    # 2 threads, 3 alternating rounds: pp64 / tg32 within noise); when another program holds a
+    # core, the default spin starved the descheduled worker: decode 1.7-1.8 vs 3.6-8.1 t/s,
+    # prefill 2.7-5.7 vs 18-42 t/s (docs/performance.md, "Sharing the cores").
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     # Compiled kernels are cached on disk so the second start is fast; the package dir may
     # be read-only (site-packages), so point Numba at a user cache dir we can write. Numba
     # checks a cached function against its own file only, and our kernels call helpers in

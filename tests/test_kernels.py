@@ -150,3 +150,19 @@ def test_numba_cache_dir_is_keyed_by_every_kernel_source(tmp_path):
     with open(pkg / "engine" / "backends" / "cpu" / "qdot.py", "a") as f:
         f.write("\n# an edit to a helper file\n")
     assert amed._kernel_sources_hash(str(pkg)) != before
+
+
+def test_openmp_workers_spin_briefly_unless_the_user_says_otherwise():
+    """libgomp reads GOMP_SPINCOUNT when Numba loads it: amed sets a short spin first (a long one
+    starves a worker when another program holds a core); a user's own value wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, amed; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "10000"
+    env["GOMP_SPINCOUNT"] = "300000"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "300000"
