@@ -655,14 +655,15 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
 
 class ChatChunks:
     """Response shapes of /v1/chat/completions."""
+    ID_PREFIX, CHUNK_OBJECT = "chatcmpl", "chat.completion.chunk"
 
     def __init__(self, model: str, include_usage: bool = False):
         self.model, self.include_usage = model, include_usage
-        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self.id = f"{self.ID_PREFIX}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
 
     def _chunk(self, choices) -> dict:
-        c = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+        c = {"id": self.id, "object": self.CHUNK_OBJECT, "created": self.created, "model": self.model,
              "system_fingerprint": None, "choices": choices}
         if self.include_usage:
             c["usage"] = None
@@ -695,17 +696,7 @@ class ChatChunks:
 
 class TextChunks(ChatChunks):
     """Response shapes of /v1/completions."""
-
-    def __init__(self, model: str, include_usage: bool = False):
-        super().__init__(model, include_usage)
-        self.id = f"cmpl-{uuid.uuid4().hex[:24]}"
-
-    def _chunk(self, choices) -> dict:
-        c = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-             "system_fingerprint": None, "choices": choices}
-        if self.include_usage:
-            c["usage"] = None
-        return c
+    ID_PREFIX, CHUNK_OBJECT = "cmpl", "text_completion"
 
     def opening(self) -> list[dict]:
         return []
