@@ -46,6 +46,7 @@ def _import_cuda():
     if missing:
         raise AmedError(f"--device cuda needs {missing}: pip install 'amed[cuda]'; or {CPU_HINT}.")
     if _simulator():
+        _lock_simulator_shared()
         return cuda
     try:
         ok = cuda.is_available()
@@ -58,6 +59,41 @@ def _import_cuda():
         raise AmedError(f"this GPU has compute capability {cc[0]}.{cc[1]}; amed's CUDA kernels need "
                         f"{MIN_CC[0]}.{MIN_CC[1]} or newer; {CPU_HINT}.")
     return cuda
+
+
+def _lock_simulator_shared() -> None:
+    """Make the CUDA simulator's shared arrays shared. numba-cuda's simulator (0.30) finds a block's
+    `cuda.shared.array` by its source line with an unlocked get-then-set, so two of the block's
+    threads (Python threads) can each make their own array and never see each other's writes: a
+    block sum came out wrong in 2 of 2000 launches at a 1 us switch interval, and the whole-model
+    test failed now and then under load (off by 1.8, once NaN). The same lookup, under a lock."""
+    import sys
+    import threading
+
+    import numpy as np
+    from numba.cuda.simulator import kernelapi
+
+    shared = kernelapi.FakeCUDAShared
+    if getattr(shared, "_amed_locked", False):
+        return
+    lock = threading.Lock()
+    unlocked = shared.array
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:            # dynamic shared memory; errors
+            return unlocked(self, shape, dtype, alignment)
+        if isinstance(dtype, kernelapi.types.Type):
+            dtype = kernelapi.numpy_support.as_dtype(dtype)
+        f = sys._getframe(1)
+        caller = (f.f_code.co_filename, f.f_lineno)          # what the simulator keys arrays by
+        with lock:
+            got = self._allocations.get(caller)
+            if got is None:
+                got = self._allocations[caller] = np.empty(shape, dtype)
+        return got
+
+    shared.array = array
+    shared._amed_locked = True
 
 
 class CUDABackend:

@@ -12,7 +12,7 @@ Conventions (the CPU kernels' twins: backends/cpu/kernels.py, qrows.py, qr8.py):
   * reductions go through shared memory, not warp shuffles, so the same code runs in Numba's CUDA
     simulator (NUMBA_ENABLE_CUDASIM=1), where the tests run it on a machine without a GPU;
   * every kernel works for any power-of-two block size up to MAXT (the backend launches 128 threads
-    on a GPU, 32 in the simulator, where every thread is a Python thread).
+    on a GPU, 8 in the simulator, where every thread is a Python thread; the tests use 32).
 
 Matmuls: out[T, N] = x[T, K] @ W.T. A block computes RB = 8 output rows for TT tokens. In the
 "rows" layout each row gets nt / 8 consecutive threads striding over its words; in "r8" the block
