@@ -3,7 +3,9 @@
 #   1. install amed with the cuda extra;
 #   2. run tests/test_cuda.py on the GPU (NUMBA_ENABLE_CUDASIM=0: the same tests the simulator runs in CI);
 #   3. decode/prefill t/s on the 4-layer synthetic flash store: CPU only, then --device cuda with 0 and
-#      all experts in VRAM (amed bench -p 512 -n 64 -r 3, side by side on this machine);
+#      all experts in VRAM (amed bench -p 512 -n 64 -r 3, side by side on this machine); then pp512
+#      with the prefill's experts forced to the CPU and forced to the GPU (AMED_GPU_PREFILL; the
+#      default "auto" above times both and should match the faster);
 #   4. each quantized GEMV kernel's GB/s on a flash-sized matrix against the card's memory bandwidth.
 # Not yet run on a GPU (no session had one): expect to fix things. Output: bench/gpu_check.out.
 set -uo pipefail
@@ -30,6 +32,12 @@ timeout 240 python -m amed bench --synthetic flash --layers 4 --bits 4 -p 8 -n 2
 for dev in "--device cpu" "--device cuda --gpu-experts 0" "--device cuda --gpu-experts auto"; do
   step "bench $dev"
   timeout 150 python -m amed bench --synthetic flash --layers 4 --bits 4 -p 512 -n 64 -r 3 $dev
+done
+
+for mode in cpu gpu; do
+  step "bench --device cuda --gpu-experts 0, AMED_GPU_PREFILL=$mode"
+  AMED_GPU_PREFILL=$mode timeout 120 python -m amed bench --synthetic flash --layers 4 --bits 4 -p 512 -n 0 -r 3 \
+    --device cuda --gpu-experts 0
 done
 
 step "GEMV GB/s (one token, 4096 x 4096 and 157184 x 4096 lm_head-sized)"

@@ -78,6 +78,19 @@ def test_an_unforeseen_oserror_is_one_sentence(amed_cli, golden_dir, monkeypatch
     assert code == 1 and "No space left on device (/some/file)" in one_sentence(err)
 
 
+def test_an_error_with_brackets_prints_them(amed_cli, monkeypatch):
+    """Error text is taken literally, not as Rich markup: `pip install 'amed[cuda]'` keeps [cuda]."""
+    from amed.errors import AmedError
+
+    def missing(*a, **k):
+        raise AmedError("--device cuda needs numba-cuda: pip install 'amed[cuda]'; or run on the CPU.")
+    monkeypatch.setattr("amed.app.cli.resolve_model", missing)
+    code, out, err = amed_cli("chat", "-p", "hi")
+    assert code == 1 and "pip install 'amed[cuda]'" in one_sentence(err)
+    code, out, err = amed_cli("serve", "--help")
+    assert "amed[cuda]" in out
+
+
 def test_bench_zero_repetitions(amed_cli, golden_dir):
     code, _, err = amed_cli("bench", "-m", golden_dir, "-r", "0")
     assert code == 1 and "-r/--repetitions must be 1 or more" in one_sentence(err)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import amed
+from amed.engine.experts import ExpertOptions
 from amed.errors import AmedError
 from amed.quant.formats import dequantize, quantize
 
@@ -87,6 +88,9 @@ def test_rmsnorm_silu_add(B):
     a = B.to_device(x)
     B.add(a, x)                                                        # a host y is copied up
     np.testing.assert_array_equal(B.to_host(a), 2 * x)
+    B.axpy(a, 0.25, B.to_device(g[:, :40]))
+    np.testing.assert_allclose(B.to_host(a), 2 * x + np.float32(0.25) * g, rtol=1e-6, atol=1e-6)
+    assert B.to_host(B.zeros((2, 3))).tolist() == [[0.0] * 3] * 2
 
 
 def test_qk_norm_rope_and_attention_match_cpu(B):
@@ -162,21 +166,105 @@ def _prefill_then_decode(m, ids):
     return full, step
 
 
-@pytest.mark.parametrize("gpu_experts", [0, "auto"])
-def test_model_on_cuda_equals_cpu(B, store, gpu_experts):
-    """Prefill 3 tokens then decode 1 on the GPU (experts on the CPU, or all in VRAM): the logits
-    equal the CPU's to 1e-4."""
+@pytest.mark.parametrize("gpu_experts,prefill", [(0, "gpu"), (1, "auto"), ("auto", "auto")])
+def test_model_on_cuda_equals_cpu(B, store, gpu_experts, prefill):
+    """Prefill 3 tokens then decode 1 on the GPU: the logits equal the CPU's to 1e-4. Experts on
+    the CPU but the prefill's copied up for its batch; one per layer in VRAM (decode sums on both
+    sides); all in VRAM (the routed sum stays on the device)."""
     ids = [5, 17, 99, 3]
     want_full, want_step = _prefill_then_decode(amed.load(store), ids)
     lines = []
     if SIM:
         sys.setswitchinterval(1e-5)       # the B fixture restores it
-    m = amed.load(store, device="cuda", gpu_experts=gpu_experts, log=lines.append)
+    m = amed.load(store, device="cuda", gpu_experts=gpu_experts, log=lines.append,
+                  experts=None if prefill == "auto" else ExpertOptions(gpu_experts=gpu_experts, gpu_prefill=prefill))
+    m.experts.prefill.min_tokens = 2      # the 3-token prefill counts as a batch
     full, step = _prefill_then_decode(m, ids)
     assert np.abs(full - want_full).max() < TOL and np.abs(step - want_step).max() < TOL
     assert any(line.startswith("GPU: dense weights") for line in lines)
-    resident = getattr(m.experts, "resident", 0)
-    assert (resident > 0) == (gpu_experts == "auto")
+    layers = len(m.experts._by_layer)
+    # admitted on first use: with room for all, every expert used so far is in VRAM
+    assert m.experts.resident == {0: 0, 1: layers, "auto": len(m.experts.uses)}[gpu_experts]
+    # copied up for the batch: when asked, and when auto times that way first (unless all are in VRAM)
+    assert (m.experts.copied > 0) == (gpu_experts != "auto")
+
+
+def test_serve_loads_on_cuda_and_batches_decode_steps(B, store):
+    """`amed serve --device cuda`: the loader puts the model on the GPU, and a decode step of two
+    sequences at once (forward_batch) equals each one's CPU logits."""
+    from amed.app.serve import model_loader
+
+    cpu = amed.load(store)
+    want = []
+    for prompt, nxt in (([5, 17], 99), ([42], 7)):
+        cpu.reset()
+        cpu.forward(prompt)
+        want.append(cpu.forward([nxt]))
+    if SIM:
+        sys.setswitchinterval(1e-5)       # the B fixture restores it
+    m, _, _ = model_loader(store, ctx_size=32, parallel=2, device="cuda", gpu_experts="1")()
+    assert m.backend.name == "cuda" and m.experts.per_layer == 1
+    states = [m.new_state(), m.new_state()]
+    m.forward([5, 17], state=states[0])
+    m.forward([42], state=states[1])
+    got = m.forward_batch([99, 7], states)
+    assert np.abs(got - np.stack(want)).max() < TOL
+
+
+def test_prefill_choice_times_both_then_takes_the_faster():
+    """auto: each way timed (its first timing dropped), then the faster, the slower again every
+    RECHECK_EVERY batches; short batches never counted; gpu/cpu fixed."""
+    from amed.engine.experts.gpu import RECHECK_EVERY, PrefillChoice
+
+    now = [0.0]
+    cost = {"gpu": 1.0, "cpu": 3.0}             # seconds per token, for the fake clock
+    c = PrefillChoice("auto", min_tokens=16, clock=lambda: now[0])
+
+    def batch(tokens=32):
+        how = c.choose(tokens)
+        now[0] += cost[how] * tokens
+        c.done()
+        return how
+
+    assert [batch() for _ in range(4)] == ["gpu", "gpu", "cpu", "cpu"]
+    assert c.cost == {"gpu": 1.0, "cpu": 3.0}
+    ways = [batch() for _ in range(2 * RECHECK_EVERY)]
+    assert ways.count("cpu") == 2 and ways.count("gpu") == 2 * RECHECK_EVERY - 2
+    cost["gpu"] = 10.0                          # the GPU got slow (another program): it moves over
+    ways = [batch() for _ in range(RECHECK_EVERY * 4)]
+    assert ways[-RECHECK_EVERY:].count("cpu") == RECHECK_EVERY - 1
+    assert c.choose(8) == "cpu" and c._timing is None
+    assert PrefillChoice("gpu").choose(64) == "gpu" and PrefillChoice("cpu").choose(64) == "cpu"
+    assert "batches copied to the GPU" in c.summary()
+
+
+def test_full_vram_keeps_running_on_the_cpu():
+    """An expert that does not fit (the bind runs out of VRAM, or free memory is below the margin):
+    no more are admitted, one line says so, and those experts come from the host provider."""
+    from amed.engine.experts import ExpertProvider
+    from amed.engine.experts.gpu import VRAM_MARGIN, GPUExperts
+
+    host = ExpertProvider(lambda L, e: ("cpu", L, e))
+    placed = []
+
+    def bind(L, e):
+        if len(placed) == 2:
+            raise AmedError("the GPU ran out of memory")
+        placed.append((L, e))
+        return ("gpu", L, e)
+
+    lines = []
+    g = GPUExperts(host, bind, per_layer=4, log=lines.append)
+    h = np.zeros((1, 8), np.float32)
+    assert g.start(0, [1, 2, 3], h) == [1, 2, 3] and g.vram_full
+    assert [g.get(0, e)[0] for e in (1, 2, 3)] == ["gpu", "gpu", "cpu"]
+    assert len(lines) == 1 and "GPU memory is full" in lines[0]
+    free = [10 * VRAM_MARGIN]
+    g = GPUExperts(host, lambda L, e: ("gpu", L, e), per_layer=4, free_vram=lambda: free[0])
+    g.start(0, [1], h)
+    free[0] = VRAM_MARGIN // 2
+    g.start(0, [2], h)
+    assert g.resident == 1 and g.vram_full and g.get(0, 2)[0] == "cpu"
 
 
 # ---- errors, and no CUDA import unless asked -------------------------------------------------------

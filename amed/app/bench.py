@@ -569,3 +569,7 @@ def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
                       + (f"; disk {disk_bw:.2f} GB/s" if disk_bw else "")
                       + (f"; dense weights {fmt_size(cache.dense_bytes)} resident, experts "
                          f"{fmt_size(cache.expert_total)} on disk" if cache is not None else "") + "[/]")
+    gpu = m.experts
+    if hasattr(gpu, "prefill"):                   # --device cuda: where the routed experts ran
+        console.print(f"[dim]GPU: {gpu.resident} routed experts in VRAM ({gpu.swaps} swaps); "
+                      f"{gpu.prefill.summary()}; {gpu.copied} expert copies for prefill batches[/]")

@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass, field
 
 from rich.console import Console
+from rich.markup import escape
 
 from amed.errors import AmedError
 from amed.generate import Generator, Step
@@ -229,7 +230,7 @@ def repl(session: ChatSession, verbose: bool = False) -> None:
                 try:
                     conv = load_conversation(arg)
                 except AmedError as e:
-                    err.print(f"[red]{e}[/]")
+                    err.print(f"[red]{escape(str(e))}[/]")
                     continue
                 session.conv = conv
                 err.print(f"[dim]loaded {len(conv.turns)} messages from {arg}"
@@ -237,12 +238,12 @@ def repl(session: ChatSession, verbose: bool = False) -> None:
             elif cmd == "/stats":
                 err.print(session.stats_line(session.last) if session.last else "no answer yet")
             else:
-                err.print(f"[red]unknown command {cmd}[/]; /help lists them")
+                err.print(f"[red]unknown command {escape(cmd)}[/]; /help lists them")
             continue
         try:
             step = session.ask(text)
         except AmedError as e:
-            err.print(f"[red]{e}[/]")
+            err.print(f"[red]{escape(str(e))}[/]")
             continue
         except KeyboardInterrupt:       # before the first token: nothing was said
             if session.conv.turns and session.conv.turns[-1]["role"] == "user":

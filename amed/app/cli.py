@@ -49,9 +49,17 @@ HEAD_HELP = ("lm_head (the output layer, read whole for every token): q8, q6, q4
              "(q6; q8 with --bits 8 --dense q8; bf16 with --dense bf16).")
 
 
+def error_line(message) -> str:
+    """'error: MESSAGE' for Rich, the message taken literally (a path or `pip install 'amed[cuda]'`
+    keeps its brackets)."""
+    from rich.markup import escape
+
+    return f"[bold red]error:[/] {escape(str(message))}"
+
+
 def fail(message: str, code: int = 1):
     """Print one clear sentence on stderr and exit (no traceback)."""
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(error_line(message))
     raise typer.Exit(code)
 
 
@@ -350,7 +358,7 @@ ThreadsOpt = Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU 
                                                   "(default or 0: all cores).")]
 DeviceOpt = Annotated[str, typer.Option(
     "--device", rich_help_panel="Device",
-    help="cpu, or cuda: dense weights on an NVIDIA GPU (needs pip install 'amed[cuda]'), routed experts on the CPU.")]
+    help="cpu, or cuda: dense weights on an NVIDIA GPU (needs pip install 'amed\\[cuda]'), routed experts on the CPU.")]
 GpuExpertsOpt = Annotated[str, typer.Option(
     "--gpu-experts", metavar="N|auto", rich_help_panel="Device",
     help="With --device cuda: routed experts per layer cached in VRAM (the most used), or auto: as many as fit.")]
@@ -461,6 +469,8 @@ def serve(
     max_ram: MaxRamOpt = None,
     no_prefetch: Annotated[bool, typer.Option("--no-prefetch", rich_help_panel="Memory",
                                               help="Do not read chosen experts ahead (slower from disk).")] = False,
+    device: DeviceOpt = "cpu",
+    gpu_experts: GpuExpertsOpt = "0",
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models), with a chat page at / ; several clients at once."""
@@ -469,7 +479,7 @@ def serve(
     from amed.app.serve import run_command
 
     run_command(path, err, host=host, port=port, ctx_size=ctx_size, parallel=parallel, api_key=api_key,
-                max_ram=max_ram, prefetch=not no_prefetch, verbose=verbose)
+                max_ram=max_ram, prefetch=not no_prefetch, verbose=verbose, device=device, gpu_experts=gpu_experts)
 
 
 
@@ -759,11 +769,11 @@ def main() -> None:
     try:
         app(prog_name="amed")
     except AmedError as e:
-        err.print(f"[bold red]error:[/] {e}")
+        err.print(error_line(e))
         sys.exit(1)
     except OSError as e:          # a disk or permission problem we did not foresee: one sentence, no traceback
         where = f" ({e.filename})" if e.filename else ""
-        err.print(f"[bold red]error:[/] {e.strerror or e}{where}.", markup=True)
+        err.print(error_line(f"{e.strerror or e}{where}."))
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")

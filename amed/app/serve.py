@@ -719,9 +719,11 @@ class TextChunks(ChatChunks):
 # ---------------------------------------------------------------------------------------------
 # `amed serve`
 # ---------------------------------------------------------------------------------------------
-def model_loader(path, *, ctx_size: int, parallel: int, max_ram=None, prefetch: bool = True, log=None):
-    """loader() for create_app: the model (its expert budget leaves room for `parallel` KV
-    caches), its tokenizer and its default sampling parameters."""
+def model_loader(path, *, ctx_size: int, parallel: int, max_ram=None, prefetch: bool = True, log=None,
+                 device: str = "cpu", gpu_experts: int | str = 0):
+    """loader() for create_app: the model (on the CPU, its expert budget leaves room for
+    `parallel` KV caches; on a GPU they live in VRAM), its tokenizer and its default sampling
+    parameters."""
     def load():
         from amed import load as load_model
         from amed.engine.experts import ExpertOptions
@@ -731,8 +733,9 @@ def model_loader(path, *, ctx_size: int, parallel: int, max_ram=None, prefetch: 
 
         tok = Tokenizer.from_dir(path)
         defaults = SamplingParams.from_generation_config(path)
-        model = load_model(path, ctx_size=ctx_size, max_ram=max_ram, prefetch=prefetch, log=log)
-        if parallel > 1 and model.experts.cache is not None:
+        model = load_model(path, ctx_size=ctx_size, max_ram=max_ram, prefetch=prefetch, log=log, device=device,
+                           gpu_experts=gpu_experts)
+        if parallel > 1 and model.experts.cache is not None and device == "cpu":
             limit = parse_size(max_ram) if max_ram is not None else default_max_ram()
             extra = (parallel - 1) * model.state.nbytes        # the other slots' KV caches
             model.use_experts(ExpertOptions.from_env(max_ram=limit - extra, prefetch=prefetch), log=log)
@@ -742,7 +745,7 @@ def model_loader(path, *, ctx_size: int, parallel: int, max_ram=None, prefetch: 
 
 def run_command(path, err, *, host: str = "127.0.0.1", port: int = 8080, ctx_size: int = 4096,
                 parallel: int = 4, api_key: str | None = None, max_ram=None, prefetch: bool = True,
-                verbose: bool = False) -> None:
+                verbose: bool = False, device: str = "cpu", gpu_experts: int | str = 0) -> None:
     """`amed serve`: listen at once (/health says 503 while the model loads), serve until Ctrl-C."""
     import uvicorn
 
@@ -767,7 +770,8 @@ def run_command(path, err, *, host: str = "127.0.0.1", port: int = 8080, ctx_siz
         err.print("[yellow]listening beyond this computer without --api-key: anyone who can reach "
                   f"{host}:{port} can use the model.[/]")
     app = create_app(model_id, model_loader(path, ctx_size=ctx_size, parallel=parallel, max_ram=max_ram,
-                                            prefetch=prefetch, log=lambda m: err.print(f"[yellow]{m}[/]")),
+                                            prefetch=prefetch, log=lambda m: err.print(f"[yellow]{m}[/]"),
+                                            device=device, gpu_experts=gpu_experts),
                      parallel=parallel, ctx_size=ctx_size, api_key=api_key, on_ready=on_ready, on_error=on_error)
     try:                                 # bind first: a busy port is one sentence, before any loading
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -187,9 +187,10 @@ class Model:
         return lw.attn_out.matmul(att, B.empty((N, c.hidden_size)))
 
     def _moe(self, L: int, lw, h):
-        """The MoE block for h [T, H] (the backend's array). Routing and the routed experts run on
-        the host (h crosses over once; on the CPU backend it is already there); the shared expert
-        runs on the backend, started first so that it overlaps the routed experts."""
+        """The MoE block for h [T, H] (the backend's array). Routing runs on the host (the router's
+        [T, E] logits come over; on the CPU backend they are already there), and so do the routed
+        experts, except those a GPU provider keeps in VRAM; the shared expert runs on the backend,
+        started first so that it overlaps the routed experts."""
         c, B = self.config, self.backend
         T, k = h.shape[0], c.num_experts_per_tok
         logits = B.to_host(lw.router.matmul(h, B.empty((T, c.num_experts))))   # [T, E] fp32
@@ -199,7 +200,7 @@ class Model:
                            idx, wts)
         hh = B.to_host(h)
         if T == 1:
-            return B.to_device(self._moe_one_token(L, lw, h, hh, idx[0], wts[0]))
+            return self._moe_one_token(L, lw, h, hh, idx[0], wts[0])
         out = np.zeros_like(hh)
         for t0 in range(0, T, MOE_CHUNK):
             t1 = min(T, t0 + MOE_CHUNK)
@@ -229,31 +230,43 @@ class Model:
         for e in run:
             a, b = span[e]
             self.experts.get(L, e)(hs[a:b], ys[a:b])
+        self.experts.finish(L)
         self.backend.moe_combine(out, ys, tok, wts.reshape(-1)[order])    # in expert-id order
         if shared is not None:
             out += self.backend.to_host(shared)                            # shared expert, weight 1
 
-    def _moe_one_token(self, L: int, lw, h, hh: np.ndarray, idx: np.ndarray, wts: np.ndarray) -> np.ndarray:
+    def _moe_one_token(self, L: int, lw, h, hh: np.ndarray, idx: np.ndarray, wts: np.ndarray):
         """_moe for one token (decode), without the grouping: the same sums in the same order
-        (expert-id order, then the shared expert), so the logits are bit-identical. Python work per
-        layer matters here: it is paid 32 times per decoded token."""
+        (expert-id order, then the shared expert), so the logits are bit-identical. Experts a GPU
+        provider keeps in VRAM take h where it is and add into the shared expert's output there;
+        the host's sum crosses over once. Python work per layer matters here: it is paid 32 times
+        per decoded token."""
+        B = self.backend
         order = np.argsort(idx)
         experts = idx[order].tolist()                                      # ascending ids
         wsel = wts[order]
         run = self.experts.start(L, experts, hh)
-        shared = lw.shared(h) if lw.shared is not None else None
-        out = np.zeros_like(hh)
+        dev = lw.shared(h) if lw.shared is not None else None   # the backend's sum: shared + VRAM experts
+        out = np.zeros_like(hh)                                 # the host's sum, in expert-id order
         ys = {}
         nxt = 0                                     # next expert (in id order) to add to the sum
         get = self.experts.get
         for e in run:
-            ys[e] = get(L, e)(hh)
+            f = get(L, e)
+            if getattr(f, "on_device", False):
+                if dev is None:
+                    dev = B.zeros(hh.shape)
+                B.axpy(dev, wsel[experts.index(e)], f(h))
+                ys[e] = None
+            else:
+                ys[e] = f(hh)
             while nxt < len(experts) and experts[nxt] in ys:
-                out += wsel[nxt] * ys.pop(experts[nxt])
+                y = ys.pop(experts[nxt])
+                if y is not None:
+                    out += wsel[nxt] * y
                 nxt += 1
-        if shared is not None:
-            out += self.backend.to_host(shared)
-        return out
+        out = B.to_device(out)
+        return out if dev is None else B.add(out, dev)
 
 
 def load(path, ctx_size: int = 4096, max_ram=None, prefetch: bool = True, lookahead: str = "auto",

@@ -6,7 +6,8 @@ A backend provides, for its own arrays (float32 activations [T, ...], C-contiguo
                               ndarray or a QTensor) to its kernel; M.matmul(x, out) computes
                               out[T, N] = x[T, K] @ W.T, M.rows_f32(ids) gathers rows (embeddings),
                               M.shape, M.nbytes
-    swiglu(gate, up, down) -> F   a bound SwiGLU block: F(x, out=None) = down(silu(gate x) * up x)
+    swiglu(gate, up, down) -> F   a bound SwiGLU block: F(x, out=None) = down(silu(gate x) * up x);
+                              F.on_device: True where F runs on the backend's arrays, not the host's
     rmsnorm(x, w, eps, out)
     qk_norm_rope_store(qkv, nh, nkv, d, rot, q_norm, k_norm, use_qk_norm, eps, cos, sin, pos,
                        q_out, k_cache, v_cache)      QK-norm, partial NeoX RoPE, K/V into the cache
@@ -19,6 +20,7 @@ and, because activations live where the backend computes (host memory for "cpu",
 
     empty(shape), zeros(shape), zeros_like(a)   float32 activations; vector(v) a bound 1-D weight
     add(x, y)                   x += y in place (y may be a host array), returns x
+    axpy(x, a, y)               x += a * y in place (a a float), returns x
     to_host(a) / to_device(a)   a host ndarray / an array of the backend (the CPU's: `a` itself)
     embedding(m)                bind the token embedding (rows_f32(ids) gives host rows)
     copy_prefix(dst, src, n)    dst[:, :n] = src[:, :n] (a KV cache growing)

@@ -6,6 +6,8 @@ The forward pass asks an ExpertProvider two things per MoE layer:
                                           # hidden state h: start reading what is not in memory;
                                           # returns the order to compute them in (ready first)
     f = experts.get(L, e)                 # expert e's bound SwiGLU, f(x, out) -> [T, H]
+    experts.finish(L)                     # a batch's routed experts are done (providers that
+                                          # time their choices measure here)
 
 Three providers:
     ExpertProvider   experts stay in their memory maps and the OS pages them in (checkpoints)
@@ -33,6 +35,7 @@ from amed.errors import AmedError
 RUNTIME_MARGIN = 256 << 20      # kernels loaded, activations, allocator slack
 IO_MODES = ("slots", "mmap")
 LOOKAHEAD_MODES = ("auto", "on", "off")
+GPU_PREFILL_MODES = ("auto", "gpu", "cpu")
 
 
 @dataclass(frozen=True)
@@ -47,17 +50,20 @@ class ExpertOptions:
     guess_readers: int = 2             # of which at most this many read look-ahead guesses
     expert_budget: int | None = None   # expert bytes, directly (tests and bench variants)
     gpu_experts: int | str = 0         # --device cuda: experts per layer cached in VRAM (a number or "auto")
+    gpu_prefill: str = "auto"          # --device cuda, prefill: experts not in VRAM run on the cpu, are
+                                       # copied to the gpu for the batch, or auto: whichever measures faster
 
     @classmethod
     def from_env(cls, **kw) -> "ExpertOptions":
-        """Options with the AMED_EXPERT_IO, AMED_EVICT, AMED_POPULATE, AMED_READERS and
-        AMED_GUESS_READERS environment variables applied (keyword arguments win)."""
+        """Options with the AMED_EXPERT_IO, AMED_EVICT, AMED_POPULATE, AMED_READERS,
+        AMED_GUESS_READERS and AMED_GPU_PREFILL environment variables applied (keyword arguments win)."""
         env = os.environ
         try:
             base = dict(io=env.get("AMED_EXPERT_IO", "slots"), evict=env.get("AMED_EVICT", "dontneed"),
                         populate=env.get("AMED_POPULATE", "1") != "0",
                         readers=int(env.get("AMED_READERS", "4")),
-                        guess_readers=int(env.get("AMED_GUESS_READERS", "2")))
+                        guess_readers=int(env.get("AMED_GUESS_READERS", "2")),
+                        gpu_prefill=env.get("AMED_GPU_PREFILL", "auto"))
         except ValueError:
             raise AmedError("AMED_READERS and AMED_GUESS_READERS must be whole numbers.") from None
         base.update(kw)
@@ -72,6 +78,8 @@ class ExpertOptions:
             raise AmedError(f"--lookahead takes auto, on or off, not {self.lookahead!r}.")
         if self.gpu_experts != "auto" and not (str(self.gpu_experts).isdigit()):
             raise AmedError(f"--gpu-experts takes a number of experts per layer or auto, not {self.gpu_experts!r}.")
+        if self.gpu_prefill not in GPU_PREFILL_MODES:
+            raise AmedError(f"AMED_GPU_PREFILL must be auto, gpu or cpu, not {self.gpu_prefill!r}.")
         return self
 
     def replace(self, **kw) -> "ExpertOptions":
@@ -94,6 +102,9 @@ class ExpertProvider:
 
     def start(self, layer: int, experts: list[int], h) -> list[int]:
         return experts
+
+    def finish(self, layer: int) -> None:
+        pass
 
     def get(self, layer: int, e: int):
         key = (layer, e)
@@ -146,8 +157,9 @@ class SlotExperts(CachedExperts):
 # ---- choosing and wiring a provider -----------------------------------------------------------------
 
 def open_experts(model, options: ExpertOptions | None = None, log=None) -> ExpertProvider:
-    """The provider for `model.source` (see _host_experts); on a GPU with `options.gpu_experts`,
-    wrapped so that the most used experts of each layer are cached in VRAM (gpu.py)."""
+    """The provider for `model.source` (see _host_experts); on a GPU wrapped so that the most used
+    experts of each layer are cached in VRAM (`options.gpu_experts`) and a prefill batch's others
+    may be copied up for the batch (`options.gpu_prefill`) (gpu.py)."""
     o = (options or ExpertOptions()).validate()
     provider = _host_experts(model, o, log)
     backend = model.backend
@@ -159,12 +171,15 @@ def open_experts(model, options: ExpertOptions | None = None, log=None) -> Exper
     per_layer = experts_per_layer(o.gpu_experts, model.config, store, backend.free_vram())
     if log:
         log(placement_line(per_layer, model.config, store, backend.uploaded))
-    if not per_layer:
-        return provider
 
-    def bind_gpu(L, e):
-        return backend.swiglu(*store.expert(L, e))
-    return GPUExperts(provider, bind_gpu, per_layer)
+    def bind_gpu(L, e, for_batch=False):
+        held = backend.uploaded
+        w = backend.swiglu(*store.expert(L, e))
+        if for_batch:                     # freed after the batch: not among the weights held
+            backend.uploaded = held
+        return w
+    return GPUExperts(provider, bind_gpu, per_layer, prefill=o.gpu_prefill, free_vram=backend.free_vram,
+                      log=log)
 
 
 def _host_experts(model, o: ExpertOptions, log=None) -> ExpertProvider:

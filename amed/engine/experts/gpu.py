@@ -1,45 +1,130 @@
-"""Routed experts cached in VRAM (`--device cuda --gpu-experts N|auto`).
+"""Routed experts on the GPU (`--device cuda`).
 
-A GPUExperts wraps the host provider (engine/experts/__init__.py): up to N experts per layer are
-copied to the GPU and run there; the rest come from the host provider and run on the CPU with its
-kernels. Which N: the hottest by use count. Every use is counted; an expert not on the GPU takes a
-free place, or replaces the layer's coldest one once it has been used more than twice as often
-(plus two: a little hysteresis so that two experts of equal heat do not swap back and forth, each
-swap being a copy of the expert over PCIe)."""
+A GPUExperts wraps the host provider (engine/experts/__init__.py):
+
+* up to N experts per layer (`--gpu-experts N|auto`) are copied to VRAM and run there; the rest
+  come from the host provider and run on the CPU with its kernels. Which N: the hottest by use
+  count. Every use is counted; an expert not on the GPU takes a free place, or replaces the
+  layer's coldest one once it has been used more than twice as often (plus two: a little
+  hysteresis so that two experts of equal heat do not swap back and forth, each swap being a copy
+  of the expert over PCIe). When VRAM runs short (other sequences' KV caches, another program),
+  no more are admitted and the model keeps running with what is there.
+* in a prefill batch, the layer's chosen experts that are not in VRAM either run on the CPU, or
+  are copied to the GPU for that batch only (llama.cpp copies the used experts for batches of 32
+  tokens or more). Which is faster depends on the CPU, the GPU and the PCIe link, so "auto"
+  measures both (PrefillChoice) and keeps using the faster; AMED_GPU_PREFILL=gpu|cpu fixes it.
+"""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 from amed.engine.experts.memory import fmt_size
+from amed.errors import AmedError
 
 VRAM_MARGIN = 512 << 20          # kept free on the GPU for activations, scratch and the allocator
+PREFILL_MIN_TOKENS = 16          # smaller batches keep their experts on the CPU (decode: always)
+RECHECK_EVERY = 32               # auto: every this many batches, time the slower way again
+
+
+class PrefillChoice:
+    """Where a prefill batch's experts that are not in VRAM run: "cpu" (today's kernels) or "gpu"
+    (copied up for the batch). Mode "auto" times both on real batches (seconds per token of the
+    batch's routed experts, from `choose` to `done`), drops each way's first timing (kernel
+    compilation, cold pages), then takes the faster, timing the other again now and then in case
+    the machine changed (another program, a warm page cache)."""
+
+    def __init__(self, mode: str = "auto", min_tokens: int = PREFILL_MIN_TOKENS, clock=time.perf_counter):
+        self.mode = mode
+        self.min_tokens = min_tokens
+        self.clock = clock
+        self.cost: dict[str, float | None] = {"gpu": None, "cpu": None}    # seconds per token
+        self.timed = Counter()                       # timings taken per way (the first is dropped)
+        self.chosen = Counter()                      # batches per way
+        self._batches = 0
+        self._timing = None
+
+    def choose(self, tokens: int) -> str:
+        if tokens < self.min_tokens:                 # decode steps, short batches: not counted
+            return "cpu"
+        if self.mode == "cpu":
+            how = "cpu"
+        elif self.mode == "gpu":
+            how = "gpu"
+        else:
+            self._batches += 1
+            untimed = [w for w in ("gpu", "cpu") if self.cost[w] is None]
+            if untimed:
+                how = untimed[0]
+            else:
+                fast, slow = sorted(("gpu", "cpu"), key=lambda w: self.cost[w])
+                how = slow if self._batches % RECHECK_EVERY == 0 else fast
+            self._timing = (how, tokens, self.clock())
+        self.chosen[how] += 1
+        return how
+
+    def done(self) -> None:
+        if self._timing is None:
+            return
+        how, tokens, t0 = self._timing
+        self._timing = None
+        per_token = (self.clock() - t0) / tokens
+        self.timed[how] += 1
+        if self.timed[how] == 1:                    # the first: compilation, cold pages
+            return
+        old = self.cost[how]
+        self.cost[how] = per_token if old is None else 0.7 * old + 0.3 * per_token
+
+    def summary(self) -> str:
+        ms = {w: f"{c * 1e3:.2f} ms/token" if c is not None else "not timed" for w, c in self.cost.items()}
+        return (f"prefill experts ({self.mode}): {self.chosen['gpu']} batches copied to the GPU ({ms['gpu']}), "
+                f"{self.chosen['cpu']} on the CPU ({ms['cpu']})")
 
 
 class GPUExperts:
-    """An ExpertProvider: `per_layer` experts of each layer in VRAM, the others from `inner`."""
+    """An ExpertProvider: `per_layer` experts of each layer in VRAM, the others from `inner` (or,
+    in a prefill batch, copied up for the batch: see PrefillChoice)."""
 
-    def __init__(self, inner, bind_gpu, per_layer: int):
+    def __init__(self, inner, bind_gpu, per_layer: int, prefill: str = "auto", free_vram=None, log=None,
+                 clock=time.perf_counter):
         self.inner = inner
         self.cache = inner.cache
         self.lookahead = inner.lookahead
         self.touched = inner.touched
         self.per_layer = per_layer
-        self._bind_gpu = bind_gpu                  # (layer, e) -> SwiGLU on the device
+        self.prefill = PrefillChoice(prefill, clock=clock)
+        self._bind_gpu = bind_gpu                  # (layer, e, for_batch=False) -> SwiGLU on the device
+        self._free_vram = free_vram                # () -> free bytes on the device
+        self._log = log
         self._gpu: dict[tuple[int, int], object] = {}
         self._by_layer: dict[int, set[int]] = {}
+        self._borrowed: set[tuple[int, int]] = set()    # this batch's experts copied up for it
         self.uses: Counter = Counter()
         self.swaps = 0
+        self.copied = 0                            # experts copied up for a prefill batch
+        self.vram_full = False
 
     def start(self, layer: int, experts: list[int], h) -> list[int]:
         on = self._by_layer.setdefault(layer, set())
         for e in experts:
             self.uses[(layer, e)] += 1
-            if e not in on and self.per_layer:
+            if e not in on and self.per_layer and not self.vram_full:
                 self._admit(layer, e, on)
+        gpu = [e for e in experts if e in on]
         cpu = [e for e in experts if e not in on]
+        self._borrowed = set()
+        if cpu and h.shape[0] > 1 and self.prefill.choose(h.shape[0]) == "gpu":
+            self.inner.start(layer, cpu, h)            # starts their reads; the copies read them
+            self._borrowed = {(layer, e) for e in cpu}
+            return gpu + cpu
         # GPU experts first: their kernels run while the CPU ones are still being read
-        return [e for e in experts if e in on] + (self.inner.start(layer, cpu, h) if cpu else [])
+        return gpu + (self.inner.start(layer, cpu, h) if cpu else [])
+
+    def finish(self, layer: int) -> None:
+        self._borrowed = set()
+        self.prefill.done()
+        self.inner.finish(layer)
 
     def _admit(self, layer: int, e: int, on: set) -> None:
         if len(on) >= self.per_layer:
@@ -49,13 +134,33 @@ class GPUExperts:
             on.discard(coldest)
             del self._gpu[(layer, coldest)]
             self.swaps += 1
-        self._gpu[(layer, e)] = self._bind_gpu(layer, e)
+        elif self._free_vram is not None and self._free_vram() < VRAM_MARGIN:
+            return self._full()
+        try:
+            self._gpu[(layer, e)] = self._bind_gpu(layer, e)
+        except AmedError:                          # out of VRAM: keep running with what is there
+            return self._full()
         self.touched.add((layer, e))
         on.add(e)
 
+    def _full(self) -> None:
+        self.vram_full = True
+        if self._log:
+            self._log(f"GPU memory is full: {len(self._gpu)} routed experts stay in VRAM, the others run on the CPU.")
+
     def get(self, layer: int, e: int):
         w = self._gpu.get((layer, e))
-        return w if w is not None else self.inner.get(layer, e)
+        if w is not None:
+            return w
+        if (layer, e) in self._borrowed:
+            try:
+                w = self._bind_gpu(layer, e, for_batch=True)   # read and copied up; freed after the batch
+                self.copied += 1
+                self.touched.add((layer, e))
+                return w
+            except AmedError:                      # no VRAM for it: on the CPU after all
+                self._borrowed.discard((layer, e))
+        return self.inner.get(layer, e)
 
     @property
     def resident(self) -> int:

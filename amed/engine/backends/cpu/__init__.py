@@ -41,6 +41,12 @@ class CPUBackend:
         return x
 
     @staticmethod
+    def axpy(x, a, y):
+        """x += a * y (in place); returns x."""
+        x += a * y
+        return x
+
+    @staticmethod
     def copy_prefix(dst, src, n: int) -> None:
         """dst[:, :n] = src[:, :n] (growing the KV cache)."""
         dst[:, :n] = src[:, :n]

@@ -162,6 +162,8 @@ class SwiGLU(tuple):
     down(silu(gate x) * up x). Three quantized matrices of one format and layout run as one fused
     kernel call (expert_runner), prepared once here, not per token."""
 
+    on_device = False         # host arrays in and out (the CPU backend's own)
+
     def __new__(cls, gate, up, down):
         self = super().__new__(cls, (gate, up, down))
         self._run = None

@@ -1,5 +1,6 @@
 """The CUDA backend: dense weights and activations on an NVIDIA GPU, routed experts on the CPU
-(or, with --gpu-experts, the hottest ones cached in VRAM: engine/experts/gpu.py).
+(or, with --gpu-experts, the hottest ones cached in VRAM; in a prefill batch, the others possibly
+copied up for the batch: engine/experts/gpu.py).
 
 What lives where:
   * on the GPU: every dense matrix (attention, dense MLP, shared experts, routers, lm_head) in the
@@ -8,8 +9,9 @@ What lives where:
   * on the host: the embedding (one row per token is gathered on the CPU and copied up), the
     routing decision (the router's [T, E] logits come down; group top-k runs on the CPU kernel,
     which also decides which experts run where), and the routed experts with today's CPU kernels.
-Per MoE layer the hidden state crosses PCIe down once and the routed sum up once; the shared
-expert's kernels are launched before the CPU experts run, so the two overlap.
+Per MoE layer the hidden state crosses PCIe down once and the host's routed sum up once; the
+shared expert's kernels (and in decode those of the experts in VRAM, which add into the shared
+expert's output on the device) are launched before the CPU experts run, so the two sides overlap.
 
 Kernels: kernels.py (each has a NumPy-checked twin on the CPU). Launch sizes: 128 threads per
 block on a GPU, 8 in Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1), where every thread is a
@@ -116,8 +118,9 @@ class CUDABackend:
         self.uploaded = 0                              # bytes of weights put on the device
 
     # ---- memory ---------------------------------------------------------------------------------
-    def _put(self, a: np.ndarray):
-        """A device copy of a host array (weights); running out of VRAM is an AmedError."""
+    def _put(self, a: np.ndarray, weights: bool = True):
+        """A device copy of a host array (weights, counted in `uploaded`, or buffers); running out
+        of VRAM is an AmedError."""
         try:
             d = self.cuda.to_device(np.ascontiguousarray(a))
         except Exception as e:                 # noqa: BLE001 - CudaAPIError(OUT_OF_MEMORY) and kin
@@ -125,7 +128,8 @@ class CUDABackend:
                 raise AmedError(f"the GPU ran out of memory after {self.uploaded / 2**30:.1f} GiB of weights; "
                                 f"use --gpu-experts 0, a smaller --ctx-size, or {CPU_HINT}.") from None
             raise
-        self.uploaded += a.nbytes
+        if weights:
+            self.uploaded += a.nbytes
         return d
 
     def free_vram(self) -> float:
@@ -139,7 +143,7 @@ class CUDABackend:
         return self.cuda.device_array(shape, F32)
 
     def zeros(self, shape):
-        return self._put(np.zeros(shape, F32))
+        return self._put(np.zeros(shape, F32), weights=False)
 
     def zeros_like(self, a):
         return self.zeros(a.shape)
@@ -179,6 +183,12 @@ class CUDABackend:
         y = self.to_device(y)
         b, t = self._grid1(x.shape[0] * x.shape[1])
         self.k.add_inplace[b, t](x, y)
+        return x
+
+    def axpy(self, x, a, y):
+        """x += a * y (in place); returns x."""
+        b, t = self._grid1(x.shape[0] * x.shape[1])
+        self.k.axpy_inplace[b, t](x, F32(a), y)
         return x
 
     def silu_mul(self, g, u, out):

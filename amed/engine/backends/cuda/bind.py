@@ -64,6 +64,8 @@ def linear(backend, w) -> Linear:
 class SwiGLU(tuple):
     """(gate, up, down) on the device; calling it computes down(silu(gate x) * up x)."""
 
+    on_device = True          # takes and returns device arrays (host ones: copied over and back)
+
     def __new__(cls, gate, up, down):
         return super().__new__(cls, (gate, up, down))
 

@@ -448,6 +448,16 @@ def add_inplace(x, y):
         x[t, i - t * H] += y[t, i - t * H]
 
 
+@cuda.jit
+def axpy_inplace(x, a, y):
+    """x += a * y over [T, H] (an expert in VRAM adding its weighted output)."""
+    i = cuda.grid(1)
+    H = x.shape[1]
+    if i < x.shape[0] * H:
+        t = i // H
+        x[t, i - t * H] += a * y[t, i - t * H]
+
+
 # ---- argument types of every kernel, for compiling to PTX ---------------------------------------------
 
 def signatures():
@@ -472,4 +482,5 @@ def signatures():
         "attention": (f3, f3, f3, int64, f3, f2),
         "silu_mul": (f2, f2, f2),
         "add_inplace": (f2, f2),
+        "axpy_inplace": (f2, float32, f2),
     }
