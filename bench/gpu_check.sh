@@ -6,6 +6,8 @@
 #      all experts in VRAM (amed bench -p 512 -n 64 -r 3, side by side on this machine); then pp512
 #      with the prefill's experts forced to the CPU and forced to the GPU (AMED_GPU_PREFILL; the
 #      default "auto" above times both and should match the faster);
+#      (each bench reports "kernel compile/load before timing": the first compiles the CUDA kernels,
+#      later ones should load them from the cache);
 #   4. each quantized GEMV kernel's GB/s on a flash-sized matrix against the card's memory bandwidth.
 # Not yet run on a GPU (no session had one): expect to fix things. Output: bench/gpu_check.out.
 set -uo pipefail

@@ -122,7 +122,7 @@ def _byte(w, i):
 
 # ---- quantized matmuls -------------------------------------------------------------------------
 
-@cuda.jit
+@cuda.jit(cache=True)
 def mm_q4_rows(x, q, s, z, out):
     """q uint32 [N, ng * G/8] (a row's packed bytes as words), s/z float16 [N, ng]. Word p of a row
     is bytes 4p..4p+3: group g = p // (G/8); byte j of a group holds elements j (low nibble) and
@@ -160,7 +160,7 @@ def mm_q4_rows(x, q, s, z, out):
     _store_segments(sh, acc, out, t0, ntok, n0, out.shape[1], tid, nt)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def mm_q8_rows(x, q, s, out):
     """q uint32 [N, ng * G/4] (int8 levels, 4 per word), s float16 [N, ng]."""
     acc = cuda.local.array(TT, float32)
@@ -191,7 +191,7 @@ def mm_q8_rows(x, q, s, out):
     _store_segments(sh, acc, out, t0, ntok, n0, out.shape[1], tid, nt)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def mm_q6_rows(x, q, s, z, out):
     """q uint32 [N, ng * 3G/16]: per group G/8 words of q4-style nibbles, then G/16 words of high
     bit pairs (byte i of the plane: elements i, i + G/4, i + G/2, i + 3G/4 in bits 0-1 .. 6-7).
@@ -236,7 +236,7 @@ def mm_q6_rows(x, q, s, z, out):
     _store_segments(sh, acc, out, t0, ntok, n0, out.shape[1], tid, nt)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def mm_q4_r8(x, q, s, z, out):
     """r8 layout: q uint32 [N/8, ng * G] (per row block and group 4G bytes = G words), s/z float16
     [N/8, ng, 8]. Word w of a group holds row w % 8, elements 8m..8m+3 in its low nibbles and
@@ -273,7 +273,7 @@ def mm_q4_r8(x, q, s, z, out):
     _store_rows(sh, acc, out, t0, ntok, 8 * b, 8, tid, nt)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def mm_q8_r8(x, q, s, out):
     """r8 layout: q uint32 [N/8, ng * 2G] (per row block and group 8G bytes = 2G words), s float16
     [N/8, ng, 8]. Word w of a group holds row w % 8, elements 4c..4c+3, c = w // 8."""
@@ -304,7 +304,7 @@ def mm_q8_r8(x, q, s, out):
     _store_rows(sh, acc, out, t0, ntok, 8 * b, 8, tid, nt)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def mm_f32(x, w, out):
     """w float32 [N, K] (bf16 matrices are widened to float32 when uploaded)."""
     acc = cuda.local.array(TT, float32)
@@ -327,7 +327,7 @@ def mm_f32(x, w, out):
 
 # ---- norms, RoPE, attention ------------------------------------------------------------------------
 
-@cuda.jit
+@cuda.jit(cache=True)
 def rmsnorm(x, w, eps, out):
     """out[t] = w * x[t] / sqrt(mean(x[t]^2) + eps); one block per token (out may be x)."""
     sh = cuda.shared.array(MAXT, float32)
@@ -344,7 +344,7 @@ def rmsnorm(x, w, eps, out):
         out[t, i] = w[i] * (x[t, i] * r)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def qk_norm_rope_store(qkv, nh, nkv, d, rot, qn, kn, use_qk_norm, eps, cos, sin, pos,
                        q_out, k_cache, v_cache):
     """One block per (token, q or k head): split fused QKV, per-head RMSNorm (before RoPE), partial
@@ -384,7 +384,7 @@ def qk_norm_rope_store(qkv, nh, nkv, d, rot, qn, kn, use_qk_norm, eps, cos, sin,
             v_cache[h - nh, p, i] = qkv[t, (nh + nkv + h - nh) * d + i]
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def attention(q, k_cache, v_cache, pos, scores, out):
     """Causal GQA attention, one block per (query t, head h) over keys 0..pos+t: scores into
     scores[t, h, :] (global scratch), softmax in float32 with the max subtracted, then the
@@ -424,7 +424,7 @@ def attention(q, k_cache, v_cache, pos, scores, out):
 
 # ---- element-wise ----------------------------------------------------------------------------------
 
-@cuda.jit
+@cuda.jit(cache=True)
 def silu_mul(gate, up, out):
     """out = silu(gate) * up over [T, N]."""
     i = cuda.grid(1)
@@ -438,7 +438,7 @@ def silu_mul(gate, up, out):
         out[t, c] = g / (float32(1.0) + math.exp(min(-g, float32(80.0)))) * up[t, c]
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def add_inplace(x, y):
     """x += y over [T, H]."""
     i = cuda.grid(1)
@@ -448,7 +448,7 @@ def add_inplace(x, y):
         x[t, i - t * H] += y[t, i - t * H]
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def axpy_inplace(x, a, y):
     """x += a * y over [T, H] (an expert in VRAM adding its weighted output)."""
     i = cuda.grid(1)
