@@ -439,18 +439,9 @@ def silu_mul(gate, up, out):
 
 
 @cuda.jit(cache=True)
-def add_inplace(x, y):
-    """x += y over [T, H]."""
-    i = cuda.grid(1)
-    H = x.shape[1]
-    if i < x.shape[0] * H:
-        t = i // H
-        x[t, i - t * H] += y[t, i - t * H]
-
-
-@cuda.jit(cache=True)
 def axpy_inplace(x, a, y):
-    """x += a * y over [T, H] (an expert in VRAM adding its weighted output)."""
+    """x += a * y over [T, H]: the residual adds (a = 1, exact) and an expert in VRAM adding its
+    weighted output."""
     i = cuda.grid(1)
     H = x.shape[1]
     if i < x.shape[0] * H:
@@ -481,6 +472,5 @@ def signatures():
                                float32, f2, f2, int64, f3, f3, f3),
         "attention": (f3, f3, f3, int64, f3, f2),
         "silu_mul": (f2, f2, f2),
-        "add_inplace": (f2, f2),
         "axpy_inplace": (f2, float32, f2),
     }
