@@ -185,6 +185,8 @@ def test_model_on_cuda_equals_cpu(B, store, gpu_experts, prefill):
     layers = len(m.experts._by_layer)
     # admitted on first use: with room for all, every expert used so far is in VRAM
     assert m.experts.resident == {0: 0, 1: layers, "auto": len(m.experts.uses)}[gpu_experts]
+    if gpu_experts:                       # r8 q4 experts: in ExpertSlots, decode runs them together
+        assert m.experts._slots and all(v is not None for v in m.experts._slots.values())
     # copied up for the batch: when asked, and when auto times that way first (unless all are in VRAM)
     assert (m.experts.copied > 0) == (gpu_experts != "auto")
 
@@ -239,32 +241,72 @@ def test_prefill_choice_times_both_then_takes_the_faster():
 
 
 def test_full_vram_keeps_running_on_the_cpu():
-    """An expert that does not fit (the bind runs out of VRAM, or free memory is below the margin):
-    no more are admitted, one line says so, and those experts come from the host provider."""
+    """An expert that does not fit (binding it runs out of VRAM, or free memory is below the
+    margin): no more are admitted, one line says so, and those experts come from the host provider."""
     from amed.engine.experts import ExpertProvider
     from amed.engine.experts.gpu import VRAM_MARGIN, GPUExperts
 
-    host = ExpertProvider(lambda L, e: ("cpu", L, e))
-    placed = []
+    class FakeGPU:                       # binds experts one by one (a format without ExpertSlots)
+        uploaded = 0
+        free = 10 * VRAM_MARGIN
+        placed = 0
 
-    def bind(L, e):
-        if len(placed) == 2:
-            raise AmedError("the GPU ran out of memory")
-        placed.append((L, e))
-        return ("gpu", L, e)
+        def free_vram(self):
+            return self.free
 
+        def expert_slots(self, count, expert):
+            return None
+
+        def swiglu(self, gate, up, down):
+            if self.placed == 2:
+                raise AmedError("the GPU ran out of memory")
+            self.placed += 1
+            return ("gpu", gate)
+
+    host = ExpertProvider(lambda L, e: ("cpu", e))
     lines = []
-    g = GPUExperts(host, bind, per_layer=4, log=lines.append)
-    h = np.zeros((1, 8), np.float32)
+    g = GPUExperts(host, FakeGPU(), lambda L, e: (e, e, e), per_layer=4, log=lines.append)
+    h = np.zeros((2, 8), np.float32)
     assert g.start(0, [1, 2, 3], h) == [1, 2, 3] and g.vram_full
-    assert [g.get(0, e)[0] for e in (1, 2, 3)] == ["gpu", "gpu", "cpu"]
+    assert [g.get(0, e) for e in (1, 2, 3)] == [("gpu", 1), ("gpu", 2), ("cpu", 3)]
     assert len(lines) == 1 and "GPU memory is full" in lines[0]
-    free = [10 * VRAM_MARGIN]
-    g = GPUExperts(host, lambda L, e: ("gpu", L, e), per_layer=4, free_vram=lambda: free[0])
+    gpu = FakeGPU()
+    g = GPUExperts(host, gpu, lambda L, e: (e, e, e), per_layer=4)
     g.start(0, [1], h)
-    free[0] = VRAM_MARGIN // 2
+    gpu.free = VRAM_MARGIN // 2
     g.start(0, [2], h)
-    assert g.resident == 1 and g.vram_full and g.get(0, 2)[0] == "cpu"
+    assert g.resident == 1 and g.vram_full and g.get(0, 2) == ("cpu", 2)
+
+
+def test_expert_slots_run_a_layers_experts_together(B):
+    """ExpertSlots (decode, all of a layer's chosen VRAM experts in two launches) against NumPy,
+    q4 and q8; a slot reused by a swap; the slot's SwiGLU for batches."""
+    def ref(expert, x):
+        g, u, d = (dequantize(m).astype(np.float64) for m in expert)
+        a = x @ g.T
+        return (a / (1 + np.exp(-a)) * (x @ u.T)) @ d.T
+
+    rng = _rng()
+    H, I = 64, 32
+    experts = [[quantize(rng.standard_normal(shape).astype(np.float32) * 0.3, fmt, 32, method="naive",
+                         layout="r8") for shape in ((I, H), (I, H), (H, I))]
+               for fmt in ("q4", "q4", "q4", "q8", "q8")]
+    x = rng.standard_normal((1, H)).astype(np.float32)
+    for group in (experts[:3], experts[3:]):
+        slots = B.expert_slots(2, group[0])
+        slots.put(0, group[0])
+        slots.put(1, group[1])
+        base = rng.standard_normal((1, H)).astype(np.float32)
+        out = B.to_device(base)
+        slots.run([1, 0], [0.5, 0.25], B.to_device(x), out)
+        want = base + 0.5 * ref(group[1], x) + 0.25 * ref(group[0], x)
+        np.testing.assert_allclose(B.to_host(out), want, rtol=1e-4, atol=1e-4)
+        if len(group) > 2:                          # a swap: slot 0 gets another expert
+            slots.put(0, group[2])
+            xs = rng.standard_normal((3, H)).astype(np.float32)
+            np.testing.assert_allclose(slots.swiglu(0)(xs), ref(group[2], xs), rtol=1e-4, atol=1e-4)
+    rows = quantize(rng.standard_normal((I, H)).astype(np.float32), "q4", 32, method="naive")
+    assert B.expert_slots(2, (rows, rows, rows)) is None       # the rows layout: bound one by one
 
 
 # ---- errors, and no CUDA import unless asked -------------------------------------------------------

@@ -238,28 +238,22 @@ class Model:
     def _moe_one_token(self, L: int, lw, h, hh: np.ndarray, idx: np.ndarray, wts: np.ndarray):
         """_moe for one token (decode), without the grouping: the same sums in the same order
         (expert-id order, then the shared expert), so the logits are bit-identical. Experts a GPU
-        provider keeps in VRAM take h where it is and add into the shared expert's output there;
-        the host's sum crosses over once. Python work per layer matters here: it is paid 32 times
-        per decoded token."""
+        provider keeps in VRAM take h where it is and add into the shared expert's output there
+        (device_sum); the host's sum crosses over once. Python work per layer matters here: it is
+        paid 32 times per decoded token."""
         B = self.backend
         order = np.argsort(idx)
         experts = idx[order].tolist()                                      # ascending ids
         wsel = wts[order]
-        run = self.experts.start(L, experts, hh)
-        dev = lw.shared(h) if lw.shared is not None else None   # the backend's sum: shared + VRAM experts
+        run = self.experts.start(L, experts, hh)                            # the host's, ready first
+        dev = lw.shared(h) if lw.shared is not None else None
+        dev = self.experts.device_sum(L, experts, wsel, h, dev)   # + experts in VRAM, on the device
         out = np.zeros_like(hh)                                 # the host's sum, in expert-id order
-        ys = {}
+        ys = dict.fromkeys(set(experts) - set(run))             # in VRAM: already in dev
         nxt = 0                                     # next expert (in id order) to add to the sum
         get = self.experts.get
         for e in run:
-            f = get(L, e)
-            if getattr(f, "on_device", False):
-                if dev is None:
-                    dev = B.zeros(hh.shape)
-                B.axpy(dev, wsel[experts.index(e)], f(h))
-                ys[e] = None
-            else:
-                ys[e] = f(hh)
+            ys[e] = get(L, e)(hh)
             while nxt < len(experts) and experts[nxt] in ys:
                 y = ys.pop(experts[nxt])
                 if y is not None:

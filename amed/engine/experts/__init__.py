@@ -8,6 +8,7 @@ The forward pass asks an ExpertProvider two things per MoE layer:
     f = experts.get(L, e)                 # expert e's bound SwiGLU, f(x, out) -> [T, H]
     experts.finish(L)                     # a batch's routed experts are done (providers that
                                           # time their choices measure here)
+    dev = experts.device_sum(L, chosen, w, h, dev)   # decode: experts kept on the GPU add into dev
 
 Three providers:
     ExpertProvider   experts stay in their memory maps and the OS pages them in (checkpoints)
@@ -106,6 +107,11 @@ class ExpertProvider:
     def finish(self, layer: int) -> None:
         pass
 
+    def device_sum(self, layer: int, experts: list[int], weights, h, dev):
+        """Decode: add the chosen experts this provider runs on the backend's device into dev
+        (engine/experts/gpu.py); host providers run none."""
+        return dev
+
     def get(self, layer: int, e: int):
         key = (layer, e)
         w = self._views.get(key)
@@ -172,14 +178,7 @@ def open_experts(model, options: ExpertOptions | None = None, log=None) -> Exper
     if log:
         log(placement_line(per_layer, model.config, store, backend.uploaded))
 
-    def bind_gpu(L, e, for_batch=False):
-        held = backend.uploaded
-        w = backend.swiglu(*store.expert(L, e))
-        if for_batch:                     # freed after the batch: not among the weights held
-            backend.uploaded = held
-        return w
-    return GPUExperts(provider, bind_gpu, per_layer, prefill=o.gpu_prefill, free_vram=backend.free_vram,
-                      log=log)
+    return GPUExperts(provider, backend, store.expert, per_layer, prefill=o.gpu_prefill, log=log)
 
 
 def _host_experts(model, o: ExpertOptions, log=None) -> ExpertProvider:

@@ -84,9 +84,14 @@ class PrefillChoice:
 
 class GPUExperts:
     """An ExpertProvider: `per_layer` experts of each layer in VRAM, the others from `inner` (or,
-    in a prefill batch, copied up for the batch: see PrefillChoice)."""
+    in a prefill batch, copied up for the batch: see PrefillChoice). `backend` is the CUDA
+    backend, `expert_of(layer, e)` the expert's (gate, up, down) as the store hands them out.
 
-    def __init__(self, inner, bind_gpu, per_layer: int, prefill: str = "auto", free_vram=None, log=None,
+    Experts in VRAM live in a layer's ExpertSlots (backends/cuda/bind.py) where the format has
+    grouped kernels (r8 q4/q8, what `amed quantize` writes): a decode step then runs all of the
+    layer's chosen VRAM experts in two launches (`device_sum`); otherwise each is bound alone."""
+
+    def __init__(self, inner, backend, expert_of, per_layer: int, prefill: str = "auto", log=None,
                  clock=time.perf_counter):
         self.inner = inner
         self.cache = inner.cache
@@ -94,12 +99,14 @@ class GPUExperts:
         self.touched = inner.touched
         self.per_layer = per_layer
         self.prefill = PrefillChoice(prefill, clock=clock)
-        self._bind_gpu = bind_gpu                  # (layer, e, for_batch=False) -> SwiGLU on the device
-        self._free_vram = free_vram                # () -> free bytes on the device
+        self.backend = backend
+        self._expert_of = expert_of
         self._log = log
-        self._gpu: dict[tuple[int, int], object] = {}
+        self._gpu: dict[tuple[int, int], object] = {}      # (layer, e) -> SwiGLU on the device
         self._by_layer: dict[int, set[int]] = {}
-        self._borrowed: set[tuple[int, int]] = set()    # this batch's experts copied up for it
+        self._slots: dict[int, object] = {}                # layer -> ExpertSlots (or None: one by one)
+        self._slot_of: dict[tuple[int, int], int] = {}
+        self._borrowed: set[tuple[int, int]] = set()       # this batch's experts copied up for it
         self.uses: Counter = Counter()
         self.swaps = 0
         self.copied = 0                            # experts copied up for a prefill batch
@@ -114,12 +121,32 @@ class GPUExperts:
         gpu = [e for e in experts if e in on]
         cpu = [e for e in experts if e not in on]
         self._borrowed = set()
-        if cpu and h.shape[0] > 1 and self.prefill.choose(h.shape[0]) == "gpu":
+        if h.shape[0] == 1:                        # decode: the VRAM ones run in device_sum
+            return self.inner.start(layer, cpu, h) if cpu else []
+        if cpu and self.prefill.choose(h.shape[0]) == "gpu":
             self.inner.start(layer, cpu, h)            # starts their reads; the copies read them
             self._borrowed = {(layer, e) for e in cpu}
             return gpu + cpu
         # GPU experts first: their kernels run while the CPU ones are still being read
         return gpu + (self.inner.start(layer, cpu, h) if cpu else [])
+
+    def device_sum(self, layer: int, experts: list[int], weights, h, dev):
+        """Decode (h [1, H] on the device): dev += the weighted outputs of the chosen experts in
+        VRAM (dev: the shared expert's output, or None: zeros); returns dev."""
+        on = self._by_layer.get(layer)
+        picked = [(e, w) for e, w in zip(experts, weights) if on and e in on]
+        if not picked:
+            return dev
+        B = self.backend
+        if dev is None:
+            dev = B.zeros((1, h.shape[1]))
+        slots = self._slots.get(layer)
+        if slots is not None:
+            slots.run([self._slot_of[(layer, e)] for e, _ in picked], [w for _, w in picked], h, dev)
+        else:
+            for e, w in picked:
+                B.axpy(dev, w, self._gpu[(layer, e)](h))
+        return dev
 
     def finish(self, layer: int) -> None:
         self._borrowed = set()
@@ -127,21 +154,44 @@ class GPUExperts:
         self.inner.finish(layer)
 
     def _admit(self, layer: int, e: int, on: set) -> None:
+        slot = None
         if len(on) >= self.per_layer:
             coldest = min(on, key=lambda c: self.uses[(layer, c)])
             if self.uses[(layer, e)] <= 2 * self.uses[(layer, coldest)] + 2:
                 return
             on.discard(coldest)
             del self._gpu[(layer, coldest)]
+            slot = self._slot_of.pop((layer, coldest), None)
             self.swaps += 1
-        elif self._free_vram is not None and self._free_vram() < VRAM_MARGIN:
+        elif self.backend.free_vram() < VRAM_MARGIN:
             return self._full()
+        else:
+            slot = len(on)                         # slots fill in order; a swap reuses the coldest's
         try:
-            self._gpu[(layer, e)] = self._bind_gpu(layer, e)
+            self._gpu[(layer, e)] = self._place(layer, e, slot)
         except AmedError:                          # out of VRAM: keep running with what is there
             return self._full()
         self.touched.add((layer, e))
         on.add(e)
+
+    def _place(self, layer: int, e: int, slot: int | None):
+        """Copy expert e to the GPU (into `slot` of the layer's ExpertSlots, made on first use)."""
+        if layer not in self._slots:
+            self._slots[layer] = self.backend.expert_slots(self.per_layer, self._expert_of(layer, e))
+        slots = self._slots[layer]
+        if slots is None or slot is None:
+            return self._bind(layer, e)
+        slots.put(slot, self._expert_of(layer, e))
+        self._slot_of[(layer, e)] = slot
+        return slots.swiglu(slot)
+
+    def _bind(self, layer: int, e: int, for_batch: bool = False):
+        B = self.backend
+        held = B.uploaded
+        w = B.swiglu(*self._expert_of(layer, e))
+        if for_batch:                              # freed after the batch: not among the weights held
+            B.uploaded = held
+        return w
 
     def _full(self) -> None:
         self.vram_full = True
@@ -154,7 +204,7 @@ class GPUExperts:
             return w
         if (layer, e) in self._borrowed:
             try:
-                w = self._bind_gpu(layer, e, for_batch=True)   # read and copied up; freed after the batch
+                w = self._bind(layer, e, for_batch=True)   # read and copied up; freed after the batch
                 self.copied += 1
                 self.touched.add((layer, e))
                 return w
@@ -169,6 +219,8 @@ class GPUExperts:
     def close(self) -> None:
         self._gpu.clear()
         self._by_layer.clear()
+        self._slots.clear()
+        self._slot_of.clear()
         self.inner.close()
 
 

@@ -20,6 +20,7 @@ Python thread and the tests run."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -121,16 +122,37 @@ class CUDABackend:
     def _put(self, a: np.ndarray, weights: bool = True):
         """A device copy of a host array (weights, counted in `uploaded`, or buffers); running out
         of VRAM is an AmedError."""
-        try:
+        with self._vram():
             d = self.cuda.to_device(np.ascontiguousarray(a))
+        if weights:
+            self.uploaded += a.nbytes
+        return d
+
+    def device_array(self, shape, dtype):
+        """An uninitialised device array that will hold weights (counted in `uploaded`)."""
+        with self._vram():
+            d = self.cuda.device_array(shape, dtype)
+        self.uploaded += d.nbytes
+        return d
+
+    @contextmanager
+    def _vram(self):
+        """Running out of VRAM inside becomes an AmedError that says what to do."""
+        try:
+            yield
         except Exception as e:                 # noqa: BLE001 - CudaAPIError(OUT_OF_MEMORY) and kin
             if "MEMORY" in str(e).upper():
                 raise AmedError(f"the GPU ran out of memory after {self.uploaded / 2**30:.1f} GiB of weights; "
                                 f"use --gpu-experts 0, a smaller --ctx-size, or {CPU_HINT}.") from None
             raise
-        if weights:
-            self.uploaded += a.nbytes
-        return d
+
+    def expert_slots(self, count: int, expert):
+        """`count` VRAM slots for routed experts shaped like `expert` (gate, up, down as the store
+        hands them out), run together in decode (bind.ExpertSlots); None where the format has no
+        grouped kernel (the experts are then bound one by one)."""
+        from amed.engine.backends.cuda.bind import ExpertSlots
+
+        return ExpertSlots(self, count, expert) if ExpertSlots.supports(expert) else None
 
     def free_vram(self) -> float:
         """Free device memory in bytes (inf in the simulator)."""

@@ -22,6 +22,13 @@ def _words(q: np.ndarray, lead: int) -> np.ndarray:
 class Linear:
     """A matrix [N, K] on the device; matmul(x, out) = x @ W.T."""
 
+    @classmethod
+    def over(cls, backend, kernel, args, shape, nbytes) -> "Linear":
+        """A Linear over device arrays already in place (an expert's slot in ExpertSlots)."""
+        m = cls.__new__(cls)
+        m.B, m._kernel, m._args, m.shape, m.nbytes = backend, kernel, args, shape, nbytes
+        return m
+
     def __init__(self, backend, w):
         self.B = backend
         k = backend.k
@@ -87,3 +94,60 @@ class SwiGLU(tuple):
         u = up.matmul(x, B.empty((T, I)))
         B.silu_mul(g, u, g)
         return down.matmul(g, B.empty((T, down.shape[0])) if out is None else out)
+
+
+class ExpertSlots:
+    """`count` routed experts of one layer in VRAM, each matrix kind stacked over the slots
+    ([count, N/8, words] levels, [count, N/8, ng, 8] scales and zeros), so that a decode step
+    runs all of its chosen experts in two launches (kernels.moe_gate_up_r8: gate, up and silu*up
+    for every expert; kernels.moe_down_r8: down and the weighted sum) instead of five per expert.
+    For the r8 layout in q4 or q8 (what `amed quantize` writes); `supports` says which."""
+
+    @staticmethod
+    def supports(expert) -> bool:
+        g, u, d = expert
+        return all(isinstance(m, QTensor) and m.layout == "r8" for m in expert) \
+            and g.fmt == u.fmt == d.fmt and g.fmt in ("q4", "q8") and g.shape == u.shape
+
+    def __init__(self, backend, count: int, expert):
+        self.B = backend
+        self.count = count
+        self.q8 = expert[0].fmt == "q8"
+        self.mats = []                      # per matrix kind: (q, scale, zero or scale) stacks
+        for m in expert:
+            q = _words(m.q, m.shape[0] // 8)
+            stacks = (backend.device_array((count,) + q.shape, np.uint32),
+                      backend.device_array((count,) + m.scale.shape, np.float16))
+            stacks += (stacks[1] if self.q8 else backend.device_array((count,) + m.zero.shape, np.float16),)
+            self.mats.append(stacks)
+        self.shapes = [m.shape for m in expert]
+        self.nbytes = sum(m.nbytes for m in expert)       # one expert's bytes
+        k = backend.k
+        self._kernel = k.mm_q8_r8 if self.q8 else k.mm_q4_r8
+
+    def put(self, slot: int, expert) -> None:
+        """Copy an expert (gate, up, down QTensors) into a slot."""
+        for (q, s, z), m in zip(self.mats, expert):
+            q[slot].copy_to_device(_words(m.q, m.shape[0] // 8))
+            s[slot].copy_to_device(np.ascontiguousarray(m.scale).view(np.float16))
+            if not self.q8:
+                z[slot].copy_to_device(np.ascontiguousarray(m.zero).view(np.float16))
+
+    def swiglu(self, slot: int) -> SwiGLU:
+        """The expert in `slot` as a SwiGLU over its slot (prefill batches call it one by one)."""
+        mats = []
+        for (q, s, z), shape in zip(self.mats, self.shapes):
+            args = (q[slot], s[slot]) + (() if self.q8 else (z[slot],))
+            mats.append(Linear.over(self.B, self._kernel, args, shape, 0))
+        return SwiGLU(*mats)
+
+    def run(self, slots: list[int], weights, x, out) -> None:
+        """out[0] += sum_j weights[j] * expert(slots[j])(x[0]) for one token x [1, H], on the device."""
+        B = self.B
+        (gq, gs, gz), (uq, us, uz), (dq, ds, dz) = self.mats
+        I = self.shapes[0][0]
+        ids = B.cuda.to_device(np.asarray(slots, np.int32))
+        w = B.cuda.to_device(np.asarray(weights, np.float32))
+        h = B.empty((len(slots), I))
+        B.k.moe_gate_up_r8[(I // 8, len(slots)), B.nt](x, ids, gq, gs, gz, uq, us, uz, self.q8, h)
+        B.k.moe_down_r8[self.shapes[2][0] // 8, B.nt](h, ids, w, dq, ds, dz, self.q8, out)

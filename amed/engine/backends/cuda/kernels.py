@@ -325,6 +325,86 @@ def mm_f32(x, w, out):
     _store_segments(sh, acc, out, t0, ntok, n0, out.shape[1], tid, nt)
 
 
+# ---- routed experts in VRAM: a decode step's chosen ones in two launches ---------------------------
+
+@cuda.jit(device=True)
+def _r8_partial(x, t, q, s, z, b, q8, tid, nt):
+    """This thread's share of row 8b + tid % 8 of W @ x[t], W an r8 matrix (q [N/8, words], s/z
+    [N/8, ng, 8]; q8: z is not read): mm_q4_r8's / mm_q8_r8's loop for one token. A thread meets
+    only row tid % 8: nt and the words per group are multiples of 8."""
+    ng = s.shape[1]
+    G = x.shape[1] // ng
+    acc = float32(0.0)
+    if q8:
+        for p in range(tid, q.shape[1], nt):
+            w = q[b, p]
+            g = p // (2 * G)
+            c = p - g * 2 * G
+            base = g * G + 4 * (c // 8)
+            du = float32(0.0)
+            for i in range(4):
+                du += float32((_byte(w, i) ^ 0x80) - 128) * x[t, base + i]
+            acc += float32(s[b, g, c % 8]) * du
+    else:
+        for p in range(tid, q.shape[1], nt):
+            w = q[b, p]
+            g = p // G
+            c = p - g * G
+            base = g * G + 8 * (c // 8)
+            du = float32(0.0)
+            sx = float32(0.0)
+            for i in range(4):
+                v = _byte(w, i)
+                xl = x[t, base + i]
+                xh = x[t, base + 4 + i]
+                du += float32(v & 15) * xl + float32(v >> 4) * xh
+                sx += xl + xh
+            acc += float32(s[b, g, c % 8]) * du + float32(z[b, g, c % 8]) * sx
+    return acc
+
+
+@cuda.jit(cache=True)
+def moe_gate_up_r8(x, slots, gq, gs, gz, uq, us, uz, q8, h):
+    """h[j] = silu(gate_e @ x[0]) * (up_e @ x[0]) for e = slots[j]: experts stacked in VRAM slots
+    (gq/uq uint32 [P, I/8, words], scales/zeros float16 [P, I/8, ng, 8]). One block per (row
+    block b, chosen expert j)."""
+    sh = cuda.shared.array((2, MAXT), float32)
+    b = cuda.blockIdx.x
+    j = cuda.blockIdx.y
+    e = slots[j]
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    sh[0, tid] = _r8_partial(x, 0, gq[e], gs[e], gz[e], b, q8, tid, nt)
+    sh[1, tid] = _r8_partial(x, 0, uq[e], us[e], uz[e], b, q8, tid, nt)
+    cuda.syncthreads()
+    _reduce_rows(sh, 2, tid, nt, 8)
+    if tid < 8:
+        g = sh[0, tid]
+        h[j, 8 * b + tid] = g / (float32(1.0) + math.exp(min(-g, float32(80.0)))) * sh[1, tid]
+
+
+@cuda.jit(cache=True)
+def moe_down_r8(h, slots, w, dq, ds, dz, q8, out):
+    """out[0] += sum over j (in order) of w[j] * (down_e @ h[j]), e = slots[j]: the weighted sum of
+    the chosen experts in VRAM added where the shared expert's output already is. One block per
+    row block of out."""
+    sh = cuda.shared.array((1, MAXT), float32)
+    b = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    total = float32(0.0)
+    for j in range(slots.shape[0]):
+        e = slots[j]
+        sh[0, tid] = _r8_partial(h, j, dq[e], ds[e], dz[e], b, q8, tid, nt)
+        cuda.syncthreads()
+        _reduce_rows(sh, 1, tid, nt, 8)
+        if tid < 8:
+            total += w[j] * sh[0, tid]
+        cuda.syncthreads()
+    if tid < 8:
+        out[0, 8 * b + tid] += total
+
+
 # ---- norms, RoPE, attention ------------------------------------------------------------------------
 
 @cuda.jit(cache=True)
@@ -460,6 +540,8 @@ def signatures():
 
     h2 = nt.float16[:, ::1]
     h3 = nt.float16[:, :, ::1]
+    u3 = uint32[:, :, ::1]
+    h4 = nt.float16[:, :, :, ::1]
     return {
         "mm_q4_rows": (f2, u2, h2, h2, f2),
         "mm_q8_rows": (f2, u2, h2, f2),
@@ -473,4 +555,6 @@ def signatures():
         "attention": (f3, f3, f3, int64, f3, f2),
         "silu_mul": (f2, f2, f2),
         "axpy_inplace": (f2, float32, f2),
+        "moe_gate_up_r8": (f2, int32[::1], u3, h4, h4, u3, h4, h4, nt.boolean, f2),
+        "moe_down_r8": (f2, int32[::1], float32[::1], u3, h4, h4, nt.boolean, f2),
     }
