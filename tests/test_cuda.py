@@ -280,7 +280,8 @@ def test_full_vram_keeps_running_on_the_cpu():
 
 def test_expert_slots_run_a_layers_experts_together(B):
     """ExpertSlots (decode, all of a layer's chosen VRAM experts in two launches) against NumPy,
-    q4 and q8; a slot reused by a swap; the slot's SwiGLU for batches."""
+    q4 and q8; a lone r8 SwiGLU's decode through the same kernels; a slot reused by a swap; the
+    slot's SwiGLU for batches."""
     def ref(expert, x):
         g, u, d = (dequantize(m).astype(np.float64) for m in expert)
         a = x @ g.T
@@ -301,6 +302,8 @@ def test_expert_slots_run_a_layers_experts_together(B):
         slots.run([1, 0], [0.5, 0.25], B.to_device(x), out)
         want = base + 0.5 * ref(group[1], x) + 0.25 * ref(group[0], x)
         np.testing.assert_allclose(B.to_host(out), want, rtol=1e-4, atol=1e-4)
+        lone = B.swiglu(*group[1])                  # a lone SwiGLU (shared expert): the same kernels
+        np.testing.assert_allclose(B.to_host(lone(B.to_device(x))), ref(group[1], x), rtol=1e-4, atol=1e-4)
         if len(group) > 2:                          # a swap: slot 0 gets another expert
             slots.put(0, group[2])
             xs = rng.standard_normal((3, H)).astype(np.float32)

@@ -154,6 +154,14 @@ class CUDABackend:
 
         return ExpertSlots(self, count, expert) if ExpertSlots.supports(expert) else None
 
+    def slot0(self):
+        """Device arrays [0] (int32) and [1.0] (float32): a lone SwiGLU as a one-slot expert group."""
+        got = getattr(self, "_slot0", None)
+        if got is None:
+            got = self._slot0 = (self.cuda.to_device(np.zeros(1, np.int32)),
+                                 self.cuda.to_device(np.ones(1, F32)))
+        return got
+
     def free_vram(self) -> float:
         """Free device memory in bytes (inf in the simulator)."""
         return float(self.cuda.current_context().get_memory_info()[0])

@@ -22,6 +22,8 @@ def _words(q: np.ndarray, lead: int) -> np.ndarray:
 class Linear:
     """A matrix [N, K] on the device; matmul(x, out) = x @ W.T."""
 
+    r8 = None             # "q4" / "q8" for r8 matrices: the grouped decode kernels read them
+
     @classmethod
     def over(cls, backend, kernel, args, shape, nbytes) -> "Linear":
         """A Linear over device arrays already in place (an expert's slot in ExpertSlots)."""
@@ -33,6 +35,8 @@ class Linear:
         self.B = backend
         k = backend.k
         if isinstance(w, QTensor):
+            if w.layout == "r8" and w.fmt in ("q4", "q8"):
+                self.r8 = w.fmt
             N, K = w.shape
             f16 = lambda a: backend._put(a.view(np.float16))        # noqa: E731
             if w.layout == "r8":
@@ -74,7 +78,15 @@ class SwiGLU(tuple):
     on_device = True          # takes and returns device arrays (host ones: copied over and back)
 
     def __new__(cls, gate, up, down):
-        return super().__new__(cls, (gate, up, down))
+        self = super().__new__(cls, (gate, up, down))
+        # r8 q4/q8 (the dense MLP and shared experts `amed quantize` writes): one token runs in
+        # the two grouped expert kernels, over one-slot views of the matrices
+        self._slot = None
+        if gate.r8 and gate.r8 == up.r8 == down.r8 and gate.shape == up.shape:
+            q8 = gate.r8 == "q8"
+            self._slot = (q8,) + tuple(tuple(a.reshape((1,) + a.shape) for a in m._args + (m._args[1],) * q8)
+                                       for m in self)
+        return self
 
     @property
     def nbytes(self) -> int:
@@ -90,6 +102,14 @@ class SwiGLU(tuple):
             out[...] = y
             return out
         T, I = x.shape[0], gate.shape[0]
+        if T == 1 and self._slot is not None:               # decode: two launches, not four
+            q8, (gq, gs, gz), (uq, us, uz), (dq, ds, dz) = self._slot
+            h = B.empty((1, I))
+            out = B.empty((1, down.shape[0])) if out is None else out
+            slot0, one = B.slot0()
+            B.k.moe_gate_up_r8[(I // 8, 1), B.nt](x, slot0, gq, gs, gz, uq, us, uz, q8, h)
+            B.k.moe_down_r8[down.shape[0] // 8, B.nt](h, slot0, one, dq, ds, dz, q8, False, out)
+            return out
         g = gate.matmul(x, B.empty((T, I)))
         u = up.matmul(x, B.empty((T, I)))
         B.silu_mul(g, u, g)
@@ -150,4 +170,4 @@ class ExpertSlots:
         w = B.cuda.to_device(np.asarray(weights, np.float32))
         h = B.empty((len(slots), I))
         B.k.moe_gate_up_r8[(I // 8, len(slots)), B.nt](x, ids, gq, gs, gz, uq, us, uz, self.q8, h)
-        B.k.moe_down_r8[self.shapes[2][0] // 8, B.nt](h, ids, w, dq, ds, dz, self.q8, out)
+        B.k.moe_down_r8[self.shapes[2][0] // 8, B.nt](h, ids, w, dq, ds, dz, self.q8, True, out)

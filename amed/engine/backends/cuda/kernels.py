@@ -384,10 +384,10 @@ def moe_gate_up_r8(x, slots, gq, gs, gz, uq, us, uz, q8, h):
 
 
 @cuda.jit(cache=True)
-def moe_down_r8(h, slots, w, dq, ds, dz, q8, out):
-    """out[0] += sum over j (in order) of w[j] * (down_e @ h[j]), e = slots[j]: the weighted sum of
-    the chosen experts in VRAM added where the shared expert's output already is. One block per
-    row block of out."""
+def moe_down_r8(h, slots, w, dq, ds, dz, q8, add, out):
+    """out[0] (+)= sum over j (in order) of w[j] * (down_e @ h[j]), e = slots[j]: the weighted sum
+    of the chosen experts in VRAM added (add) where the shared expert's output already is, or
+    written (a lone SwiGLU: the shared expert, the dense MLP). One block per row block of out."""
     sh = cuda.shared.array((1, MAXT), float32)
     b = cuda.blockIdx.x
     tid = cuda.threadIdx.x
@@ -402,7 +402,10 @@ def moe_down_r8(h, slots, w, dq, ds, dz, q8, out):
             total += w[j] * sh[0, tid]
         cuda.syncthreads()
     if tid < 8:
-        out[0, 8 * b + tid] += total
+        if add:
+            out[0, 8 * b + tid] += total
+        else:
+            out[0, 8 * b + tid] = total
 
 
 # ---- norms, RoPE, attention ------------------------------------------------------------------------
@@ -556,5 +559,5 @@ def signatures():
         "silu_mul": (f2, f2, f2),
         "axpy_inplace": (f2, float32, f2),
         "moe_gate_up_r8": (f2, int32[::1], u3, h4, h4, u3, h4, h4, nt.boolean, f2),
-        "moe_down_r8": (f2, int32[::1], float32[::1], u3, h4, h4, nt.boolean, f2),
+        "moe_down_r8": (f2, int32[::1], float32[::1], u3, h4, h4, nt.boolean, nt.boolean, f2),
     }
