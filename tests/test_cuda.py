@@ -276,6 +276,10 @@ def test_full_vram_keeps_running_on_the_cpu():
     gpu.free = VRAM_MARGIN // 2
     g.start(0, [2], h)
     assert g.resident == 1 and g.vram_full and g.get(0, 2) == ("cpu", 2)
+    g = GPUExperts(host, FakeGPU(), lambda L, e: (e, e, e), per_layer=0, prefill="gpu")
+    g.prefill.min_tokens = 2              # no grouped kernels: a batch's experts copied up one by one
+    assert g.start(0, [4, 5], h) == [4, 5] and [g.get(0, e) for e in (4, 5)] == [("gpu", 4), ("gpu", 5)]
+    assert g.copied == 2 and g.device_sum(0, np.array([[4, 5], [5, 4]]), np.ones((2, 2)), h, "dev") == "dev"
 
 
 def test_expert_slots_run_a_layers_experts_together(B):
@@ -301,6 +305,16 @@ def test_expert_slots_run_a_layers_experts_together(B):
         out = B.to_device(base)
         slots.run([1, 0], [0.5, 0.25], B.to_device(x), out)
         want = base + 0.5 * ref(group[1], x) + 0.25 * ref(group[0], x)
+        np.testing.assert_allclose(B.to_host(out), want, rtol=1e-4, atol=1e-4)
+        xs = rng.standard_normal((12, H)).astype(np.float32)         # prefill: (token, expert) pairs,
+        base = rng.standard_normal((12, H)).astype(np.float32)       # one expert with more than TT
+        out = B.to_device(base)
+        toks = [np.array([0, 1, 2, 3, 4, 5, 6, 8, 9, 10]), np.array([2, 4, 11])]
+        ws = [rng.random(10).astype(np.float32), rng.random(3).astype(np.float32)]
+        slots.run_pairs(B.to_device(xs), [(1, toks[0], ws[0]), (0, toks[1], ws[1])], out)
+        want = base.astype(np.float64)
+        for slot, t, w in ((1, toks[0], ws[0]), (0, toks[1], ws[1])):
+            want[t] += w[:, None] * ref(group[slot], xs[t])
         np.testing.assert_allclose(B.to_host(out), want, rtol=1e-4, atol=1e-4)
         lone = B.swiglu(*group[1])                  # a lone SwiGLU (shared expert): the same kernels
         np.testing.assert_allclose(B.to_host(lone(B.to_device(x))), ref(group[1], x), rtol=1e-4, atol=1e-4)

@@ -223,17 +223,27 @@ class Model:
         tok = order // k
         hs = hh[tok]                                                       # [T k, H]
         ys = np.empty_like(hs)
-        # The provider starts reading experts not in memory and returns the order to compute
-        # them in (ready ones first); the shared expert runs first: it needs no read.
+        w = wts.reshape(-1)[order]
+        # The provider starts reading experts not in memory and returns the ones the host computes,
+        # in the order to compute them (ready ones first); the shared expert runs first: it needs
+        # no read; experts a GPU provider runs add into its output there (device_sum).
         run = self.experts.start(L, list(span), hh)
-        shared = lw.shared(h) if lw.shared is not None else None
+        dev = lw.shared(h) if lw.shared is not None else None
+        dev = self.experts.device_sum(L, idx, wts, h, dev)
+        on_device = span.keys() - set(run)
+        if on_device:                               # already in dev: nothing to add here
+            w = w.copy()
+            for e in on_device:
+                a, b = span[e]
+                w[a:b] = 0
+                ys[a:b] = 0
         for e in run:
             a, b = span[e]
             self.experts.get(L, e)(hs[a:b], ys[a:b])
         self.experts.finish(L)
-        self.backend.moe_combine(out, ys, tok, wts.reshape(-1)[order])    # in expert-id order
-        if shared is not None:
-            out += self.backend.to_host(shared)                            # shared expert, weight 1
+        self.backend.moe_combine(out, ys, tok, w)                          # in expert-id order
+        if dev is not None:
+            out += self.backend.to_host(dev)                               # shared expert, weight 1
 
     def _moe_one_token(self, L: int, lw, h, hh: np.ndarray, idx: np.ndarray, wts: np.ndarray):
         """_moe for one token (decode), without the grouping: the same sums in the same order
@@ -247,7 +257,7 @@ class Model:
         wsel = wts[order]
         run = self.experts.start(L, experts, hh)                            # the host's, ready first
         dev = lw.shared(h) if lw.shared is not None else None
-        dev = self.experts.device_sum(L, experts, wsel, h, dev)   # + experts in VRAM, on the device
+        dev = self.experts.device_sum(L, idx[None], wts[None], h, dev)   # + VRAM experts, on the device
         out = np.zeros_like(hh)                                 # the host's sum, in expert-id order
         ys = dict.fromkeys(set(experts) - set(run))             # in VRAM: already in dev
         nxt = 0                                     # next expert (in id order) to add to the sum

@@ -8,7 +8,8 @@ The forward pass asks an ExpertProvider two things per MoE layer:
     f = experts.get(L, e)                 # expert e's bound SwiGLU, f(x, out) -> [T, H]
     experts.finish(L)                     # a batch's routed experts are done (providers that
                                           # time their choices measure here)
-    dev = experts.device_sum(L, chosen, w, h, dev)   # decode: experts kept on the GPU add into dev
+    dev = experts.device_sum(L, idx, w, h, dev)   # experts run on the GPU add into dev (the
+                                          # shared expert's output); start() left them out
 
 Three providers:
     ExpertProvider   experts stay in their memory maps and the OS pages them in (checkpoints)
@@ -107,9 +108,9 @@ class ExpertProvider:
     def finish(self, layer: int) -> None:
         pass
 
-    def device_sum(self, layer: int, experts: list[int], weights, h, dev):
-        """Decode: add the chosen experts this provider runs on the backend's device into dev
-        (engine/experts/gpu.py); host providers run none."""
+    def device_sum(self, layer: int, idx, wts, h, dev):
+        """Add the chosen experts (idx, wts [T, k]) this provider runs on the backend's device,
+        weighted, into dev (engine/experts/gpu.py); host providers run none."""
         return dev
 
     def get(self, layer: int, e: int):

@@ -20,12 +20,15 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+import numpy as np
+
 from amed.engine.experts.memory import fmt_size
 from amed.errors import AmedError
 
 VRAM_MARGIN = 512 << 20          # kept free on the GPU for activations, scratch and the allocator
 PREFILL_MIN_TOKENS = 16          # smaller batches keep their experts on the CPU (decode: always)
 RECHECK_EVERY = 32               # auto: every this many batches, time the slower way again
+BATCH_SLOTS = 32                 # experts copied up together for a prefill batch (VRAM: 32 experts)
 
 
 class PrefillChoice:
@@ -107,6 +110,8 @@ class GPUExperts:
         self._slots: dict[int, object] = {}                # layer -> ExpertSlots (or None: one by one)
         self._slot_of: dict[tuple[int, int], int] = {}
         self._borrowed: set[tuple[int, int]] = set()       # this batch's experts copied up for it
+        self._plan = None                                  # prefill: (layer, VRAM experts, copied ones)
+        self._batch_slots = None                           # ExpertSlots the copied ones go through
         self.uses: Counter = Counter()
         self.swaps = 0
         self.copied = 0                            # experts copied up for a prefill batch
@@ -121,31 +126,72 @@ class GPUExperts:
         gpu = [e for e in experts if e in on]
         cpu = [e for e in experts if e not in on]
         self._borrowed = set()
+        self._plan = None
         if h.shape[0] == 1:                        # decode: the VRAM ones run in device_sum
             return self.inner.start(layer, cpu, h) if cpu else []
-        if cpu and self.prefill.choose(h.shape[0]) == "gpu":
-            self.inner.start(layer, cpu, h)            # starts their reads; the copies read them
+        copy = bool(cpu) and self.prefill.choose(h.shape[0]) == "gpu"
+        if copy:
+            self.inner.start(layer, cpu, h)        # starts their reads; the copies read them
+        if (not gpu or self._slots.get(layer) is not None) and (not copy or self._batch(layer, cpu[0])):
+            self._plan = (layer, gpu, cpu if copy else [])      # grouped, in device_sum
+            return [] if copy or not cpu else self.inner.start(layer, cpu, h)
+        if copy:                                   # formats without grouped kernels: one by one
             self._borrowed = {(layer, e) for e in cpu}
             return gpu + cpu
         # GPU experts first: their kernels run while the CPU ones are still being read
         return gpu + (self.inner.start(layer, cpu, h) if cpu else [])
 
-    def device_sum(self, layer: int, experts: list[int], weights, h, dev):
-        """Decode (h [1, H] on the device): dev += the weighted outputs of the chosen experts in
-        VRAM (dev: the shared expert's output, or None: zeros); returns dev."""
-        on = self._by_layer.get(layer)
-        picked = [(e, w) for e, w in zip(experts, weights) if on and e in on]
-        if not picked:
-            return dev
+    def _batch(self, layer: int, e: int):
+        """The ExpertSlots a prefill batch's copied experts go through (made once; False where
+        the format has no grouped kernels or VRAM has no room for it)."""
+        if self._batch_slots is None:
+            try:
+                self._batch_slots = self.backend.expert_slots(BATCH_SLOTS, self._expert_of(layer, e)) or False
+            except AmedError:
+                self._batch_slots = False
+        return self._batch_slots
+
+    def device_sum(self, layer: int, idx, wts, h, dev):
+        """dev += the weighted outputs of the chosen experts that run on the GPU, on the device
+        (h: the tokens' hidden states there [T, H]; idx, wts [T, k]; dev the shared expert's
+        output, or None: zeros); returns dev. Decode: the VRAM experts, in two launches where
+        they have slots. Prefill: the VRAM experts and those copied up for the batch (start's
+        plan), grouped by expert in four launches per group."""
         B = self.backend
-        if dev is None:
-            dev = B.zeros((1, h.shape[1]))
-        slots = self._slots.get(layer)
-        if slots is not None:
-            slots.run([self._slot_of[(layer, e)] for e, _ in picked], [w for _, w in picked], h, dev)
-        else:
-            for e, w in picked:
-                B.axpy(dev, w, self._gpu[(layer, e)](h))
+        if h.shape[0] == 1:
+            on = self._by_layer.get(layer)
+            picked = [(e, w) for e, w in zip(idx[0].tolist(), wts[0]) if on and e in on]
+            if not picked:
+                return dev
+            dev = B.zeros(h.shape) if dev is None else dev
+            slots = self._slots.get(layer)
+            if slots is not None:
+                slots.run([self._slot_of[(layer, e)] for e, _ in picked], [w for _, w in picked], h, dev)
+            else:
+                for e, w in picked:
+                    B.axpy(dev, w, self._gpu[(layer, e)](h))
+            return dev
+        if self._plan is None or self._plan[0] != layer or not (self._plan[1] or self._plan[2]):
+            return dev
+        _, gpu, copied = self._plan
+        dev = B.zeros(h.shape) if dev is None else dev
+        flat = idx.reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        ids, starts = np.unique(flat[order], return_index=True)
+        ends = np.append(starts[1:], len(flat))
+        k = idx.shape[1]
+        pairs = {e: (order[a:b] // k, wts.reshape(-1)[order[a:b]]) for e, a, b in
+                 zip(ids.tolist(), starts.tolist(), ends.tolist())}          # e -> (tokens, weights)
+        if gpu:
+            self._slots[layer].run_pairs(h, [(self._slot_of[(layer, e)],) + pairs[e] for e in gpu], dev)
+        batch = self._batch_slots
+        for i in range(0, len(copied), BATCH_SLOTS):
+            group = copied[i:i + BATCH_SLOTS]
+            for s, e in enumerate(group):
+                batch.put(s, self._expert_of(layer, e))
+            batch.run_pairs(h, [(s,) + pairs[e] for s, e in enumerate(group)], dev)
+            self.copied += len(group)
+            self.touched.update((layer, e) for e in group)
         return dev
 
     def finish(self, layer: int) -> None:

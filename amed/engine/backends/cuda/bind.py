@@ -171,3 +171,30 @@ class ExpertSlots:
         h = B.empty((len(slots), I))
         B.k.moe_gate_up_r8[(I // 8, len(slots)), B.nt](x, ids, gq, gs, gz, uq, us, uz, self.q8, h)
         B.k.moe_down_r8[self.shapes[2][0] // 8, B.nt](h, ids, w, dq, ds, dz, self.q8, True, out)
+
+    def run_pairs(self, x, groups, out) -> None:
+        """Prefill: out[t] += w * expert(slot)(x[t]) for each (slot, tokens, weights) in groups
+        (tokens: rows of x [T, H], weights alike), on the device, in four launches whatever the
+        number of experts: gate+up+silu and down over the (token, expert) pairs grouped by expert,
+        then each token's pairs summed in the order given."""
+        B, k = self.B, self.B.k
+        (gq, gs, gz), (uq, us, uz), (dq, ds, dz) = self.mats
+        lens = [len(t) for _, t, _ in groups]
+        n, R, T = len(groups), sum(lens), x.shape[0]
+        rows = np.concatenate([t for _, t, _ in groups]).astype(np.int32)
+        seg = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        slots = np.array([s for s, _, _ in groups], np.int32)
+        tok_pairs = np.argsort(rows, kind="stable").astype(np.int32)     # per token, in group order
+        tok_seg = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=T))]).astype(np.int32)
+        ints = B.cuda.to_device(np.concatenate([rows, seg, slots, tok_seg, tok_pairs]))   # one copy up
+        cut = np.cumsum([0, R, n + 1, n, T + 1, R])
+        d_rows, d_seg, d_slots, d_tok_seg, d_tok_pairs = (ints[a:b] for a, b in zip(cut[:-1], cut[1:]))
+        w = B.cuda.to_device(np.concatenate([ws for _, _, ws in groups]).astype(np.float32))
+        I, H = self.shapes[0][0], self.shapes[2][0]
+        h = B.empty((R, I))
+        y = B.empty((R, H))
+        chunks = (max(lens) + k.TT - 1) // k.TT
+        k.moe_gate_up_pairs_r8[(I // 8, n, chunks), B.nt](x, d_rows, d_seg, d_slots, gq, gs, gz, uq, us, uz,
+                                                         self.q8, h)
+        k.moe_down_pairs_r8[(H // 8, n, chunks), B.nt](h, d_seg, d_slots, dq, ds, dz, self.q8, y)
+        k.moe_combine_pairs[(T, (H + B.nt - 1) // B.nt), B.nt](y, d_tok_seg, d_tok_pairs, w, out)

@@ -30,6 +30,7 @@ from numba import cuda, float32, int32, int64, uint32
 
 MAXT = 256          # the most threads per block any kernel is launched with (shared arrays' size)
 TT = 8              # tokens per block in the matmuls: each dequantized weight is used TT times
+TT2 = 2 * TT        # gate and up rows for TT tokens (a shared array's shape must be a constant)
 RB = 8              # rows per block in the matmuls (the r8 layout's row block; as many for "rows")
 MAXD = 256          # the largest head dimension attention and RoPE handle
 
@@ -408,6 +409,111 @@ def moe_down_r8(h, slots, w, dq, ds, dz, q8, add, out):
             out[0, 8 * b + tid] = total
 
 
+# ---- routed experts in VRAM: a prefill batch's (token, expert) pairs, grouped by expert ---------
+
+@cuda.jit(device=True)
+def _r8_partial_tt(x, rows, indirect, p0, ntok, q, s, z, b, q8, tid, nt, acc):
+    """_r8_partial for up to TT tokens at once (each dequantized word serves all of them): acc[j]
+    = this thread's share for token rows[p0 + j] of x (indirect) or x[p0 + j], j < ntok."""
+    ng = s.shape[1]
+    G = x.shape[1] // ng
+    for j in range(TT):
+        acc[j] = float32(0.0)
+    if q8:
+        for p in range(tid, q.shape[1], nt):
+            w = q[b, p]
+            g = p // (2 * G)
+            c = p - g * 2 * G
+            base = g * G + 4 * (c // 8)
+            sc = float32(s[b, g, c % 8])
+            for j in range(ntok):
+                t = rows[p0 + j] if indirect else p0 + j
+                du = float32(0.0)
+                for i in range(4):
+                    du += float32((_byte(w, i) ^ 0x80) - 128) * x[t, base + i]
+                acc[j] += sc * du
+    else:
+        for p in range(tid, q.shape[1], nt):
+            w = q[b, p]
+            g = p // G
+            c = p - g * G
+            base = g * G + 8 * (c // 8)
+            sc = float32(s[b, g, c % 8])
+            zz = float32(z[b, g, c % 8])
+            for j in range(ntok):
+                t = rows[p0 + j] if indirect else p0 + j
+                du = float32(0.0)
+                sx = float32(0.0)
+                for i in range(4):
+                    v = _byte(w, i)
+                    xl = x[t, base + i]
+                    xh = x[t, base + 4 + i]
+                    du += float32(v & 15) * xl + float32(v >> 4) * xh
+                    sx += xl + xh
+                acc[j] += sc * du + zz * sx
+
+
+@cuda.jit(cache=True)
+def moe_gate_up_pairs_r8(x, rows, seg, slots, gq, gs, gz, uq, us, uz, q8, h):
+    """h[p] = silu(gate_e @ x[rows[p]]) * (up_e @ x[rows[p]]) for the pairs p of segment j
+    (seg[j] <= p < seg[j + 1]), e = slots[j]. One block per (row block, segment, TT pairs)."""
+    ag = cuda.local.array(TT, float32)
+    au = cuda.local.array(TT, float32)
+    sh = cuda.shared.array((TT2, MAXT), float32)
+    b = cuda.blockIdx.x
+    j = cuda.blockIdx.y
+    p0 = seg[j] + cuda.blockIdx.z * TT
+    ntok = min(TT, seg[j + 1] - p0)
+    if ntok <= 0:                          # the whole block: its segment is shorter
+        return
+    e = slots[j]
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    _r8_partial_tt(x, rows, True, p0, ntok, gq[e], gs[e], gz[e], b, q8, tid, nt, ag)
+    _r8_partial_tt(x, rows, True, p0, ntok, uq[e], us[e], uz[e], b, q8, tid, nt, au)
+    for i in range(TT):
+        sh[i, tid] = ag[i]
+        sh[TT + i, tid] = au[i]
+    cuda.syncthreads()
+    _reduce_rows(sh, TT2, tid, nt, 8)
+    if tid < 8:
+        for i in range(ntok):
+            g = sh[i, tid]
+            h[p0 + i, 8 * b + tid] = g / (float32(1.0) + math.exp(min(-g, float32(80.0)))) * sh[TT + i, tid]
+
+
+@cuda.jit(cache=True)
+def moe_down_pairs_r8(h, seg, slots, dq, ds, dz, q8, y):
+    """y[p] = down_e @ h[p] for the pairs of segment j, e = slots[j] (grid as moe_gate_up_pairs_r8)."""
+    acc = cuda.local.array(TT, float32)
+    sh = cuda.shared.array((TT, MAXT), float32)
+    b = cuda.blockIdx.x
+    j = cuda.blockIdx.y
+    p0 = seg[j] + cuda.blockIdx.z * TT
+    ntok = min(TT, seg[j + 1] - p0)
+    if ntok <= 0:
+        return
+    e = slots[j]
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    _r8_partial_tt(h, seg, False, p0, ntok, dq[e], ds[e], dz[e], b, q8, tid, nt, acc)
+    _store_rows(sh, acc, y, p0, ntok, 8 * b, 8, tid, nt)
+
+
+@cuda.jit(cache=True)
+def moe_combine_pairs(y, tok_seg, tok_pairs, w, out):
+    """out[t] += sum of w[p] * y[p] over token t's pairs p = tok_pairs[tok_seg[t]:tok_seg[t + 1]]
+    (in that order). One block per (token, nt columns)."""
+    t = cuda.blockIdx.x
+    i = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    if i < out.shape[1]:
+        acc = out[t, i]
+        for q in range(tok_seg[t], tok_seg[t + 1]):
+            p = tok_pairs[q]
+            acc += w[p] * y[p, i]
+        out[t, i] = acc
+
+
 # ---- norms, RoPE, attention ------------------------------------------------------------------------
 
 @cuda.jit(cache=True)
@@ -560,4 +666,7 @@ def signatures():
         "axpy_inplace": (f2, float32, f2),
         "moe_gate_up_r8": (f2, int32[::1], u3, h4, h4, u3, h4, h4, nt.boolean, f2),
         "moe_down_r8": (f2, int32[::1], float32[::1], u3, h4, h4, nt.boolean, nt.boolean, f2),
+        "moe_gate_up_pairs_r8": (f2, int32[::1], int32[::1], int32[::1], u3, h4, h4, u3, h4, h4, nt.boolean, f2),
+        "moe_down_pairs_r8": (f2, int32[::1], int32[::1], u3, h4, h4, nt.boolean, f2),
+        "moe_combine_pairs": (f2, int32[::1], int32[::1], float32[::1], f2),
     }
