@@ -67,6 +67,11 @@ class PrefillChoice:
         self.chosen[how] += 1
         return how
 
+    @property
+    def timing(self) -> bool:
+        """A batch is being timed (choose'd, not yet done)."""
+        return self._timing is not None
+
     def done(self) -> None:
         if self._timing is None:
             return
@@ -196,6 +201,8 @@ class GPUExperts:
 
     def finish(self, layer: int) -> None:
         self._borrowed = set()
+        if self.prefill.timing:                    # a timed batch: its GPU work counts only once done
+            self.backend.synchronize()
         self.prefill.done()
         self.inner.finish(layer)
 

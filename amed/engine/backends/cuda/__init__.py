@@ -170,7 +170,8 @@ class CUDABackend:
         return self._put(np.asarray(v, F32))
 
     def empty(self, shape):
-        return self.cuda.device_array(shape, F32)
+        with self._vram():
+            return self.cuda.device_array(shape, F32)
 
     def zeros(self, shape):
         return self._put(np.zeros(shape, F32), weights=False)
