@@ -326,95 +326,15 @@ def mm_f32(x, w, out):
     _store_segments(sh, acc, out, t0, ntok, n0, out.shape[1], tid, nt)
 
 
-# ---- routed experts in VRAM: a decode step's chosen ones in two launches ---------------------------
-
-@cuda.jit(device=True)
-def _r8_partial(x, t, q, s, z, b, q8, tid, nt):
-    """This thread's share of row 8b + tid % 8 of W @ x[t], W an r8 matrix (q [N/8, words], s/z
-    [N/8, ng, 8]; q8: z is not read): mm_q4_r8's / mm_q8_r8's loop for one token. A thread meets
-    only row tid % 8: nt and the words per group are multiples of 8."""
-    ng = s.shape[1]
-    G = x.shape[1] // ng
-    acc = float32(0.0)
-    if q8:
-        for p in range(tid, q.shape[1], nt):
-            w = q[b, p]
-            g = p // (2 * G)
-            c = p - g * 2 * G
-            base = g * G + 4 * (c // 8)
-            du = float32(0.0)
-            for i in range(4):
-                du += float32((_byte(w, i) ^ 0x80) - 128) * x[t, base + i]
-            acc += float32(s[b, g, c % 8]) * du
-    else:
-        for p in range(tid, q.shape[1], nt):
-            w = q[b, p]
-            g = p // G
-            c = p - g * G
-            base = g * G + 8 * (c // 8)
-            du = float32(0.0)
-            sx = float32(0.0)
-            for i in range(4):
-                v = _byte(w, i)
-                xl = x[t, base + i]
-                xh = x[t, base + 4 + i]
-                du += float32(v & 15) * xl + float32(v >> 4) * xh
-                sx += xl + xh
-            acc += float32(s[b, g, c % 8]) * du + float32(z[b, g, c % 8]) * sx
-    return acc
-
-
-@cuda.jit(cache=True)
-def moe_gate_up_r8(x, slots, gq, gs, gz, uq, us, uz, q8, h):
-    """h[j] = silu(gate_e @ x[0]) * (up_e @ x[0]) for e = slots[j]: experts stacked in VRAM slots
-    (gq/uq uint32 [P, I/8, words], scales/zeros float16 [P, I/8, ng, 8]). One block per (row
-    block b, chosen expert j)."""
-    sh = cuda.shared.array((2, MAXT), float32)
-    b = cuda.blockIdx.x
-    j = cuda.blockIdx.y
-    e = slots[j]
-    tid = cuda.threadIdx.x
-    nt = cuda.blockDim.x
-    sh[0, tid] = _r8_partial(x, 0, gq[e], gs[e], gz[e], b, q8, tid, nt)
-    sh[1, tid] = _r8_partial(x, 0, uq[e], us[e], uz[e], b, q8, tid, nt)
-    cuda.syncthreads()
-    _reduce_rows(sh, 2, tid, nt, 8)
-    if tid < 8:
-        g = sh[0, tid]
-        h[j, 8 * b + tid] = g / (float32(1.0) + math.exp(min(-g, float32(80.0)))) * sh[1, tid]
-
-
-@cuda.jit(cache=True)
-def moe_down_r8(h, slots, w, dq, ds, dz, q8, add, out):
-    """out[0] (+)= sum over j (in order) of w[j] * (down_e @ h[j]), e = slots[j]: the weighted sum
-    of the chosen experts in VRAM added (add) where the shared expert's output already is, or
-    written (a lone SwiGLU: the shared expert, the dense MLP). One block per row block of out."""
-    sh = cuda.shared.array((1, MAXT), float32)
-    b = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    nt = cuda.blockDim.x
-    total = float32(0.0)
-    for j in range(slots.shape[0]):
-        e = slots[j]
-        sh[0, tid] = _r8_partial(h, j, dq[e], ds[e], dz[e], b, q8, tid, nt)
-        cuda.syncthreads()
-        _reduce_rows(sh, 1, tid, nt, 8)
-        if tid < 8:
-            total += w[j] * sh[0, tid]
-        cuda.syncthreads()
-    if tid < 8:
-        if add:
-            out[0, 8 * b + tid] += total
-        else:
-            out[0, 8 * b + tid] = total
-
-
-# ---- routed experts in VRAM: a prefill batch's (token, expert) pairs, grouped by expert ---------
+# ---- routed experts in VRAM (grouped over a layer's experts) -----------------------------------
 
 @cuda.jit(device=True)
 def _r8_partial_tt(x, rows, indirect, p0, ntok, q, s, z, b, q8, tid, nt, acc):
-    """_r8_partial for up to TT tokens at once (each dequantized word serves all of them): acc[j]
-    = this thread's share for token rows[p0 + j] of x (indirect) or x[p0 + j], j < ntok."""
+    """This thread's share of row 8b + tid % 8 of W @ x for up to TT tokens at once (each
+    dequantized word serves all of them), W an r8 matrix (q [N/8, words], s/z [N/8, ng, 8]; q8: z
+    is not read): acc[j] for token rows[p0 + j] of x (indirect) or x[p0 + j] (rows unused), j <
+    ntok. mm_q4_r8's / mm_q8_r8's loops; a thread meets only row tid % 8: nt and the words per
+    group are multiples of 8."""
     ng = s.shape[1]
     G = x.shape[1] // ng
     for j in range(TT):
@@ -452,6 +372,60 @@ def _r8_partial_tt(x, rows, indirect, p0, ntok, q, s, z, b, q8, tid, nt, acc):
                     sx += xl + xh
                 acc[j] += sc * du + zz * sx
 
+
+# decode: a step's chosen experts in two launches
+
+@cuda.jit(cache=True)
+def moe_gate_up_r8(x, slots, gq, gs, gz, uq, us, uz, q8, h):
+    """h[j] = silu(gate_e @ x[0]) * (up_e @ x[0]) for e = slots[j]: experts stacked in VRAM slots
+    (gq/uq uint32 [P, I/8, words], scales/zeros float16 [P, I/8, ng, 8]). One block per (row
+    block b, chosen expert j)."""
+    acc = cuda.local.array(TT, float32)
+    sh = cuda.shared.array((2, MAXT), float32)
+    b = cuda.blockIdx.x
+    j = cuda.blockIdx.y
+    e = slots[j]
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    _r8_partial_tt(x, slots, False, 0, 1, gq[e], gs[e], gz[e], b, q8, tid, nt, acc)
+    sh[0, tid] = acc[0]
+    _r8_partial_tt(x, slots, False, 0, 1, uq[e], us[e], uz[e], b, q8, tid, nt, acc)
+    sh[1, tid] = acc[0]
+    cuda.syncthreads()
+    _reduce_rows(sh, 2, tid, nt, 8)
+    if tid < 8:
+        g = sh[0, tid]
+        h[j, 8 * b + tid] = g / (float32(1.0) + math.exp(min(-g, float32(80.0)))) * sh[1, tid]
+
+
+@cuda.jit(cache=True)
+def moe_down_r8(h, slots, w, dq, ds, dz, q8, add, out):
+    """out[0] (+)= sum over j (in order) of w[j] * (down_e @ h[j]), e = slots[j]: the weighted sum
+    of the chosen experts in VRAM added (add) where the shared expert's output already is, or
+    written (a lone SwiGLU: the shared expert, the dense MLP). One block per row block of out."""
+    acc = cuda.local.array(TT, float32)
+    sh = cuda.shared.array((1, MAXT), float32)
+    b = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    total = float32(0.0)
+    for j in range(slots.shape[0]):
+        e = slots[j]
+        _r8_partial_tt(h, slots, False, j, 1, dq[e], ds[e], dz[e], b, q8, tid, nt, acc)
+        sh[0, tid] = acc[0]
+        cuda.syncthreads()
+        _reduce_rows(sh, 1, tid, nt, 8)
+        if tid < 8:
+            total += w[j] * sh[0, tid]
+        cuda.syncthreads()
+    if tid < 8:
+        if add:
+            out[0, 8 * b + tid] += total
+        else:
+            out[0, 8 * b + tid] = total
+
+
+# prefill: a batch's (token, expert) pairs, grouped by expert
 
 @cuda.jit(cache=True)
 def moe_gate_up_pairs_r8(x, rows, seg, slots, gq, gs, gz, uq, us, uz, q8, h):
