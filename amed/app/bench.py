@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from amed.app.quality import kl_divergence  # noqa: F401  (its old home; tests and bench/ import it here)
-from amed.engine.experts.memory import current_rss_bytes
+from amed.engine.experts.memory import current_rss_bytes, proc_field
 
 SAMPLE_TEXT = (
     "A 58-year-old man presents to the emergency department with crushing substernal chest pain "
@@ -76,14 +76,8 @@ def reset_peak_rss() -> None:
 
 def peak_rss_bytes() -> int:
     """Peak resident set since the last reset (VmHWM), falling back to getrusage."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    kib = proc_field("/proc/self/status", "VmHWM")
+    return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 # ---- page residency (mincore) ----------------------------------------------------------------

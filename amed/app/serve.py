@@ -603,19 +603,19 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def chat_completions(request: Request):
-        body = await read_body(request)
-        sched, api = ready()
-        api.check_model(body)
-        job = api.job(body, api.chat_prompt(body), "messages")
-        return await run_job(request, job, sched, *stream_flags(body, ChatChunks))
+    def generation_endpoint(prompt_of, field: str, chunks):
+        """A POST handler: the request's prompt (Api.chat_prompt / completion_prompt, read from
+        `field`) as a job, answered in `chunks`' shape."""
+        async def handle(request: Request):
+            body = await read_body(request)
+            sched, api = ready()
+            api.check_model(body)
+            job = api.job(body, prompt_of(api, body), field)
+            return await run_job(request, job, sched, *stream_flags(body, chunks))
+        return handle
 
-    async def completions(request: Request):
-        body = await read_body(request)
-        sched, api = ready()
-        api.check_model(body)
-        job = api.job(body, api.completion_prompt(body), "prompt")
-        return await run_job(request, job, sched, *stream_flags(body, TextChunks))
+    chat_completions = generation_endpoint(Api.chat_prompt, "messages", ChatChunks)
+    completions = generation_endpoint(Api.completion_prompt, "prompt", TextChunks)
 
     def stream_flags(body: dict, kind):
         stream = body.get("stream", False)

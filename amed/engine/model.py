@@ -259,7 +259,8 @@ class Model:
         dev = lw.shared(h) if lw.shared is not None else None
         dev = self.experts.device_sum(L, idx[None], wts[None], h, dev)   # + VRAM experts, on the device
         out = np.zeros_like(hh)                                 # the host's sum, in expert-id order
-        ys = dict.fromkeys(set(experts) - set(run))             # in VRAM: already in dev
+        # experts the provider ran on the device (in VRAM) are already in dev: marked done here
+        ys = {} if len(run) == len(experts) else dict.fromkeys(set(experts) - set(run))
         nxt = 0                                     # next expert (in id order) to add to the sum
         get = self.experts.get
         for e in run:

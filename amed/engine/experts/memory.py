@@ -46,23 +46,29 @@ def fmt_size(n: float) -> str:
         n /= 1024
 
 
-def mem_available() -> int:
-    """MemAvailable from /proc/meminfo (bytes); physical free pages elsewhere."""
+def proc_field(path: str, key: str) -> int | None:
+    """The number after `key:` in a /proc file of "key: value" lines (/proc/meminfo, /proc/self/io,
+    /proc/self/status), or None where there is no such file or line."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def mem_available() -> int:
+    """MemAvailable from /proc/meminfo (bytes); physical free pages elsewhere."""
+    kib = proc_field("/proc/meminfo", "MemAvailable")
+    return kib * 1024 if kib is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def default_max_ram() -> int:
     """What amed may keep resident by default: 90% of the memory available now plus what this
     process already holds."""
     return int(0.9 * mem_available()) + current_rss_bytes()
-
 
 
 def current_rss_bytes() -> int:
@@ -72,16 +78,10 @@ def current_rss_bytes() -> int:
     except OSError:
         return 0
 
+
 def disk_read_bytes() -> int | None:
     """Bytes this process (all threads) has caused to be read from storage (/proc/self/io)."""
-    try:
-        with open("/proc/self/io") as f:
-            for line in f:
-                if line.startswith("read_bytes:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+    return proc_field("/proc/self/io", "read_bytes")
 
 
 # ---- madvise and mincore (ctypes: the GIL is released) ---------------------------------------------
