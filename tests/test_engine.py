@@ -1,5 +1,14 @@
-"""The engine as a whole: logits bit-identical to the engine before its redesign (saved in
-tests/data/engine-logits.npz by engine_reference.py), and several sequences over one model."""
+"""The engine as a whole: logits equal to the engine before its redesign (saved in
+tests/data/engine-logits.npz by engine_reference.py), and several sequences over one model.
+
+Saved floats are compared with a tolerance, not bit for bit: Numba compiles for the host CPU, and
+another vector width (AVX2 vs AVX-512, or `NUMBA_CPU_NAME=generic`) sums the same float32 products
+in another order. That moves logits (magnitude ~1.7) by a few ulp (3.6e-7 seen across two EPYC
+machines), and through the layers and softmax a reordering can grow: the r8 and rows layouts of the
+same int4 levels, run side by side, differ by up to 4.9e-5. SAVED_ATOL = 1e-4 (the bound the golden
+test holds against llama.cpp) covers any summation order and is still far below a real change (the
+same weights quantized otherwise differ by 0.15-0.19). The bit-for-bit guarantee is kept where it
+holds on any machine: two code paths computed in the same run."""
 
 import numpy as np
 import pytest
@@ -14,24 +23,44 @@ def stores(golden_store):
     return {name: (R.GOLDEN if spec is None else golden_store(**spec)) for name, spec in R.CASES.items()}
 
 
+SAVED_ATOL = 1e-4
+
+
+def assert_close_to_saved(got, want, what):
+    np.testing.assert_allclose(got, want, rtol=0, atol=SAVED_ATOL, err_msg=what)
+    assert (got.argmax(-1) == want.argmax(-1)).all(), what
+
+
 @pytest.fixture(scope="module")
 def saved():
     return np.load(R.DATA / "engine-logits.npz")
 
 
 @pytest.mark.parametrize("name", list(R.CASES))
-def test_logits_bit_identical_to_before(stores, saved, name):
+def test_logits_equal_to_before(stores, saved, name):
     got = R.schedule(amed.load(stores[name]))
     for k, v in got.items():
-        np.testing.assert_array_equal(v, saved[f"{name}/{k}"], err_msg=f"{name}/{k}")
+        assert_close_to_saved(v, saved[f"{name}/{k}"], f"{name}/{k}")
 
 
 def test_slot_cache_logits_bit_identical(stores, saved):
+    """A slot cache of 6 experts with look-ahead gives the very bits of the plain store (both
+    computed here, so on any CPU), and the saved logits within the cross-CPU tolerance."""
+    plain = R.schedule(amed.load(stores[R.SLOT_CASE]))
     m = R.slot_model(stores[R.SLOT_CASE])
     assert isinstance(m.experts, SlotExperts) and m.experts.cache.bounded
     for k, v in R.schedule(m).items():
-        np.testing.assert_array_equal(v, saved[f"slots/{k}"], err_msg=k)
+        np.testing.assert_array_equal(v, plain[k], err_msg=k)
+        assert_close_to_saved(v, saved[f"slots/{k}"], f"slots/{k}")
     m.experts.close()
+
+
+def test_layouts_agree_in_one_run(stores):
+    """q4 in r8 and in rows layout hold the same levels: same logits up to summation order
+    (computed side by side here, so the check does not depend on the CPU that wrote any data)."""
+    a, b = (R.schedule(amed.load(stores[n])) for n in ("q4_r8", "q4_rows"))
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=SAVED_ATOL, err_msg=k)
 
 
 @pytest.mark.parametrize("name", ["ckpt", "q4_r8"])
