@@ -426,6 +426,8 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
     from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
 
+    from amed.app.serve_extras import routes as extra_routes
+
     state = dict(sched=None, api=None, error=None)
 
     def load() -> None:
@@ -646,6 +648,8 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
         Route("/v1/completions", guarded(completions), methods=["POST"]),
         Route("/completions", guarded(completions), methods=["POST"]),
         Route("/stats", guarded(stats)), Route("/metrics", guarded(metrics)),
+        *extra_routes(model_id=model_id, state=state, ready=ready, guarded=guarded, read_body=read_body,
+                      run_job=run_job, ctx_size=ctx_size, parallel=parallel),     # ollama's, llama-server's
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: not_found, Exception: server_error})
@@ -783,10 +787,16 @@ def run_command(path, err, *, host: str = "127.0.0.1", port: int = 8080, ctx_siz
                             access_log=verbose, timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     err.print(f"[dim]loading {path} ...[/]")
+    from amed.app.serve_extras import remove_runtime_file, write_runtime_file
+
+    runfile = write_runtime_file(host=host, port=sock.getsockname()[1], model=model_id, path=path,   # `amed ps`
+                                 ctx_size=ctx_size, parallel=parallel)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:            # uvicorn re-raises the Ctrl-C it shut down on: a normal stop
         pass
+    finally:
+        remove_runtime_file(runfile)
     err.print("[dim]server stopped[/]")
     if failed:
         raise AmedError(f"amed serve stopped: {failed[0]}")
