@@ -751,6 +751,41 @@ def rm(
 
 
 @app.command()
+def ps(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON list of the servers instead of a table.")] = False,
+):
+    """The running `amed serve` servers: model, address, memory, slots (busy/total) and queue."""
+    import json
+    import time
+
+    from rich.table import Table
+
+    from amed.app.serve_extras import ps_rows
+    from amed.hub import fmt_bytes
+
+    rows = ps_rows()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        err.print("no amed server is running (`amed serve` starts one).")
+        return
+    t = Table(box=None, pad_edge=False)
+    for col in ("PID", "MODEL", "URL", "STATUS", "MEMORY", "KV CACHE", "SLOTS", "QUEUED", "UP"):
+        t.add_column(col, justify="right" if col in ("PID", "MEMORY", "KV CACHE", "QUEUED", "UP") else "left")
+    for r in rows:
+        mem = r.get("memory") or {}
+        up = int(time.time() - r["started"])
+        t.add_row(str(r["pid"]), r["model"], r["url"], r["status"],
+                  fmt_bytes(mem["rss_bytes"]) if mem.get("rss_bytes") is not None else "-",
+                  fmt_bytes(mem["kv_cache_bytes"]) if mem.get("kv_cache_bytes") is not None else "-",
+                  f"{r['slots_busy']}/{r['total_slots']}" if r.get("total_slots") is not None else f"-/{r['parallel']}",
+                  str(r["queued"]) if r.get("queued") is not None else "-",
+                  f"{up // 3600}h{up % 3600 // 60:02d}m" if up >= 3600 else f"{up // 60}m{up % 60:02d}s")
+    Console(highlight=False, soft_wrap=True).print(t)
+
+
+@app.command()
 def warmup():
     """Compile the CPU kernels now (about a minute, once), so the first chat or bench starts at once.
 
