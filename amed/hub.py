@@ -550,22 +550,85 @@ def download(plan: Plan, local_dir: Path, *, token: str | bool | None = None, ma
 
 
 @contextlib.contextmanager
-def dir_lock(local_dir: Path) -> Iterator[None]:
-    """One writer per directory: a second `amed download` into the same place is refused."""
+def dir_lock(local_dir: Path, lock_name: str | None = None, *, remove: bool = False,
+             advice: str = "wait for it to finish or pick another --local-dir") -> Iterator[None]:
+    """One writer per directory: an advisory lock (fcntl.flock) on a file inside it that holds the
+    writer's pid. A second amed process that wants the same directory is refused with one sentence
+    naming that pid. `lock_name` is the lock file's path relative to the directory (default
+    .amed/lock, the download state folder); `remove` deletes it again on release (a store keeps no
+    lock file once written). The lock goes with the process: kill -9 releases it."""
     try:
         import fcntl
     except ImportError:  # not POSIX
         yield
         return
-    lock = Path(local_dir) / STATE_DIR / "lock"
+    lock = Path(local_dir) / (lock_name or f"{STATE_DIR}/lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as fh:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise AmedError(f"another download is already writing to {local_dir}; wait for it or pick another "
-                            f"--local-dir") from None
+            try:
+                pid = os.read(fd, 64).decode(errors="replace").strip()
+            except OSError:
+                pid = ""
+            os.close(fd)
+            who = f"another amed process (pid {pid})" if pid.isdigit() else "another amed process"
+            raise AmedError(f"{who} is already writing to {local_dir}; {advice}.") from None
+        try:                      # the holder before us may have removed the file: lock the one on disk
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
         yield
+    finally:
+        if remove:
+            try:
+                os.unlink(lock)
+            except OSError:
+                pass
+        os.close(fd)
+
+
+def lock_holder(local_dir: Path, lock_name: str | None = None) -> int | None:
+    """The pid written in a directory's lock file while a process holds it, else None."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        return None
+    lock = Path(local_dir) / (lock_name or f"{STATE_DIR}/lock")
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None                # nobody holds it
+    except OSError:
+        text = os.read(fd, 64).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)
+
+
+def check_download_target(local_dir: Path, force: bool) -> None:
+    """`amed download` writes into a folder it made (one holding its .amed/download.json), an empty
+    or new one, or, with --force, a folder the user chose knowing same-named files get replaced."""
+    local_dir = Path(local_dir)
+    if local_dir.exists() and not local_dir.is_dir():
+        raise AmedError(f"{local_dir} exists and is not a directory; choose another --local-dir.")
+    if not local_dir.is_dir() or force or _state_path(local_dir).is_file():
+        return
+    if any(p.name != STATE_DIR for p in local_dir.iterdir()):
+        raise AmedError(f"{local_dir} is not empty and was not made by `amed download`: files with the same "
+                        f"names as the repository's would be replaced; choose an empty --local-dir, or pass "
+                        f"--force to write into it anyway.")
 
 
 class DownloadHooks:

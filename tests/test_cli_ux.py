@@ -426,6 +426,8 @@ def test_list_show_rm(amed_cli, golden_store, golden_dir, tmp_path, monkeypatch)
     (tmp_path / "stores" / "tiny-q8" / "layer-001.safetensors").unlink()
     shutil.copytree(golden_dir, tmp_path / "models" / "org--tiny")
     (tmp_path / "models" / "org--tiny" / ".amed").mkdir()
+    (tmp_path / "models" / "org--tiny" / ".amed" / "download.json").write_text(json.dumps(   # what download records
+        {"version": 1, "files": {p.name: {} for p in golden_dir.iterdir() if p.is_file()}, "partial": {}}))
     code, out, _ = amed_cli("list")
     rows = {ln.split()[0]: ln for ln in out.splitlines()[1:]}
     assert set(rows) == {"tiny-q4", "tiny-q8", "org--tiny"}

@@ -12,7 +12,7 @@ from amed.errors import AmedError
 from amed.formats.store import COPIED_FILES, MANIFEST, read_manifest
 from amed.hub import STATE_DIR, amed_home, fmt_bytes, load_state
 
-KINDS = ("stores", "models", "bench")      # $AMED_HOME subfolders amed writes models into
+KINDS = ("stores", "models", "bench", "demo")   # $AMED_HOME subfolders amed writes models into (demo: `make demo`)
 
 
 @dataclass
@@ -71,16 +71,86 @@ def list_models(home: Path | None = None) -> list[Entry]:
     return out
 
 
+def is_name(arg: str) -> bool:
+    """A name from `amed list` has no path separator, is not `.`/`..` and does not start with `~`:
+    anything else is a path, taken as it is."""
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return bool(arg) and not any(c in arg for c in seps) and arg not in (".", "..") and not arg.startswith("~")
+
+
+def find_name(name: str, home: Path | None = None) -> Path | None:
+    """The folder of a listed model called `name` under $AMED_HOME/{stores,models,bench,demo}."""
+    if not is_name(name):
+        return None
+    home = home or amed_home()
+    for kind in KINDS:
+        cand = home / kind / name
+        if cand.is_dir() and cand.resolve().parent == (home / kind).resolve():
+            return cand
+    return None
+
+
 def resolve(name_or_path: str) -> Path:
-    """A path as given, else a name under $AMED_HOME/{stores,models,bench}; one sentence if neither."""
-    p = Path(name_or_path).expanduser()
+    """The one resolver for a model argument (chat/serve/bench -m, verify, perplexity, show, rm,
+    $AMED_MODEL), in this order:
+      1. a path (it has a separator, or starts with `~` or `.`): that path, which must exist;
+      2. a bare word that is a directory here: that directory;
+      3. a name from `amed list` (a folder under $AMED_HOME/stores, models, bench or demo).
+    A name never reaches outside those folders (no separators, no `..`).
+    Later kinds of model reference (a `.gguf` file, `ollama:NAME`) are dispatched here, first."""
+    arg = str(name_or_path)
+    if not arg:
+        raise AmedError("the model argument is empty; pass a store directory or a name from `amed list`.")
+    # ---- room for other references: `ollama:NAME`, `hf:ORG/NAME`, a `.gguf` file
+    if arg.startswith("ollama:") or arg.lower().endswith(".gguf"):
+        raise AmedError(f"{arg}: ollama names and .gguf files are not supported yet; pass an amed store or "
+                        f"a Hugging Face checkpoint directory.")
+    p = Path(arg).expanduser()
+    if not is_name(arg):
+        if not p.exists():
+            raise AmedError(f"{arg} does not exist.")
+        return p
     if p.is_dir():
         return p
-    for kind in KINDS:
-        if (cand := amed_home() / kind / name_or_path).is_dir():
-            return cand
-    raise AmedError(f"no model {name_or_path!r}: not a directory, nor a name under {amed_home()} "
-                    f"(`amed list` shows them).")
+    if (found := find_name(arg)) is not None:
+        return found
+    if p.exists():
+        return p                                     # a file here: the caller says what is wrong with it
+    raise AmedError(f"no model {arg!r}: not a directory here, nor a name from `amed list` (under {amed_home()}).")
+
+
+def resolve_model(arg: str | os.PathLike | None, default: Path | None = None) -> Path:
+    """A command's model: `arg` (-m), else $AMED_MODEL, else `default` (the default store) if it
+    holds a store; each through `resolve`. One sentence naming the fix when there is none."""
+    if arg is not None and str(arg) != "":
+        return resolve(str(arg))
+    if arg is not None:
+        raise AmedError("-m/--model is empty; pass a store directory or a name from `amed list`.")
+    env = os.environ.get("AMED_MODEL")
+    if env:
+        try:
+            return resolve(env)
+        except AmedError as e:
+            raise AmedError(f"AMED_MODEL={env}: {e}") from None
+    if default is not None and (default / MANIFEST).exists():
+        return default
+    raise AmedError(f"no model given and none at the default location {default}. Pass -m DIR or a name from "
+                    f"`amed list`, set AMED_MODEL, or create it with: amed download && amed quantize "
+                    f"<download dir> -o {default} --bits 4")
+
+
+def format_table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    """Plain text columns, padded to the widest cell: nothing truncated or wrapped (pipe-safe)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    out = []
+    for r in [header, *rows]:
+        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)
+
+
+def entry_record(e: Entry) -> dict:
+    return {"name": e.name, "kind": e.kind, "path": str(e.path), "size": e.size, "quant": e.quant, "status": e.status}
 
 
 def show(path: Path) -> list[tuple[str, str]]:
@@ -119,33 +189,95 @@ def show(path: Path) -> list[tuple[str, str]]:
     return lines
 
 
+def amed_files(path: Path) -> tuple[str, list[str]]:
+    """(what, relative file names) that amed wrote into `path`, as its own records say: a store's
+    manifest, the download record, or synth's marker. Refuses (one sentence) where a record is
+    missing or unreadable: then nothing is known to be amed's."""
+    from amed.quant.convert import LOCK, owned_files
+
+    if (path / MANIFEST).exists():
+        try:
+            man = read_manifest(path)
+        except AmedError:
+            man = None
+        if not isinstance(man, dict) or not isinstance(man.get("files"), dict) or man.get("format") != "amed-store":
+            raise AmedError(f"{path}/{MANIFEST} cannot be read as an amed manifest, so what amed wrote there is "
+                            f"unknown; nothing removed (delete the folder yourself if you mean to).")
+        return "store", sorted(owned_files(man) | {LOCK})
+    from amed.app.synth import SYNTH_MARK, synth_files
+
+    if (path / SYNTH_MARK).exists():
+        files = synth_files(path)
+        if files is None:
+            raise AmedError(f"{path}/{SYNTH_MARK} is unreadable, so what amed synth wrote there is unknown; "
+                            f"nothing removed.")
+        return "synth", files + [SYNTH_MARK]
+    state_file = path / STATE_DIR / "download.json"
+    if state_file.exists():
+        try:
+            state = json.loads(state_file.read_text())
+            names = [f["path"] for f in state.get("plan", [])] + list(state.get("files", {}))
+            names += list(state.get("partial", {}))
+            if not all(isinstance(n, str) for n in names):
+                raise TypeError
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            raise AmedError(f"{state_file} is unreadable, so what `amed download` wrote there is unknown; "
+                            f"nothing removed.") from None
+        from amed.hub import PART_SUFFIX
+
+        names = sorted(set(names) | {n + PART_SUFFIX for n in names})
+        return "download", names + [f"{STATE_DIR}/download.json", f"{STATE_DIR}/download.json.tmp",
+                                    f"{STATE_DIR}/lock"]
+    raise AmedError(f"{path} is a checkpoint amed did not download or write; nothing removed (remove it yourself "
+                    f"if you mean to).")
+
+
+def _inside(path: Path, rel: str) -> Path | None:
+    """path/rel if rel is a plain relative name that stays inside path, else None."""
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or any(p in ("..", ".", "") for p in parts) or "\\" in rel:
+        return None
+    return path.joinpath(*parts)
+
+
 def remove(path: Path) -> int:
-    """Delete a store or a checkpoint amed downloaded: only the files amed writes there (other files
-    and the folder, if not then empty, stay). Returns the bytes freed."""
-    e = describe(path)
-    if e is None:
+    """Delete exactly the files amed's own record lists (a store's manifest, the download record,
+    synth's marker), then the folders they leave empty, then `path` if empty. Other files stay.
+    Returns the bytes freed."""
+    from amed.hub import lock_holder
+    from amed.quant.convert import LOCK
+
+    path = Path(path)
+    if describe(path) is None and not (path / MANIFEST).exists():
         raise AmedError(f"{path} is neither an amed store nor a Hugging Face checkpoint; nothing removed.")
-    if e.kind == "checkpoint" and not (path / STATE_DIR).is_dir():
-        raise AmedError(f"{path} is a checkpoint amed did not download; remove it yourself if you mean to.")
+    what, names = amed_files(path)
+    for lock in (LOCK, f"{STATE_DIR}/lock"):
+        if (pid := lock_holder(path, lock)) is not None:
+            raise AmedError(f"amed process {pid if pid > 0 else '(unknown pid)'} is writing to {path}; "
+                            f"nothing removed (stop it first).")
     freed = 0
+    dirs = set()
+    last = MANIFEST if what == "store" else None            # the record goes last: an interrupted rm can rerun
+    for rel in sorted(names, key=lambda n: n == last):
+        f = _inside(path, rel)
+        if f is None:
+            continue
+        try:
+            st = f.lstat()
+        except OSError:
+            continue
+        import stat
 
-    def unlink(f: Path) -> None:
-        nonlocal freed
-        if f.is_file() and not f.is_symlink():
-            freed += f.stat().st_size
-            f.unlink()
-    for f in list(path.iterdir()):
-        if e.kind == "store":
-            if f.name == MANIFEST or f.suffix in (".safetensors", ".partial") or f.name in COPIED_FILES:
-                unlink(f)
-        elif f.name == STATE_DIR:
-            import shutil
-
-            freed += dir_size(f)
-            shutil.rmtree(f)
-        elif (f.suffix in (".safetensors", ".json", ".jinja", ".part") or f.name.startswith(("tokenizer", "LICENSE"))
-              or f.name == "README.md"):
-            unlink(f)
+        if not stat.S_ISREG(st.st_mode):                   # never follow a link or touch a folder or device
+            continue
+        f.unlink()
+        freed += st.st_size
+        dirs.update(p for p in f.parents if path in p.parents)
+    for d in sorted(dirs, key=lambda p: -len(p.parts)):     # the folders those files leave empty
+        try:
+            d.rmdir()
+        except OSError:
+            pass
     try:
         os.rmdir(path)
     except OSError:

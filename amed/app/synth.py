@@ -181,9 +181,42 @@ def build_tokenizer():
     return tok
 
 
-@lru_cache(maxsize=1)
-def tokenizer_json() -> str:
-    return build_tokenizer().to_str(pretty=True)
+FILL_MIN = 256   # a model vocab at most this far past the trained tokenizer stays padding (tiny keeps 24 ids)
+_CONSONANTS, _VOWELS = "bdfghklmnprstvz", "aeiou"
+
+
+def _pseudo_words():
+    """Pronounceable filler words (ba, be, ..., zu, bab, ...), shortest first, deterministic."""
+    syll = [c + v for c in _CONSONANTS for v in _VOWELS]
+    n = 1
+    while True:
+        for i in range(len(syll) ** n):
+            word, k = "", i
+            for _ in range(n):
+                word, k = syll[k % len(syll)] + word, k // len(syll)
+            yield word
+        n += 1
+
+
+@lru_cache(maxsize=4)
+def tokenizer_json(vocab_size: int | None = None) -> str:
+    """tokenizer.json of the synthetic tokenizer. Given the model's vocab_size (flash and mini:
+    157,184), ids past the ~1000 trained tokens get filler words (" bako", " zetu", ...), so every
+    id a random model samples decodes to visible text; encoding never produces them (no merges)."""
+    tok = build_tokenizer()
+    if vocab_size is None:
+        return tok.to_str(pretty=True)
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    n = max(vocab.values()) + 1
+    if vocab_size - n > FILL_MIN:
+        words = _pseudo_words()
+        while n < vocab_size:
+            t = "\u0120" + next(words)            # byte-level "Ġ" = a leading space
+            if t not in vocab:
+                vocab[t] = n
+                n += 1
+    return json.dumps(data, ensure_ascii=False)
 
 
 def special_token_ids() -> dict[str, int]:
@@ -363,8 +396,11 @@ def write_synthetic_checkpoint(
 
     if out.exists() and not out.is_dir():
         raise AmedError(f"{out} exists and is not a directory.")
+    check_synth_target(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        mark_synth_files(out, [*side_files(cfg), "model.safetensors.index.json", "model.safetensors.index.json.partial",
+                               *(f + sfx for f in files for sfx in ("", ".partial"))])
         free = _free_bytes(out)
         if free is not None and free < total + (64 << 20):
             raise AmedError(f"{out} has {free / 1e9:.1f} GB free but the checkpoint needs "
@@ -386,6 +422,51 @@ def write_synthetic_checkpoint(
     except OSError as e:
         raise AmedError(f"cannot write the checkpoint to {out}: {e.strerror or e}.") from None
     return out
+
+
+SYNTH_MARK = ".amed/synth.json"   # the files `amed synth` wrote into a checkpoint folder (for --force and rm)
+
+
+def synth_files(out: Path) -> list[str] | None:
+    """The files a synth marker lists (None: no marker or an unreadable one)."""
+    try:
+        data = json.loads((Path(out) / SYNTH_MARK).read_text())
+        files = data["files"]
+        if isinstance(files, list) and all(isinstance(f, str) for f in files):
+            return files
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def mark_synth_files(out: Path, names) -> None:
+    """Record (before writing them) the files synth writes into `out`, with any recorded earlier."""
+    mark = Path(out) / SYNTH_MARK
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    files = sorted(set(synth_files(out) or ()) | set(names))
+    tmp = mark.with_name(mark.name + ".tmp")
+    tmp.write_text(json.dumps({"version": 1, "written_by": "amed synth", "files": files}, indent=1) + "\n")
+    os.replace(tmp, mark)
+
+
+def check_synth_target(out: Path) -> None:
+    """synth replaces only files it wrote itself (listed in its marker): a config, tokenizer, index
+    or shard of anyone else's in `out` is refused, --force or not."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    if (out / "amed-manifest.json").exists():
+        raise AmedError(f"{out} holds an amed store: writing a checkpoint there would replace its config and "
+                        f"tokenizer; choose another directory.")
+    ours = set(synth_files(out) or ())
+    would = {"model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json",
+             "tokenizer_config.json"}
+    clash = sorted(p.name for p in out.iterdir()
+                   if (p.name in would or p.name.startswith("model-") and ".safetensors" in p.name)
+                   and p.name not in ours)
+    if clash:
+        raise AmedError(f"{out} holds {', '.join(clash[:3])}{' ...' if len(clash) > 3 else ''} that amed synth did "
+                        f"not write; it replaces only its own files, so choose an empty or new folder.")
 
 
 def _free_bytes(path: Path) -> int | None:
@@ -451,7 +532,7 @@ def side_files(cfg: dict) -> dict[str, str]:
         "config.json": _json(cfg),
         "generation_config.json": _json({"bos_token_id": ids[BOS], "eos_token_id": [ids[EOS], ids[ROLE_END]],
                                          "pad_token_id": ids[EOS]}),
-        "tokenizer.json": tokenizer_json(),
+        "tokenizer.json": tokenizer_json(cfg.get("vocab_size")),
         "tokenizer_config.json": _json({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "add_bos_token": False, "add_eos_token": False,

@@ -11,6 +11,7 @@ pread in row chunks, never through a growing memory map.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -203,6 +204,13 @@ def quantize_model(src, dst, settings: Settings = Settings(), force: bool = Fals
     dst = Path(dst).expanduser()
     if isinstance(src, (str, os.PathLike)):
         src = Path(src).expanduser()
+        check_apart(src, dst)
+    with store_lock(dst):
+        return _quantize(src, dst, settings, force, progress, t0)
+
+
+def _quantize(src, dst: Path, settings: Settings, force: bool, progress, t0: float) -> dict:
+    if isinstance(src, Path):
         ckpt = Checkpoint(src)                   # validates config, headers, every tensor's shape
         source = source_fingerprint(src)
         side = {n: (src / n).read_bytes() for n in COPIED_FILES if (src / n).exists()}
@@ -266,6 +274,103 @@ def quantize_model(src, dst, settings: Settings = Settings(), force: bool = Fals
     return summary
 
 
+LOCK = ".amed-lock"     # the advisory lock a writer holds on a store folder (removed when it ends)
+
+
+def check_apart(src: Path, dst: Path, what: str = "the checkpoint", flag: str = "-o") -> None:
+    """The output folder must be neither the source folder, nor inside it, nor around it (through
+    symlinks too): writing there would delete or overwrite the source."""
+    s, d = Path(src).expanduser().resolve(), Path(dst).expanduser().resolve()
+    if d == s:
+        raise AmedError(f"the output {dst} is {what} {src} itself; choose an {flag} outside it.")
+    if s in d.parents:
+        raise AmedError(f"the output {dst} is inside {what} {src}; choose an {flag} outside it.")
+    if d in s.parents:
+        raise AmedError(f"the output {dst} contains {what} {src}; choose an {flag} that does not hold it.")
+
+
+@contextlib.contextmanager
+def store_lock(dst: Path, advice: str = "wait for it to finish or choose another -o"):
+    """Hold the store folder's advisory lock (creating the folder) for one writer at a time; a
+    second `amed quantize`/`synth --bits`/`download --quantize` into it is refused naming the pid.
+    A folder this call created and that ends empty (the job was refused) is removed again."""
+    from amed.hub import dir_lock
+
+    if dst.exists() and not dst.is_dir():
+        raise AmedError(f"{dst} exists and is not a directory; choose another -o.")
+    created = not dst.exists()
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AmedError(f"cannot create {dst}: {(e.strerror or str(e)).lower()}; choose another -o.") from None
+    if not os.access(dst, os.W_OK | os.X_OK):
+        raise AmedError(f"cannot write into {dst}: permission denied; choose another -o.")
+    try:
+        with dir_lock(dst, LOCK, remove=True, advice=advice):
+            yield
+    except AmedError:
+        if created:
+            try:
+                dst.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def owned_files(man: dict) -> set[str]:
+    """The names a store manifest says amed wrote into its folder (the only ones --force and
+    `amed rm` may replace or delete): tensor files, their .partial, side files, the manifest."""
+    names = {MANIFEST, LOCK}
+    planned = set(man.get("files") or {}) if isinstance(man.get("files"), dict) else set()
+    for table in ("weights", "experts"):
+        for info in (man.get(table) or {}).values() if isinstance(man.get(table), dict) else ():
+            if isinstance(info, dict) and isinstance(info.get("file"), str):
+                planned.add(info["file"])
+    for f in planned:
+        names |= {f, f + ".partial"}
+    side = man.get("side_files")
+    if isinstance(side, dict):
+        names |= set(side)
+    elif man.get("complete"):            # stores from before side files were hashed copied these
+        names |= set(COPIED_FILES)
+    return {n for n in names if isinstance(n, str) and n and "/" not in n and os.sep not in n
+            and n not in (".", "..")}
+
+
+def repair_advice(path: Path, man: dict | None) -> str:
+    """What rewrites the missing or damaged files of store `path`: the command that made it, as
+    far as the manifest tells (synth's exact command; quantize's with the settings)."""
+    import shlex
+
+    q = shlex.quote
+    man = man if isinstance(man, dict) else {}
+    src = man.get("source") if isinstance(man.get("source"), dict) else {}
+    qz = man.get("quantization") if isinstance(man.get("quantization"), dict) else {}
+    cfg = man.get("config") if isinstance(man.get("config"), dict) else {}
+    flags = " ".join(f"{flag} {qz[k]}" for flag, k in (("--bits", "bits"), ("--group-size", "group_size"),
+                                                         ("--dense", "dense"), ("--head", "head"),
+                                                         ("--layout", "layout")) if k in qz)
+    tail = "it rewrites only the missing files (delete the damaged ones first)."
+    if src.get("synthetic"):
+        preset = str(src["synthetic"])
+        extra = ""
+        if "num_hidden_layers" in cfg:
+            extra += f" --layers {cfg['num_hidden_layers']}"
+        try:
+            from amed.app.synth import PRESETS
+            if "num_experts" in cfg and cfg["num_experts"] != PRESETS.get(preset, {}).get("num_experts"):
+                extra += f" --experts {cfg['num_experts']}"
+        except Exception:                   # pragma: no cover - advice only
+            pass
+        return (f"re-run `amed synth {q(str(path))} --preset {q(preset)}{extra} --seed {src.get('seed', 0)} "
+                f"{flags}` (the command that made this random store): {tail}")
+    if src.get("repo_id"):
+        return (f"re-run the command that made it, `amed quantize CHECKPOINT -o {q(str(path))} {flags}` or "
+                f"`amed download {q(str(src['repo_id']))} --quantize {qz.get('bits', 4)} -o {q(str(path))}`: {tail}")
+    return (f"re-run `amed quantize CHECKPOINT -o {q(str(path))} {flags}` with the checkpoint it was made "
+            f"from: {tail}")
+
+
 def side_file_entries(side: dict[str, bytes]) -> dict:
     """The manifest's `side_files`: size and SHA-256 of each copied config/tokenizer file."""
     return {n: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in sorted(side.items())}
@@ -274,41 +379,52 @@ def side_file_entries(side: dict[str, bytes]) -> dict:
 def prepare_output(dst: Path, man: dict, force: bool) -> dict | None:
     """Look at what `dst` already holds: a finished store (refused without force, unless files
     are missing or damaged: then they are rewritten), an interrupted run of this same job (its
-    finished files go into man["files"]; the old manifest is returned), or something else (refused,
-    or cleared with force). Creates `dst`."""
+    finished files go into man["files"]; the old manifest is returned), or something else (refused).
+    --force replaces only what amed wrote there (the files the old manifest lists); a folder that
+    is not an amed store, or a file of the user's where the store would write, is refused even with
+    --force. Creates `dst`."""
     old = None
     if dst.exists() and not dst.is_dir():
         raise AmedError(f"{dst} exists and is not a directory; choose another -o.")
-    if dst.exists() and any(dst.iterdir()):
-        if (dst / MANIFEST).exists():
-            try:
-                old = read_manifest(dst)
-            except AmedError:
-                old = None
-            same_job = old is not None and all(old.get(k) == man[k] for k in ("config", "source", "quantization"))
-            intact = {f: m for f, m in (old or {}).get("files", {}).items()
-                      if (dst / f).is_file() and (dst / f).stat().st_size == m["bytes"]}
-            whole = (old is not None and len(intact) == len(old.get("files", {}))
-                     and all((dst / f).is_file() for f in old.get("side_files", {})))
-            if old is not None and old.get("complete") and not force and (whole or not same_job):
-                raise AmedError(f"{dst} already holds a complete store; pass --force to overwrite it "
-                                f"(`amed verify {dst}` checks it).")
-            if not same_job and not force:
-                raise AmedError(f"{dst} holds an unfinished store made with other settings or another "
-                                f"source; pass --force to start over, or choose another -o.")
-            if force:
-                _clear_store(dst)
-                old = None
-            else:                 # resume, or repair a complete store: rewrite what is missing or damaged
-                man["files"] = intact
-        elif not force:
-            raise AmedError(f"{dst} is not empty and is not an amed store; choose another -o or pass --force.")
-        else:
-            _clear_store(dst)
+    present = {p.name for p in dst.iterdir() if p.name != LOCK} if dst.is_dir() else set()
+    if present:
+        if MANIFEST not in present:
+            raise AmedError(f"{dst} is not empty and is not an amed store"
+                            + ("; --force replaces only a store amed wrote, so choose an empty or new -o."
+                               if force else "; choose another -o (an empty or new folder)."))
+        try:
+            old = read_manifest(dst)
+        except AmedError:
+            old = None
+        if not isinstance(old, dict) or not isinstance(old.get("files"), dict):
+            raise AmedError(f"{dst} has an {MANIFEST} amed cannot read, so what amed wrote there is unknown; "
+                            f"choose another -o (or remove that folder yourself).")
+        owned = owned_files(old)
+        ours = owned_files(man) | set(COPIED_FILES)
+        foreign = sorted(n for n in present & ours if n not in owned)
+        if foreign:
+            raise AmedError(f"{dst} holds {', '.join(foreign[:3])} that the store's manifest does not list "
+                            f"(a file amed did not write); move it away or choose another -o.")
+        same_job = all(old.get(k) == man[k] for k in ("config", "source", "quantization"))
+        intact = {f: m for f, m in old["files"].items()
+                  if isinstance(m, dict) and (dst / f).is_file() and (dst / f).stat().st_size == m.get("bytes")}
+        whole = (len(intact) == len(old["files"])
+                 and all((dst / f).is_file() for f in old.get("side_files", {}) or {}))
+        if old.get("complete") and not force and (whole or not same_job):
+            raise AmedError(f"{dst} already holds a complete store; pass --force to overwrite it "
+                            f"(`amed verify {dst}` checks it).")
+        if not same_job and not force:
+            raise AmedError(f"{dst} holds an unfinished store made with other settings or another "
+                            f"source; pass --force to start over, or choose another -o.")
+        if force:
+            _clear_store(dst, owned)
+            old = None
+        else:                 # resume, or repair a complete store: rewrite what is missing or damaged
+            man["files"] = intact
     try:
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise AmedError(f"cannot create {dst}: {e.strerror.lower()}; choose another -o.") from None
+        raise AmedError(f"cannot create {dst}: {(e.strerror or str(e)).lower()}; choose another -o.") from None
     if not os.access(dst, os.W_OK | os.X_OK):
         raise AmedError(f"cannot write into {dst}: permission denied; choose another -o.")
     return old
@@ -358,9 +474,11 @@ def quant_parts(qt, fmt: str):
     raise ValueError(f"unknown quantized format {fmt!r}")
 
 
-def _clear_store(dst: Path) -> None:
-    for p in dst.iterdir():
-        if p.name == MANIFEST or p.suffix in (".safetensors", ".partial") or p.name in COPIED_FILES:
+def _clear_store(dst: Path, owned: set[str]) -> None:
+    """Delete what a store's manifest says amed wrote (the manifest last); nothing else."""
+    for name in sorted(owned - {MANIFEST, LOCK}) + [MANIFEST]:
+        p = dst / name
+        if p.is_file() and not p.is_symlink():
             p.unlink()
 
 

@@ -39,8 +39,8 @@ from amed.formats.checkpoint import DTYPES, ShardedCheckpoint, TensorSpec, read_
 from amed.config import ModelConfig
 from amed.formats.container import ContainerWriter, sha256_file, write_json_atomic
 from amed.errors import AmedError
-from amed.quant.convert import (Settings, convert_tensor, manifest_skeleton, plan_store, prepare_output,
-                                side_file_entries, source_fingerprint, summarize)
+from amed.quant.convert import (Settings, check_apart, convert_tensor, manifest_skeleton, plan_store,
+                                prepare_output, side_file_entries, source_fingerprint, store_lock, summarize)
 from amed.formats.store import COPIED_FILES, MANIFEST
 
 INDEX = "model.safetensors.index.json"
@@ -91,15 +91,38 @@ def download_quantize(plan: hub.Plan, dst, settings: Settings = Settings(), *, l
         if name not in remote:
             raise AmedError(f"{plan.repo_id}@{plan.revision} has no {name}: amed can only stream a sharded "
                             f"safetensors checkpoint; use `amed download` then `amed quantize`.")
+    check_apart(dl, dst, what="the download folder", flag="-o and --local-dir")
+    check_scratch(dl, explicit=local_dir is not None)
     created = not dl.exists()
     dl.mkdir(parents=True, exist_ok=True)
     try:
-        with hub.dir_lock(dl):
+        with store_lock(dst), hub.dir_lock(dl):
+            (dl / hub.STATE_DIR / SCRATCH_MARK).write_text(str(dst.resolve()) + "\n")
             return _run(plan, remote, dst, dl, settings, token, force, progress, overlap, retries, backoff, t0)
     except AmedError:
         if created and not any(p.suffix == ".safetensors" or p.name.endswith(".part") for p in dl.iterdir()):
             shutil.rmtree(dl, ignore_errors=True)   # refused before any shard came: leave no litter
         raise
+
+
+SCRATCH_MARK = "stream-scratch"   # in <local dir>/.amed: this folder holds shards in flight, deleted when converted
+
+
+def check_scratch(dl: Path, explicit: bool) -> None:
+    """`download --quantize` deletes every shard once converted, so its --local-dir must be a folder
+    for shards in flight: new, empty, or one an earlier run of it used. Never a checkpoint."""
+    if not dl.exists():
+        return
+    if not dl.is_dir():
+        raise AmedError(f"{dl} exists and is not a directory; choose another --local-dir.")
+    if (dl / hub.STATE_DIR / SCRATCH_MARK).is_file() or not explicit:
+        return                   # ours (the default scratch folder is always named by amed)
+    if (dl / "config.json").is_file() and any(dl.glob("*.safetensors")):
+        raise AmedError(f"{dl} holds a checkpoint, and `download --quantize` deletes each shard it converts; "
+                        f"quantize it with `amed quantize {dl} -o STORE`, or choose an empty --local-dir.")
+    if any(p.name != hub.STATE_DIR for p in dl.iterdir()):
+        raise AmedError(f"{dl} is not empty and is not a folder `download --quantize` made: its shards are "
+                        f"deleted once converted, so it only writes into an empty or new --local-dir.")
 
 
 def _run(plan, remote, dst, dl, settings, token, force, progress, overlap, retries, backoff, t0) -> dict:
