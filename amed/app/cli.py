@@ -107,8 +107,9 @@ def download(
     dense: Annotated[str, typer.Option(rich_help_panel="Quantize while downloading", help=DENSE_HELP)] = "q8",
     head: Annotated[str, typer.Option(rich_help_panel="Quantize while downloading", help=HEAD_HELP)] = "auto",
     layout: Annotated[str, typer.Option(rich_help_panel="Quantize while downloading", help=LAYOUT_HELP)] = "r8",
-    force: Annotated[bool, typer.Option("--force", rich_help_panel="Quantize while downloading",
-                                        help="Overwrite an existing store or unfinished job.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty --local-dir that amed did not make "
+                                        "(same-named files are replaced); with --quantize: overwrite a store "
+                                        "amed wrote.")] = False,
 ):
     """Download the AntAngelMed checkpoint from the Hugging Face hub (resumable, verified).
 
@@ -127,9 +128,10 @@ def download(
         _download_quantize(repo_id, revision, local_dir, include, exclude, token, source, dry_run,
                            quantize_bits, output, group_size, dense, head, layout, force)
         return
-    if output is not None or force:
-        fail("-o/--output and --force go with --quantize 4|8 (download and quantize in one go).")
+    if output is not None:
+        fail("-o/--output goes with --quantize 4|8 (download and quantize in one go).")
     dest = local_dir or hub.default_local_dir(repo_id)
+    hub.check_download_target(dest, force)
     q = shlex.quote
 
     def finished(path: Path) -> None:
@@ -216,19 +218,29 @@ def _download_quantize(repo_id, revision, local_dir, include, exclude, token, so
 @app.command()
 def quantize(
     src: Annotated[Path, typer.Argument(help="Hugging Face checkpoint directory (from `amed download`).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Store directory to write.")],
+    output: Annotated[str, typer.Option("-o", "--output", metavar="STORE", help="Store directory to write.")],
     bits: Annotated[int, typer.Option("--bits", "-b", help="Routed experts: 4 (int4) or 8 (int8).")] = 4,
     group_size: Annotated[int, typer.Option("--group-size", "-g", help="Weights per scale: 32, 64 or 128.")] = 64,
     dense: Annotated[str, typer.Option(help=DENSE_HELP)] = "q8",
     head: Annotated[str, typer.Option(help=HEAD_HELP)] = "auto",
     layout: Annotated[str, typer.Option(help=LAYOUT_HELP)] = "r8",
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing store or unfinished job.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite a store or unfinished job amed wrote there "
+                                        "(only the files its manifest lists).")] = False,
 ):
     """Convert a checkpoint into an int4/int8 amed store (streaming, resumable: rerun to continue)."""
     from amed.quant.convert import Settings
 
-    run_quantize(src, output, Settings(bits=bits, group_size=group_size, dense=dense, head=head, layout=layout),
+    if not src.exists():
+        fail(f"{src} does not exist.")
+    run_quantize(src, output_path(output), Settings(bits=bits, group_size=group_size, dense=dense, head=head, layout=layout),
                  force)
+
+
+def output_path(text: str, flag: str = "-o") -> Path:
+    """An output folder given as text: an empty one is refused (it would mean the current folder)."""
+    if not text.strip():
+        fail(f"{flag} is empty; give the folder to write, e.g. {flag} ./my-store.")
+    return Path(text).expanduser()
 
 
 def run_quantize(src, output: Path, settings, force: bool) -> None:
@@ -274,12 +286,19 @@ def print_quantize_summary(s: dict) -> None:
 
 @app.command()
 def verify(
-    store: Annotated[Path, typer.Argument(help="Store directory to check.")],
+    store: Annotated[str, typer.Argument(help="Store directory, or a name from `amed list`.")],
 ):
     """Hash every file of a store against its manifest (a full read; loading checks only sizes)."""
+    from amed.app.models import resolve
     from amed.app.progress import ByteBar
-    from amed.formats.store import REPAIR, read_manifest, verified_files, verify_files
+    from amed.formats.store import MANIFEST, read_manifest, verified_files, verify_files
+    from amed.quant.convert import repair_advice
 
+    store = resolve(store)
+    if not store.is_dir():
+        fail(f"{store} is a file, not a store directory; pass the folder that holds {MANIFEST}.")
+    if not (store / MANIFEST).exists():
+        fail(f"{store} is not an amed store (it has no {MANIFEST}); `amed quantize` makes one.")
     man = read_manifest(store)
     if not man.get("complete"):
         fail(f"{store} is an incomplete store (quantization was interrupted); re-run the same "
@@ -289,7 +308,7 @@ def verify(
         bad = verify_files(store, man, progress=bar.advance)
     if bad:
         fail(f"{len(bad)} file(s) of {store} are missing or do not match their checksums ({', '.join(bad)}): "
-             f"the store is damaged; delete them and {REPAIR}")
+             f"the store is damaged; delete them and {repair_advice(store, man)}")
     unchecked = "" if "side_files" in man else " (config and tokenizer files are not hashed in this older store)"
     err.print(f"[green]ok[/]: all {len(files)} files of {store} match their SHA-256{unchecked}.")
 
@@ -304,20 +323,15 @@ def default_store_dir() -> Path:
 
 
 def resolve_model(model: Optional[Path]) -> Path:
-    """-m, else $AMED_MODEL, else the default store; a clear error naming the fix otherwise."""
-    import os
+    """-m, else $AMED_MODEL, else the default store, each a path or a name from `amed list`
+    (amed.app.models.resolve_model, the one resolver); a clear error naming the fix otherwise."""
+    from amed.app.models import resolve_model as resolve_any
+    from amed.errors import AmedError
 
-    if model is not None:
-        if not model.exists():
-            fail(f"{model} does not exist.")
-        return model
-    if os.environ.get("AMED_MODEL"):
-        return Path(os.environ["AMED_MODEL"])
-    d = default_store_dir()
-    if (d / "amed-manifest.json").exists():
-        return d
-    fail(f"no model given and none at the default location {d}. Pass -m DIR, set AMED_MODEL, or "
-         f"create it with: amed download && amed quantize <download dir> -o {d} --bits 4")
+    try:
+        return resolve_any(model, default_store_dir())
+    except AmedError as e:
+        fail(str(e))
 
 
 def max_threads() -> int:
@@ -564,7 +578,7 @@ def bench(
 # ---------------------------------------------------------------------------------------------
 @app.command()
 def synth(
-    out: Annotated[Path, typer.Argument(help="Directory to write the checkpoint into.")],
+    out: Annotated[str, typer.Argument(metavar="OUT", help="Directory to write the checkpoint into.")],
     preset: Annotated[str, typer.Option(
         "--preset", help="Model shape: tiny (a few MB), flash (real Ling-flash-2.0 / "
         "AntAngelMed widths; ~6.4 GB per MoE layer) or mini (Ling-mini-2.0 widths).")] = "tiny",
@@ -575,7 +589,8 @@ def synth(
         "--experts 32` has AntAngelMed's per-token shape (top-8, same widths) in a pool that fits in RAM.")] = None,
     seed: Annotated[int, typer.Option("-s", "--seed", help="Random seed (same seed, same bytes).")] = 0,
     force: Annotated[bool, typer.Option(
-        "--force", help="Write into OUT even if it is a non-empty directory.")] = False,
+        "--force", help="Write into OUT even if it is a non-empty directory (replacing only files amed wrote "
+        "there).")] = False,
     # the letters synth used before they were made to agree with chat/bench (-p prompt, -n tokens,
     # -f file): hidden, and answered with the new spelling
     old_p: Annotated[Optional[str], typer.Option("-p", hidden=True)] = None,
@@ -598,20 +613,20 @@ def synth(
                                (old_f or None, "-f", "--force")):
         if value is not None:
             fail(f"amed synth {letter} is now {new} ({letter} means prompt, tokens or file in chat and bench).")
+    out = output_path(out, "OUT")
 
     if bits is not None:
         from amed.quant.convert import Settings
         from amed.app.synth import SyntheticSource
 
-        run_quantize(SyntheticSource(preset, layers, seed, experts), out.expanduser(),
+        run_quantize(SyntheticSource(preset, layers, seed, experts), out,
                      Settings(bits=bits, group_size=group_size, dense=dense, head=head, layout=layout), force)
         return
 
     from amed.app.progress import ByteBar
     from amed.errors import AmedError
-    from amed.app.synth import PRESETS, write_synthetic_checkpoint
+    from amed.app.synth import PRESETS, check_synth_target, write_synthetic_checkpoint
 
-    out = out.expanduser()
     if preset not in PRESETS:
         fail(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}.")
     if out.exists() and not out.is_dir():
@@ -621,6 +636,7 @@ def synth(
              f"choose another directory (or remove the store first with `amed rm {out}`).")
     if out.is_dir() and any(out.iterdir()) and not force:
         fail(f"{out} is not empty; pass --force to write the checkpoint into it anyway.")
+    check_synth_target(out)
     t0 = time.perf_counter()
     with ByteBar(err, f"synth {preset}", transient=True) as bar:
         try:
@@ -695,24 +711,26 @@ def perplexity(
 # model management: list, show, rm
 # ---------------------------------------------------------------------------------------------
 @app.command("list")
-def list_command():
+def list_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list (name, kind, path, size in bytes, "
+                                          "quant, status) for scripts.")] = False,
+):
     """The stores and checkpoints under $AMED_HOME (name, size, quantization, complete or not)."""
-    from rich.table import Table
+    import json
 
-    from amed.app.models import list_models
+    from amed.app.models import entry_record, format_table, list_models
     from amed.hub import amed_home, fmt_bytes
 
     entries = list_models()
+    if as_json:
+        print(json.dumps([entry_record(e) for e in entries], indent=1))
+        return
     if not entries:
         err.print(f"no stores or checkpoints under {amed_home()} yet: `amed download` fetches one, "
-                  f"`amed synth OUT --bits 4` makes a random one.")
+                  f"`amed synth OUT --bits 4` makes a random one.", markup=False)
         return
-    t = Table(box=None, pad_edge=False)
-    for col in ("NAME", "KIND", "SIZE", "QUANT", "STATUS", "PATH"):
-        t.add_column(col, justify="right" if col == "SIZE" else "left")
-    for e in entries:
-        t.add_row(e.name, e.kind, fmt_bytes(e.size), e.quant, e.status, str(e.path))
-    Console(highlight=False, soft_wrap=True).print(t)
+    rows = [[e.name, e.kind, fmt_bytes(e.size), e.quant, e.status, str(e.path)] for e in entries]
+    print(format_table(["NAME", "KIND", "SIZE", "QUANT", "STATUS", "PATH"], rows, right={2}))
 
 
 @app.command()
@@ -722,29 +740,34 @@ def show(
     """What a store or checkpoint is: config, quantization, sizes, source and hub commit."""
     from amed.app.models import resolve, show as describe
 
-    for key, value in describe(resolve(store)):
-        print(f"{key:<16} {value}")
+    lines = describe(resolve(store))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key:<{width}}  {value}")
 
 
 @app.command()
 def rm(
-    store: Annotated[str, typer.Argument(help="Store or downloaded checkpoint: a directory, or a name from "
+    store: Annotated[str, typer.Argument(help="Store or checkpoint amed wrote: a directory, or a name from "
                                               "`amed list`.")],
     yes: Annotated[bool, typer.Option("-y", "--yes", help="Do not ask for confirmation.")] = False,
 ):
-    """Delete a store (or a checkpoint amed downloaded): only the files amed wrote there."""
-    from amed.app.models import describe, remove, resolve
+    """Delete a store (or a checkpoint amed downloaded or made): exactly the files amed's own record
+    lists (a store's manifest, the download record, synth's marker); the folder only if then empty."""
+    from amed.app.models import amed_files, describe, remove, resolve
     from amed.hub import fmt_bytes
 
     path = resolve(store)
     e = describe(path)
     if e is None:
         fail(f"{path} is neither an amed store nor a Hugging Face checkpoint; nothing removed.")
+    amed_files(path)                          # refuses before asking when amed's record is missing or garbage
     if not yes:
         if not sys.stdin.isatty():
             fail(f"not removing {path} without confirmation: pass -y/--yes.")
         if not typer.confirm(f"remove the {e.kind} {path} ({fmt_bytes(e.size)})?", err=True):
-            fail("nothing removed.")
+            err.print("nothing removed.")
+            return
     freed = remove(path)
     err.print(f"removed {path} ({fmt_bytes(freed)} freed)" + (" (other files in it were left)" if path.exists() else ""),
               markup=False)
