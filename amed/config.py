@@ -4,12 +4,117 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from amed.errors import AmedError
 
 SUPPORTED_ARCHITECTURES = ("BailingMoeV2ForCausalLM",)
+
+MAX_CONFIG_BYTES = 1 << 20
+
+# ---- the schema: every key's type and range, checked once when a config is read --------------
+# kind: "int" (not bool), "num" (int or float, finite, stored as float), "bool", "str", "dict",
+# "strs" (a list of strings), "ids" (a token id or a list of them). `None` ok where `null` is.
+# The upper bounds are far above any real model and keep a hostile config from asking for
+# billions of layers or experts (the tensor table is built from these numbers).
+SCHEMA: dict[str, tuple] = {
+    # key: (kind, null ok, low, high, low inclusive)
+    "hidden_size": ("int", False, 1, 1 << 17, True),
+    "num_hidden_layers": ("int", False, 1, 1024, True),
+    "num_attention_heads": ("int", False, 1, 4096, True),
+    "num_key_value_heads": ("int", False, 1, 4096, True),
+    "intermediate_size": ("int", False, 1, 1 << 20, True),
+    "moe_intermediate_size": ("int", False, 1, 1 << 20, True),
+    "num_experts": ("int", False, 1, 4096, True),
+    "num_experts_per_tok": ("int", False, 1, 4096, True),
+    "vocab_size": ("int", False, 1, 1 << 23, True),
+    "head_dim": ("int", True, 1, 4096, True),
+    "moe_shared_expert_intermediate_size": ("int", True, 1, 1 << 20, True),
+    "num_shared_experts": ("int", False, 0, 1, True),
+    "first_k_dense_replace": ("int", False, 0, 1024, True),
+    "n_group": ("int", False, 1, 4096, True),
+    "topk_group": ("int", False, 1, 4096, True),
+    "score_function": ("str", False, None, None, True),
+    "routed_scaling_factor": ("num", False, 0.0, 1e6, False),
+    "norm_topk_prob": ("bool", False, None, None, True),
+    "moe_router_enable_expert_bias": ("bool", False, None, None, True),
+    "use_qk_norm": ("bool", False, None, None, True),
+    "partial_rotary_factor": ("num", True, 0.0, 1.0, False),
+    "rotary_dim": ("int", True, 1, 4096, True),
+    "rope_theta": ("num", False, 0.0, 1e12, False),
+    "rope_scaling": ("dict", True, None, None, True),
+    "max_position_embeddings": ("int", False, 1, 1 << 24, True),
+    "rms_norm_eps": ("num", False, 0.0, 1.0, False),
+    "tie_word_embeddings": ("bool", False, None, None, True),
+    "use_bias": ("bool", False, None, None, True),
+    "use_qkv_bias": ("bool", False, None, None, True),
+    "num_nextn_predict_layers": ("int", False, 0, 64, True),
+    "hidden_act": ("str", False, None, None, True),
+    "architectures": ("strs", False, None, None, True),
+    "model_type": ("str", True, None, None, True),
+    "bos_token_id": ("ids", True, 0, 1 << 31, True),
+    "eos_token_id": ("ids", True, 0, 1 << 31, True),
+    "pad_token_id": ("ids", True, 0, 1 << 31, True),
+}
+KIND_WORDS = {"int": "an integer", "num": "a number", "bool": "true or false", "str": "a string",
+              "dict": "an object", "strs": "a list of strings", "ids": "a token id or a list of ids"}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_field(key: str, v):
+    """One config value checked against SCHEMA: returns it normalized (numbers as float,
+    architectures as a tuple) or raises an AmedError naming the key."""
+    spec = SCHEMA.get(key)
+    if spec is None:
+        return v
+    kind, nullable, lo, hi, lo_incl = spec
+    if v is None:
+        if nullable:
+            return None
+        raise AmedError(f"config.json: '{key}' is null; it must be {KIND_WORDS[kind]}.")
+
+    def wrong():
+        shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:40] + "..."
+        return AmedError(f"config.json: '{key}' must be {KIND_WORDS[kind]}"
+                         f"{f' between {lo} and {hi}' if lo is not None else ''}, not {shown}.")
+
+    if kind == "int":
+        if not _is_int(v) or not (lo <= v <= hi):
+            raise wrong()
+    elif kind == "num":
+        if not (_is_int(v) or isinstance(v, float)):
+            raise wrong()
+        if _is_int(v) and abs(v) > 1 << 60:
+            raise wrong()
+        v = float(v)
+        if not math.isfinite(v) or not ((lo <= v) if lo_incl else (lo < v)) or v > hi:
+            raise wrong()
+    elif kind == "bool":
+        if not isinstance(v, bool):
+            raise wrong()
+    elif kind == "str":
+        if not isinstance(v, str):
+            raise wrong()
+    elif kind == "dict":
+        if not isinstance(v, dict):
+            raise wrong()
+    elif kind == "strs":
+        if isinstance(v, str) or not isinstance(v, (list, tuple)) or not all(isinstance(a, str) for a in v):
+            raise wrong()
+        v = tuple(v)
+    elif kind == "ids":
+        ids = v if isinstance(v, list) else [v]
+        if not ids and isinstance(v, list):
+            return v
+        if not all(_is_int(i) and lo <= i < hi for i in ids) or (key == "pad_token_id" and isinstance(v, list)):
+            raise wrong()
+    return v
+
 
 
 @dataclass(frozen=True)
@@ -54,14 +159,15 @@ class ModelConfig:
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise AmedError("config.json must hold a JSON object.")
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}  # unknown keys are ignored
-        if "architectures" in kw and kw["architectures"] is not None:
-            kw["architectures"] = tuple(kw["architectures"])
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and f.name not in kw]
         if missing:
             raise AmedError(f"config.json lacks the required key '{missing[0]}'.")
+        kw = {k: check_field(k, v) for k, v in kw.items()}
         try:
             cfg = cls(**kw)
         except TypeError as e:  # pragma: no cover - defensive
@@ -76,10 +182,12 @@ class ModelConfig:
             path = path / "config.json"
         if not path.exists():
             raise AmedError(f"{path} not found: a model directory needs its config.json.")
+        from amed.formats.files import read_regular
+
         try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AmedError(f"{path} is not valid JSON ({e}).") from None
+            d = json.loads(read_regular(path, limit=MAX_CONFIG_BYTES))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise AmedError(f"{path} is not valid JSON ({' '.join(str(e).split())}).") from None
         if not isinstance(d, dict):
             raise AmedError(f"{path} must hold a JSON object.")
         return cls.from_dict(d)

@@ -41,6 +41,9 @@ class Model:
         self.experts = experts      # engine/experts: where routed experts come from
         self.backend = backend
         self.source = source        # the Checkpoint / Store that owns the memory maps
+        # an fstat per mapped file before each forward pass: a file truncated under us is an
+        # AmedError here rather than SIGBUS in a kernel (formats/files.Watched)
+        self._check_files = getattr(source, "check_files", None)
         self.ctx_size = ctx_size
         self.state = self.new_state()
 
@@ -86,6 +89,8 @@ class Model:
         T = len(ids)
         if T == 0:
             raise AmedError("forward() needs at least one token.")
+        if self._check_files is not None:
+            self._check_files()
         if ids.min() < 0 or ids.max() >= c.vocab_size:
             raise AmedError(f"token id out of range [0, {c.vocab_size}).")
         s.ensure_capacity(s.pos + T)
@@ -127,6 +132,8 @@ class Model:
             return self.forward(ids, state=states[0])[None, :]
         if ids.min() < 0 or ids.max() >= c.vocab_size:
             raise AmedError(f"token id out of range [0, {c.vocab_size}).")
+        if self._check_files is not None:
+            self._check_files()
         for s in states:
             s.ensure_capacity(s.pos + 1)
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from amed.config import ModelConfig
 from amed.errors import AmedError
+from amed.formats.files import Watched
 
 # ---- the tensor table: every tensor a BailingMoeV2 checkpoint must hold ---------------------
 # This is the one bridge between the two naming schemes: Hugging Face names (the checkpoint) and
@@ -77,6 +78,32 @@ def tensor_table(cfg: ModelConfig) -> list[TensorSpec]:
     return t
 
 
+def table_size(cfg: ModelConfig) -> int:
+    """len(tensor_table(cfg)), by arithmetic (the table of a hostile config could be huge)."""
+    per_layer = 4 + (2 if cfg.use_qk_norm else 0)
+    moe = sum(cfg.is_moe_layer(L) for L in range(cfg.num_hidden_layers))
+    dense = cfg.num_hidden_layers - moe
+    per_moe = 1 + cfg.moe_router_enable_expert_bias + 3 * cfg.num_experts + 3 * (cfg.num_shared_experts > 0)
+    return 3 + cfg.num_hidden_layers * per_layer + dense * 3 + moe * per_moe
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The weight_map of a safetensors index: tensor name -> shard file name, both strings."""
+    from amed.formats.files import read_regular
+
+    try:
+        weight_map = json.loads(read_regular(index, limit=MAX_HEADER_BYTES))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
+        raise AmedError(f"{index} is not a valid safetensors index (no weight_map).") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise AmedError(f"{index} is not a valid safetensors index (its weight_map is not a non-empty object).")
+    for key, fname in weight_map.items():
+        if not isinstance(fname, str) or not fname:
+            raise AmedError(f"{index} is not a valid safetensors index: tensor '{key}' maps to "
+                            f"{fname!r}, not a file name.")
+    return weight_map
+
+
 def hf_tensor_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     """HF name -> (shape, dtype) for every tensor a checkpoint must hold."""
     return {s.hf: (s.shape, s.dtype) for s in tensor_table(cfg)}
@@ -110,23 +137,32 @@ class TensorInfo:
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Parse and validate one safetensors header; never trusts a number before checking it."""
+    from amed.formats.files import open_regular
+
     name = path.name
+    fd = open_regular(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise AmedError(f"{name} is truncated (only {size} bytes); delete it and download it again.")
-            n = int.from_bytes(head, "little")
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise AmedError(f"{name} has a header length ({n} bytes) past the end of the file "
-                                f"({size} bytes): the file is truncated or not a safetensors file.")
-            raw = f.read(n)
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise AmedError(f"{name} is truncated (only {size} bytes); delete it and download it again.")
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise AmedError(f"{name} has a header length ({n} bytes) past the end of the file "
+                            f"({size} bytes): the file is truncated or not a safetensors file.")
+        raw = b""
+        while len(raw) < n:
+            chunk = os.pread(fd, n - len(raw), 8 + len(raw))
+            if not chunk:
+                raise AmedError(f"{name} ended early while reading its header: the file is truncated.")
+            raw += chunk
     except OSError as e:
         raise AmedError(f"cannot read {path}: {e.strerror}.") from None
+    finally:
+        os.close(fd)
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise AmedError(f"{name} has a corrupt header (not valid JSON): the file is damaged.") from None
     if not isinstance(header, dict):
         raise AmedError(f"{name} has a corrupt header (not a JSON object).")
@@ -163,6 +199,17 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     for (a0, b0, n0), (a1, b1, n1) in zip(spans, spans[1:]):
         if a1 < b0:
             raise AmedError(f"tensors '{n0}' and '{n1}' overlap in {name}: the header is corrupt.")
+    # The format has no holes: the tensors cover the data section exactly, end to end. A header
+    # whose length or offsets were shifted would otherwise read every tensor a few bytes off.
+    pos = data_start
+    for a, b, n_ in spans:
+        if a != pos:
+            raise AmedError(f"{name} has {'a gap' if a > pos else 'an overlap'} before tensor '{n_}' "
+                            f"(byte {pos} to {a}): the header does not match the data; the file is damaged.")
+        pos = b
+    if pos != size:
+        raise AmedError(f"{name} has {size - pos} bytes after its last tensor: the header does not "
+                        f"match the data; the file is damaged or truncated.")
     return out
 
 
@@ -189,6 +236,7 @@ class Checkpoint:
         self.tensors = self._read_tables()
         self._maps: dict[Path, mmap.mmap] = {}
         self._fds: dict[Path, int] = {}
+        self._watch = Watched()
         self._hf = None                       # amed name -> HF name, built on first use
         self._validate()
 
@@ -196,11 +244,7 @@ class Checkpoint:
     def _read_tables(self) -> dict[str, TensorInfo]:
         index = self.path / "model.safetensors.index.json"
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (json.JSONDecodeError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
-                raise AmedError(f"{index} is not a valid safetensors index (no weight_map).") from None
+            weight_map = _weight_map(index)
             files = sorted(set(weight_map.values()))
         elif (self.path / "model.safetensors").exists():
             weight_map, files = None, ["model.safetensors"]
@@ -212,7 +256,7 @@ class Checkpoint:
             fpath = self.path / fname
             if os.sep in fname or fname.startswith(".") or fpath.resolve().parent != self.path.resolve():
                 raise AmedError(f"the index names a shard outside the model directory: {fname!r}.")
-            if not fpath.exists():
+            if not fpath.exists() and not fpath.is_symlink():
                 raise AmedError(f"shard {fname} is missing from {self.path} (listed in "
                                 f"model.safetensors.index.json); run `amed download` again to fetch it.")
             for key, info in read_safetensors_header(fpath).items():
@@ -229,10 +273,15 @@ class Checkpoint:
     def _is_mtp(self, name: str) -> bool:
         # Multi-token-prediction layers sit after the main stack and are skipped (architecture §2f).
         parts = name.split(".")
-        return (len(parts) > 2 and parts[0] == "model" and parts[1] == "layers"
-                and parts[2].isdigit() and int(parts[2]) >= self.config.num_hidden_layers)
+        n = self.config.num_hidden_layers
+        return (len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit()
+                and n <= int(parts[2]) < n + self.config.num_nextn_predict_layers)
 
     def _validate(self) -> None:
+        want = table_size(self.config)
+        if want > 2 * len(self.tensors) + 1024:   # before building a table config.json may make huge
+            raise AmedError(f"config.json implies {want} tensors but the checkpoint in {self.path} holds "
+                            f"{len(self.tensors)}: the config does not match the weights.")
         for name, (shape, dtype) in hf_tensor_specs(self.config).items():
             t = self.tensors.get(name)
             if t is None:
@@ -242,20 +291,43 @@ class Checkpoint:
                                 f"but config.json implies {list(shape)}.")
             if t.dtype not in (dtype, "F32", "BF16"):
                 raise AmedError(f"tensor '{name}' in {t.path.name} has dtype {t.dtype}; expected {dtype}.")
+        extra = self._unused_layer_tensor()
+        if extra:
+            raise AmedError(f"the checkpoint in {self.path} holds '{extra}', which config.json does not "
+                            f"describe (num_hidden_layers, use_qk_norm, ... disagree with the weights).")
+
+    def _unused_layer_tensor(self) -> str | None:
+        """A decoder-layer or global tensor present in the files but absent from the tensor table
+        (MTP layers excepted): the config disagrees with the weights."""
+        known = hf_tensor_specs(self.config)
+        for key in self.tensors:
+            if key in known or self._is_mtp(key) or not key.startswith(("model.", "lm_head.")):
+                continue
+            if key.endswith((".weight", ".expert_bias", ".bias")):
+                return key
+        return None
+
+    def check_files(self) -> None:
+        """Raise an AmedError if a mapped shard shrank since it was mapped (formats/files.Watched)."""
+        self._watch.check()
 
     # -- data access
     def _fd(self, path: Path) -> int:
+        from amed.formats.files import open_regular
+
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            fd = self._fds[path] = open_regular(path)
         return fd
 
     def _map(self, path: Path) -> mmap.mmap:
+        from amed.formats.files import map_regular
+
         m = self._maps.get(path)
         if m is None:
-            with open(path, "rb") as f:
-                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            fd, m = map_regular(path)
             self._maps[path] = m
+            self._watch.add(path, fd)
         return m
 
     def get(self, name: str) -> np.ndarray:
@@ -331,12 +403,7 @@ def read_index(path: Path, cfg) -> dict[str, str]:
     """The weight_map of a model.safetensors.index.json, checked as hostile input: shard names
     stay inside the directory, and every tensor the config implies is listed."""
     path = Path(path)
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-        assert isinstance(weight_map, dict)
-        assert all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
-        raise AmedError(f"{path} is not a valid safetensors index (no weight_map).") from None
+    weight_map = _weight_map(path)
     for fname in set(weight_map.values()):
         if "/" in fname or os.sep in fname or fname.startswith("."):
             raise AmedError(f"the index names a shard outside the model directory: {fname!r}.")
@@ -361,6 +428,7 @@ class ShardedCheckpoint(Checkpoint):
         self.tensors: dict[str, TensorInfo] = {}
         self._maps: dict[Path, mmap.mmap] = {}
         self._fds: dict[Path, int] = {}
+        self._watch = Watched()
         self._hf = None
         self._specs = hf_tensor_specs(config)
 
@@ -374,6 +442,9 @@ class ShardedCheckpoint(Checkpoint):
             if t is None:
                 raise AmedError(f"tensor '{key}' is listed in the index under {fname} "
                                 f"but that shard does not contain it: the shard is damaged.")
+            if key not in self._specs and key.startswith(("model.", "lm_head.")):
+                raise AmedError(f"{fname} holds '{key}', which config.json does not describe "
+                                f"(num_hidden_layers, use_qk_norm, ... disagree with the weights).")
             if key in self._specs:
                 shape, dtype = self._specs[key]
                 if t.shape != shape:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from amed.formats.checkpoint import DTYPES, read_safetensors_header
+from amed.formats.checkpoint import DTYPES, read_safetensors_header, tensor_table
+from amed.formats.files import Watched, is_regular, open_regular
 from amed.config import ModelConfig
 from amed.errors import AmedError
 from amed.quant.formats import QTensor
@@ -54,10 +55,102 @@ def read_manifest(path: Path) -> dict:
     if not isinstance(man, dict) or man.get("format") != FORMAT:
         raise AmedError(f"{mpath} is not an amed store manifest.")
     if man.get("version") not in READS_VERSIONS:
-        raise AmedError(f"{path} is an amed store of format version {man.get('version')}; this amed "
+        raise AmedError(f"{path} is an amed store of format version {man.get('version')!r}; this amed "
                         f"reads versions {', '.join(map(str, READS_VERSIONS))}: re-run `amed quantize`, "
                         f"or use a matching amed.")
+    check_manifest(man, mpath)
     return man
+
+
+# ---- the manifest is untrusted input: its structure, checked before anything uses it ----------
+WEIGHT_FORMATS = ("f32", "bf16", "q4", "q6", "q8")
+LAYOUTS = ("rows", "r8")
+EXPERT_MATRICES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+MAX_FILE_BYTES = 1 << 50
+
+
+def _int(v, lo: int = 0, hi: int = MAX_FILE_BYTES) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def safe_file_name(fname) -> bool:
+    """A plain file name inside the store folder: no separators, no '..', not hidden."""
+    return (isinstance(fname, str) and 0 < len(fname) <= 255 and "/" not in fname and os.sep not in fname
+            and "\\" not in fname and not fname.startswith(".") and "\0" not in fname)
+
+
+def check_manifest(man: dict, mpath) -> None:
+    """Types and ranges of every manifest field (the parts that need the files and the config
+    are checked by Store). Raises an AmedError naming the first bad field."""
+    def bad(field, why):
+        raise AmedError(f"{mpath} is damaged: {field} {why}; re-run `amed quantize` to rewrite the store.")
+
+    complete = man.get("complete")
+    if not isinstance(complete, bool):
+        bad("'complete'", f"is {complete!r}, not true or false")
+    for key in ("files", "side_files"):
+        if key not in man:
+            if key == "files" and complete:
+                bad("'files'", "is missing")
+            continue
+        files = man[key]
+        if not isinstance(files, dict):
+            bad(f"'{key}'", "is not an object")
+        if key == "files" and complete and not files:
+            bad("'files'", "is empty")
+        for fname, meta in files.items():
+            if not safe_file_name(fname) or (key == "files" and not fname.endswith(".safetensors")):
+                bad(f"'{key}'", f"names an invalid file {fname!r}")
+            if not isinstance(meta, dict):
+                bad(f"{key}[{fname!r}]", "is not an object")
+            if not _int(meta.get("bytes"), 1 if key == "files" else 0):
+                bad(f"{key}[{fname!r}].bytes", f"is {meta.get('bytes')!r}, not a positive byte count")
+            sha = meta.get("sha256")
+            if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+                bad(f"{key}[{fname!r}].sha256", "is not a SHA-256 hex digest")
+    if not complete:
+        return
+    if not isinstance(man.get("config"), dict):
+        bad("'config'", "is missing or not an object")
+    weights, experts = man.get("weights"), man.get("experts")
+    if not isinstance(weights, dict) or not weights:
+        bad("'weights'", "is missing, empty or not an object")
+    if not isinstance(experts, dict):
+        bad("'experts'", "is missing or not an object")
+
+    def check_entry(where, w, with_file):
+        if not isinstance(w, dict):
+            bad(where, "is not an object")
+        if w.get("format") not in WEIGHT_FORMATS:
+            bad(f"{where}.format", f"is {w.get('format')!r}, not one of {', '.join(WEIGHT_FORMATS)}")
+        shape = w.get("shape")
+        if not (isinstance(shape, list) and 1 <= len(shape) <= 2 and all(_int(n, 1, 1 << 31) for n in shape)):
+            bad(f"{where}.shape", f"is {shape!r}, not a list of one or two positive sizes")
+        if w.get("group") is not None and not _int(w.get("group"), 1, 1 << 20):
+            bad(f"{where}.group", f"is {w.get('group')!r}, not a positive group size")
+        if w.get("layout", "rows") not in LAYOUTS:
+            bad(f"{where}.layout", f"is {w.get('layout')!r}, not one of {', '.join(LAYOUTS)}")
+        if with_file and not (w.get("file") in man["files"]):
+            bad(f"{where}.file", f"is {w.get('file')!r}, not a file of the manifest")
+
+    for name, w in weights.items():
+        check_entry(f"weights[{name!r}]", w, True)
+    for layer, info in experts.items():
+        where = f"experts[{layer!r}]"
+        if not (isinstance(layer, str) and layer.isdigit() and len(layer) <= 4):
+            bad("'experts'", f"has a key {layer!r} that is not a layer number")
+        if not isinstance(info, dict):
+            bad(where, "is not an object")
+        if info.get("file") not in man["files"]:
+            bad(f"{where}.file", f"is {info.get('file')!r}, not a file of the manifest")
+        for key, lo in (("count", 1), ("offset", 0), ("stride", 1)):
+            if not _int(info.get(key), lo):
+                bad(f"{where}.{key}", f"is {info.get(key)!r}, not a {'positive' if lo else 'non-negative'} integer")
+        mats = info.get("matrices")
+        if not isinstance(mats, dict) or sorted(mats) != sorted(EXPERT_MATRICES):
+            bad(f"{where}.matrices", f"must hold exactly {', '.join(EXPERT_MATRICES)}")
+        for which, w in mats.items():
+            check_entry(f"{where}.matrices.{which}", w, False)
 
 
 class Store:
@@ -70,33 +163,53 @@ class Store:
             raise AmedError(f"{self.path} is an incomplete store (quantization was interrupted); "
                             f"re-run the same `amed quantize` command to finish it.")
         self.manifest = man
-        self.config = ModelConfig.from_dict(man["config"])
+        try:
+            self.config = ModelConfig.from_dict(man["config"])
+        except AmedError as e:
+            raise AmedError(f"the config in {self.path / MANIFEST} is invalid ({str(e).rstrip('.')}): "
+                            f"the store is damaged; re-run `amed quantize`.") from None
         self.weights_info: dict = man["weights"]
         self.experts_info: dict = man["experts"]
         self.tensors = {}
         self.maps: dict[str, mmap.mmap] = {}
-        for fname, meta in man["files"].items():
-            fpath = self.path / fname
-            if os.sep in fname or not fname.endswith(".safetensors"):
-                raise AmedError(f"{MANIFEST} names an invalid file {fname!r}.")
-            if not fpath.exists():
-                raise AmedError(f"{fname} is missing from the store {self.path}; {REPAIR}")
-            size = fpath.stat().st_size
-            if size != meta["bytes"]:
-                raise AmedError(f"{fname} in {self.path} has {size} bytes but the manifest says "
-                                f"{meta['bytes']}: the store is damaged; {REPAIR}")
-            try:
-                headers = read_safetensors_header(fpath)
-            except AmedError as e:
-                raise AmedError(f"{self.path} is damaged ({e}); run `amed verify {self.path}` to find the "
-                                f"damaged files, delete them, and {REPAIR}") from None
-            for name, info in headers.items():
-                self.tensors[name] = info
-            with open(fpath, "rb") as f:
-                self.maps[fname] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        missing = [n for n, w in self.weights_info.items() if not all(c in self.tensors for c in components(n, w["format"]))]
-        if missing:
-            raise AmedError(f"weight '{missing[0]}' is missing from the store files: the store is damaged.")
+        self.sizes: dict[str, int] = {}
+        self._watch = Watched()
+        fds = {}
+        try:
+            for fname, meta in man["files"].items():
+                fpath = self.path / fname
+                if not fpath.exists() and not fpath.is_symlink():
+                    raise AmedError(f"{fname} is missing from the store {self.path}; {REPAIR}")
+                fds[fname] = fd = open_regular(fpath)
+                size = os.fstat(fd).st_size
+                if size != meta["bytes"]:
+                    raise AmedError(f"{fname} in {self.path} has {size} bytes but the manifest says "
+                                    f"{meta['bytes']}: the store is damaged; {REPAIR}")
+                self.sizes[fname] = size
+                try:
+                    headers = read_safetensors_header(fpath)
+                except AmedError as e:
+                    raise AmedError(f"{self.path} is damaged ({str(e).rstrip('.')}); run `amed verify {self.path}` "
+                                    f"to find the damaged files, delete them, and {REPAIR}") from None
+                for name, info in headers.items():
+                    if name in self.tensors and not name.startswith("__pad__."):
+                        raise AmedError(f"tensor '{name}' is in both {self.tensors[name].path.name} and "
+                                        f"{fname} of {self.path}: the store is damaged; {REPAIR}")
+                    self.tensors[name] = info
+            # every field checked against the config and the files before anything is mapped
+            check_store(self)
+            for fname, fd in fds.items():
+                try:
+                    self.maps[fname] = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                except (OSError, ValueError) as e:
+                    raise AmedError(f"cannot map {self.path / fname}: {e}.") from None
+                self._watch.add(self.path / fname, fd)
+        except BaseException:
+            for fd in fds.values():
+                if all(fd != f for f, _ in self._watch.files.values()):
+                    os.close(fd)
+            self._watch.close()
+            raise
         # No read-around on faults anywhere (the kernel's default window of several MB would pull
         # unrouted experts next to a touched page into RAM); instead, dense weights are read ahead
         # explicitly and asynchronously (MADV_WILLNEED), and a routed expert is paged in on use or
@@ -109,6 +222,11 @@ class Store:
                 if name != "token_embd":              # embeddings are read one row per token
                     for c in components(name, self.weights_info[name]["format"]):
                         self._willneed(self.tensors[c])
+
+    def check_files(self) -> None:
+        """Raise an AmedError if a store file shrank since it was mapped (formats/files.Watched):
+        an fstat per file, called once per forward pass, so a kernel never faults past its end."""
+        self._watch.check()
 
     def _willneed(self, t) -> None:
         self._advise(t, MADV_WILLNEED)
@@ -229,7 +347,8 @@ def verify_files(path: Path, man: dict, progress=None) -> list[str]:
     bad = []
     for fname, meta in verified_files(man).items():
         fpath = Path(path) / fname
-        if os.sep in fname or not fpath.is_file() or sha256_file(fpath) != meta["sha256"]:
+        if (not safe_file_name(fname) or not is_regular(fpath) or fpath.stat().st_size != meta["bytes"]
+                or sha256_file(fpath) != meta["sha256"]):
             bad.append(fname)
         if progress:
             progress(meta["bytes"])
@@ -261,3 +380,87 @@ def components(name: str, fmt: str) -> list[str]:
 
 def open_store(path) -> Store:
     return Store(path)
+
+
+def check_store(st: Store) -> None:
+    """Cross-check a store's manifest against its config and its files' headers, before anything
+    is mapped: every weight the config implies is there with the shape it implies, nothing the
+    config does not describe is there, and each layer's routed experts lie back to back at
+    `offset + e * stride` inside their file, each tensor inside its expert's byte range. The
+    kernels and the expert cache then index only ranges checked here."""
+    cfg, path = st.config, st.path
+
+    def damaged(why):
+        raise AmedError(f"{path} does not match its manifest: {why}; the store is damaged, re-run "
+                        f"`amed quantize`.")
+
+    def check_components(name, info, where, lo=None, hi=None):
+        try:
+            specs = component_specs(info["format"], tuple(info["shape"]), info.get("group"),
+                                    info.get("layout", "rows"))
+        except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:
+            damaged(f"{where} is not a valid weight ({' '.join(str(e).split())})")
+        for suffix, dtype, shape in specs:
+            t = st.tensors.get(name + suffix)
+            if t is None:
+                damaged(f"tensor '{name + suffix}' of {where} is missing from the store files")
+            if t.dtype != dtype or t.shape != tuple(shape):
+                damaged(f"tensor '{name + suffix}' is {t.dtype} {list(t.shape)} in {t.path.name}, but its "
+                        f"manifest entry needs {dtype} {list(shape)}")
+            if lo is not None and (t.path.name != info["file"] or not lo <= t.start <= t.end <= hi):
+                damaged(f"tensor '{name + suffix}' lies outside its expert's byte range in {info['file']}")
+            elif lo is None and info.get("file") not in (None, t.path.name):
+                damaged(f"tensor '{name + suffix}' is in {t.path.name}, not in {info['file']} as listed")
+            used.add(name + suffix)
+
+    from amed.formats.checkpoint import table_size
+
+    if table_size(cfg) > 2 * len(st.tensors) + 1024:   # before building a table the config may make huge
+        damaged(f"its config describes {table_size(cfg)} weights, more than the {len(st.tensors)} "
+                f"tensors its files hold")
+    used: set[str] = set()
+    dense = [s for s in tensor_table(cfg) if s.expert < 0]
+    want = {s.name: s for s in dense}
+    for name in st.weights_info:
+        if name not in want:
+            damaged(f"it lists weight '{name}', which its config does not describe (num_hidden_layers, "
+                    f"use_qk_norm, ... disagree with the weights)")
+    for s in dense:
+        info = st.weights_info.get(s.name)
+        if info is None:
+            damaged(f"weight '{s.name}' is missing from the manifest")
+        if tuple(info["shape"]) != s.shape:
+            damaged(f"weight '{s.name}' has shape {info['shape']} but the config implies {list(s.shape)}")
+        if s.kind in ("norm", "bias") and info["format"] not in ("f32", "bf16"):
+            damaged(f"weight '{s.name}' is {info['format']}, but a norm or bias must be f32 or bf16")
+        if s.kind == "router" and info["format"] not in ("f32", "bf16"):
+            damaged(f"router '{s.name}' is {info['format']}, but a router must be f32 or bf16")
+        check_components(s.name, info, f"weight '{s.name}'")
+
+    moe = {str(L) for L in range(cfg.num_hidden_layers) if cfg.is_moe_layer(L)}
+    extra = sorted(set(st.experts_info) - moe)
+    if extra:
+        damaged(f"it lists routed experts for layer {extra[0]}, which its config says is not an MoE layer")
+    H, I = cfg.hidden_size, cfg.moe_intermediate_size
+    shapes = {"ffn_gate_exps": (I, H), "ffn_up_exps": (I, H), "ffn_down_exps": (H, I)}
+    for layer in sorted(moe, key=int):
+        info = st.experts_info.get(layer)
+        if info is None:
+            damaged(f"the routed experts of layer {layer} are missing from the manifest")
+        where = f"the routed experts of layer {layer}"
+        if info["count"] != cfg.num_experts:
+            damaged(f"{where} number {info['count']}, but the config has {cfg.num_experts}")
+        fname, off, stride = info["file"], info["offset"], info["stride"]
+        if off + info["count"] * stride > st.sizes[fname]:
+            damaged(f"{where} would end at byte {off + info['count'] * stride} of {fname}, which has "
+                    f"{st.sizes[fname]} bytes")
+        for which, m in info["matrices"].items():
+            if tuple(m["shape"]) != shapes[which]:
+                damaged(f"{where}: {which} has shape {m['shape']} but the config implies {list(shapes[which])}")
+            m = {**m, "file": fname}
+            for e in range(info["count"]):
+                check_components(f"blk.{layer}.{which}.{e}", m, f"{which} of expert {e} of layer {layer}",
+                                 off + e * stride, off + (e + 1) * stride)
+    stray = [n for n in st.tensors if n not in used and not n.startswith("__pad__.")]
+    if stray:
+        damaged(f"its files hold tensor '{stray[0]}', which neither the manifest nor the config describe")
