@@ -2,7 +2,9 @@
 # The main job end to end on a built-in default: a small RANDOM-WEIGHT model (no download),
 # quantized to int4, one chat answer, and a benchmark. Reuses what an earlier run built.
 set -euo pipefail
-DIR="${AMED_DEMO_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/amed/demo}"
+# under $AMED_HOME/demo (default ~/.cache/amed/demo), where `amed list` looks: afterwards
+# `amed list` shows tiny-bf16 and tiny-q4, and `amed chat -m tiny-q4` finds the store by name.
+DIR="${AMED_DEMO_DIR:-$(python3 -c 'from amed.hub import amed_home; print(amed_home())')/demo}"
 CKPT="$DIR/tiny-bf16"
 STORE="$DIR/tiny-q4"
 mkdir -p "$DIR"
@@ -16,3 +18,5 @@ echo "--- one-shot chat (random weights: the answer is noise) ---" >&2
 amed chat -m "$STORE" -p "What are the warning signs of a stroke?" -n 40 --seed 0 -v
 echo "--- benchmark ---" >&2
 amed bench -m "$STORE" -p 64 -n 32 -r 3
+echo "--- the models on this computer (amed list) ---" >&2
+amed list
