@@ -6,6 +6,7 @@ expert bytes resident in RAM after the run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from amed.errors import AmedError
 from amed.app.quality import kl_divergence  # noqa: F401  (its old home; tests and bench/ import it here)
 from amed.engine.experts.memory import current_rss_bytes, proc_field
 
@@ -242,13 +244,15 @@ def bytes_per_token(model) -> int:
 # ---- the run ---------------------------------------------------------------------------------
 
 def run_bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, reps: int = 5,
-              random_ids: bool = False, log=None, depth: int = 0, warm_prompt: bool = True) -> dict:
+              random_ids: bool = False, log=None, depth: int = 0, warm_prompt: bool = True,
+              progress=None) -> dict:
     """Time ppN and tgN `reps` times after a warm-up; returns a record of everything measured.
     With `depth`, every test starts after that many tokens already in the KV cache (prefilled once,
     untimed, like llama-bench's -d), so attention over a long context is part of what is timed.
     The warm-up runs the whole prompt once, as llama-bench's does (`warm_prompt=False`: 8 tokens,
     for runs meant to start from a cold expert cache): a prompt's first run maps every expert it
-    touches for the first time, which made the first repetition of pp64 1.5x slower than the rest."""
+    touches for the first time, which made the first repetition of pp64 1.5x slower than the rest.
+    `progress(done, total)` follows the prefill of the `depth` tokens of context, 512 at a time."""
     vocab = model.config.vocab_size
     ids = prompt_ids(tokenizer, max(n_prompt, 1), vocab, random_ids)
     context = prompt_ids(tokenizer, depth, vocab, random_ids, seed=2) if depth else []
@@ -262,6 +266,8 @@ def run_bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, reps: int
             model.reset()
             for i in range(0, depth, 512):
                 model.forward(context[i:i + 512])
+                if progress:
+                    progress(min(i + 512, depth), depth)
         model.truncate(depth)
 
     reset_peak_rss()
@@ -410,13 +416,61 @@ class BenchPlan:
     threads: list = field(default_factory=list)      # thread counts to sweep; empty: all cores
     output: str = "md"               # md, json or csv
     random_ids: bool = False
-    ctx_size: int = 4096
+    ctx_size: int | None = None      # the context the tests must fit in (None: the model's trained one)
     max_ram: int | None = None
     prefetch: list = field(default_factory=lambda: ["on"])
     lookahead: list = field(default_factory=lambda: ["auto"])
     cold: bool = False
     device: str = "cpu"              # cpu | cuda
     gpu_experts: int | str = 0       # with cuda: experts per layer cached in VRAM (or "auto")
+
+
+def bench_sizes(plan: BenchPlan) -> list[tuple[int, int]]:
+    """The (ppN, tgN) pairs of the runs: each run times one prompt and one decode test, so
+    -p 64,512 -n 32 gives pp64+tg32, then pp512."""
+    from itertools import zip_longest
+
+    n_prompts = plan.n_prompt if isinstance(plan.n_prompt, list) else [plan.n_prompt]
+    n_gens = plan.n_gen if isinstance(plan.n_gen, list) else [plan.n_gen]
+    return [(p, n) for p, n in zip_longest(n_prompts, n_gens, fillvalue=0) if p or n]
+
+
+def context_needed(plan: BenchPlan) -> int:
+    """Positions the largest test fills: -d of context, then the prompt (ppN), or one token and the
+    N decoded after it (tgN); at least the 9 of the kernel warm-up."""
+    return max([9] + [plan.depth + max(p, n + 1 if n else 0) for p, n in bench_sizes(plan)])
+
+
+def check_context(plan: BenchPlan, config, available: int | None = None) -> int:
+    """Refuse a plan whose tests do not fit the context (-c, else the model's trained context), or
+    whose KV cache would not fit in `available` bytes of memory (default: what is available now),
+    in one sentence, before anything is loaded; returns the tokens needed."""
+    from amed.engine.experts.memory import fmt_size, mem_available
+
+    need = context_needed(plan)
+    trained = config.max_position_embeddings
+    if need > (plan.ctx_size or trained):
+        fix = ("lower -d, -p or -n, or raise -c" if plan.ctx_size else
+               "lower -d, -p or -n (-c N benches past the trained context)")
+        what = f"-c {plan.ctx_size}" if plan.ctx_size else f"the {trained} tokens the model was trained on"
+        raise AmedError(f"these tests need {need} tokens of context (-d {plan.depth} plus the largest -p/-n), "
+                        f"more than {what}; {fix}.")
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_size * 4 * need
+    available = mem_available() if available is None else available
+    if kv > available:
+        raise AmedError(f"these tests need {need} tokens of context, a KV cache of {fmt_size(kv)}, more than the "
+                        f"{fmt_size(available)} of memory available; lower -d, -p or -n.")
+    return need
+
+
+def model_config(path: Path):
+    """The ModelConfig of a store or checkpoint, read without loading it."""
+    from amed.config import ModelConfig
+    from amed.formats.store import MANIFEST, read_manifest
+
+    if (path / MANIFEST).is_file():
+        return ModelConfig.from_dict(read_manifest(path)["config"])
+    return ModelConfig.from_file(path)
 
 
 def synthetic_store(preset: str, layers: int, bits: int, console, experts: int | None = None) -> Path:
@@ -484,21 +538,27 @@ def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
     from amed.hub import amed_home
     from amed.text.tokenizer import Tokenizer
 
-    from itertools import zip_longest
+    from amed.app.progress import Counted, compile_progress
 
     reps, depth, output, cold = plan.reps, plan.depth, plan.output, plan.cold
-    n_prompts = plan.n_prompt if isinstance(plan.n_prompt, list) else [plan.n_prompt]
-    n_gens = plan.n_gen if isinstance(plan.n_gen, list) else [plan.n_gen]
-    # each run times one ppN and one tgN test: -p 64,512 -n 32 gives pp64+tg32, then pp512
-    sizes = [(p, n) for p, n in zip_longest(n_prompts, n_gens, fillvalue=0) if p or n]
+    sizes = bench_sizes(plan)
+    if not sizes:
+        raise AmedError("nothing to measure: -p and -n are both 0.")
+    config = model_config(path)
+    trained = config.max_position_embeddings
+    need = check_context(plan, config)           # before the load: -d 99999999 is one sentence, not a hang
+    if need > trained:
+        console.print(f"[yellow]-c {plan.ctx_size} is above the {trained} tokens the model was trained on: "
+                      f"speed is measured, but answers that long may degrade.[/]")
     random_ids, ram, prefetches, lookaheads = plan.random_ids, plan.max_ram, plan.prefetch, plan.lookahead
     counts = plan.threads or [numba.config.NUMBA_NUM_THREADS]
+    compiling = contextlib.nullcontext()
     if kernel_cache_cold():
         console.print("[dim]compiling kernels (first run only, ~1 min; reported apart as compile time)...[/]")
+        compiling = compile_progress(console)
     options = ExpertOptions.from_env(max_ram=ram, gpu_experts=plan.gpu_experts)
     home = amed_home()
-    m = load(path, ctx_size=max(plan.ctx_size, depth + max(n_prompts, default=0) + max(n_gens, default=0) + 16),
-             experts=options, device=plan.device,
+    m = load(path, ctx_size=need + 16, experts=options, device=plan.device,
              log=lambda msg: console.print(f"[yellow]{msg}[/]"))
     tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
     if not (home / "membw.json").exists():
@@ -533,7 +593,10 @@ def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
                     drop_expert_pages(src)
                 console.print(f"[dim]{path.name}: {n} threads, prefetch {pf}, look-ahead {la}, pp{n_prompt} "
                               f"tg{n_gen} x {reps}...[/]")
-                rec = run_bench(m, tok, n_prompt, n_gen, reps, random_ids, depth=depth, warm_prompt=not cold)
+                with compiling, Counted(console, "context (-d) prefill", "tokens") as bar:
+                    rec = run_bench(m, tok, n_prompt, n_gen, reps, random_ids, depth=depth, warm_prompt=not cold,
+                                    progress=bar.update if depth > 512 else None)
+                compiling = contextlib.nullcontext()     # the kernels are compiled after the first run
                 new = bench_rows(rec, n_gen, reps, path, size, qdesc, n, bw, cache, pf, la, ram)
                 for row in new:
                     row["device"] = plan.device if plan.device == "cpu" else f"{plan.device}, {plan.gpu_experts} gpu experts"

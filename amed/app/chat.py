@@ -5,7 +5,9 @@ Answer text goes to stdout as it is generated; everything else (notices, stats) 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -20,6 +22,7 @@ NOTICE = ("AntAngelMed is a research model: its answers are not medical advice. 
 HELP = """commands:
   /help            this help
   /reset           forget the conversation (keeps the system prompt)
+  /system          show the system prompt
   /system TEXT     set the system prompt (and reset)
   /save FILE       save the conversation as JSON
   /load FILE       resume a conversation saved with /save
@@ -58,11 +61,12 @@ class StopStrings:
 
 def load_conversation(path: str) -> "Conversation":
     """A conversation saved by /save ({"messages": [...]}); one clear sentence if it is not one."""
+    path = os.path.expanduser(path)
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except OSError as e:
-        raise AmedError(f"cannot read {path}: {e.strerror}.") from None
+        raise AmedError(f"cannot read {path}: {e.strerror or e}.") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise AmedError(f"{path} is not JSON; /load takes a file written by /save.") from None
     msgs = data.get("messages") if isinstance(data, dict) else None
@@ -168,9 +172,24 @@ class ChatSession:
                 f"{step.decode_tps:.1f} tok/s, first token after {step.ttft:.2f} s"
                 f" ({step.finish_reason})")
 
-    def save(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump({"messages": self.conv.messages()}, f, ensure_ascii=False, indent=1)
+    def save(self, path: str) -> str:
+        """Write the conversation as JSON to `path` (~ expanded; written whole, then renamed into
+        place, so a failed save leaves an earlier file intact); returns the path written.
+        One sentence (AmedError) when it cannot be written."""
+        path = os.path.expanduser(path)
+        if os.path.isdir(path):
+            raise AmedError(f"{path} is a directory; /save takes a file name, e.g. "
+                            f"/save {os.path.join(path, 'chat.json')}.")
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"messages": self.conv.messages()}, f, ensure_ascii=False, indent=1)
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise AmedError(f"cannot save to {path}: {e.strerror or e}.") from None
+        return path
 
 
 def read_message(err: Console) -> str | None:
@@ -184,6 +203,50 @@ def read_message(err: Console) -> str | None:
         if nxt.strip() == '"""':
             return "\n".join(lines)
         lines.append(nxt)
+
+
+def failure(what: str, e: BaseException) -> str:
+    """One sentence for an error inside the chat."""
+    if isinstance(e, AmedError):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        return f"{what} failed: {e.strerror}" + (f" ({e.filename})." if e.filename else ".")
+    return f"{what} failed: {type(e).__name__}: {e}."
+
+
+def command(session: ChatSession, cmd: str, arg: str) -> None:
+    """Run one /command of the REPL (all but /quit); errors propagate to the caller."""
+    err = session.err
+    if cmd == "/help":
+        err.print(HELP)
+    elif cmd in ("/reset", "/clear"):
+        session.reset()
+        err.print("[dim]conversation cleared[/]")
+    elif cmd == "/system":
+        if not arg:                   # show it: clearing the conversation by accident loses it
+            err.print(f"system prompt: {escape(session.conv.system)}" if session.conv.system
+                      else "no system prompt; /system TEXT sets one (and clears the conversation)")
+            return
+        session.conv.system = arg
+        session.reset()
+        err.print("[dim]system prompt set; conversation cleared[/]")
+    elif cmd == "/save":
+        if not arg:
+            err.print("[red]usage: /save FILE[/]")
+            return
+        err.print(f"[dim]saved to {escape(session.save(arg))}[/]")
+    elif cmd == "/load":
+        if not arg:
+            err.print("[red]usage: /load FILE[/]")
+            return
+        conv = load_conversation(arg)
+        session.conv = conv
+        err.print(f"[dim]loaded {len(conv.turns)} messages from {escape(arg)}"
+                  + (" (with its system prompt)" if conv.system else "") + "[/]")
+    elif cmd == "/stats":
+        err.print(session.stats_line(session.last) if session.last else "no answer yet")
+    else:
+        err.print(f"[red]unknown command {escape(cmd)}[/]; /help lists them")
 
 
 def repl(session: ChatSession, verbose: bool = False) -> None:
@@ -208,37 +271,12 @@ def repl(session: ChatSession, verbose: bool = False) -> None:
         if cmd.startswith("/"):
             if cmd in ("/quit", "/exit", "/bye"):
                 return
-            elif cmd == "/help":
-                err.print(HELP)
-            elif cmd in ("/reset", "/clear"):
-                session.reset()
-                err.print("[dim]conversation cleared[/]")
-            elif cmd == "/system":
-                session.conv.system = arg or None
-                session.reset()
-                err.print("[dim]system prompt set; conversation cleared[/]")
-            elif cmd == "/save":
-                if not arg:
-                    err.print("[red]usage: /save FILE[/]")
-                else:
-                    session.save(arg)
-                    err.print(f"[dim]saved to {arg}[/]")
-            elif cmd == "/load":
-                if not arg:
-                    err.print("[red]usage: /load FILE[/]")
-                    continue
-                try:
-                    conv = load_conversation(arg)
-                except AmedError as e:
-                    err.print(f"[red]{escape(str(e))}[/]")
-                    continue
-                session.conv = conv
-                err.print(f"[dim]loaded {len(conv.turns)} messages from {arg}"
-                          + (" (with its system prompt)" if conv.system else "") + "[/]")
-            elif cmd == "/stats":
-                err.print(session.stats_line(session.last) if session.last else "no answer yet")
-            else:
-                err.print(f"[red]unknown command {escape(cmd)}[/]; /help lists them")
+            try:
+                command(session, cmd, arg.strip())
+            except KeyboardInterrupt:
+                err.print("\n[yellow](stopped)[/]")
+            except Exception as e:       # a failed command never ends the chat or loses the conversation
+                err.print(f"[red]{escape(failure(cmd, e))}[/]")
             continue
         try:
             step = session.ask(text)
@@ -249,6 +287,12 @@ def repl(session: ChatSession, verbose: bool = False) -> None:
             if session.conv.turns and session.conv.turns[-1]["role"] == "user":
                 session.conv.turns.pop()
             err.print("\n[yellow](stopped)[/]")
+            continue
+        except Exception as e:          # the conversation so far is kept; the cache is rebuilt next time
+            if session.conv.turns and session.conv.turns[-1]["role"] == "user":
+                session.conv.turns.pop()
+            session.gen.reset()
+            err.print(f"[red]{escape(failure('the answer', e))}[/] [dim](the conversation is kept: /save FILE)[/]")
             continue
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -271,10 +315,12 @@ def warm_up(model, err: Console, always: bool = False) -> float | None:
     cold = kernel_cache_cold()
     if not (cold or always):
         return None
+    from amed.app.progress import compile_progress
+
     notice = COMPILE_NOTICE if cold else "loading the compiled kernels from the cache..."
     t0 = time.perf_counter()
-    with err.status(notice):
-        if not err.is_terminal:
+    with err.status(notice) as status, compile_progress(err, status if err.is_terminal else None):
+        if not err.is_terminal:         # a log: the notice, then a line per kernel compiled
             err.print(notice)
         model.reset()
         model.forward([1] * 8)       # the prompt kernels (several tokens)
@@ -368,6 +414,7 @@ def run_command(path, err: Console, *, prompt: str | None = None, system_prompt:
                           "seed": params.seed, "compile_s": compile_s}, ensure_ascii=False))
         if verbose:
             err.print(f"[dim]{session.stats_line(step)}[/]")
+        stopped_by_user(step, err)
         return
     if prompt is not None:
         step = session.ask(prompt if raw else prompt.strip())
@@ -375,5 +422,15 @@ def run_command(path, err: Console, *, prompt: str | None = None, system_prompt:
         sys.stdout.flush()
         if verbose:
             err.print(f"[dim]{session.stats_line(step)}[/]")
+        stopped_by_user(step, err)
         return
     repl(session, verbose)
+
+
+def stopped_by_user(step: Step, err: Console) -> None:
+    """A one-shot answer cut by Ctrl-C: say so and exit 130 (128 + SIGINT), as a shell expects of an
+    interrupted command, so a script does not take the partial answer for a whole one."""
+    if step is not None and step.finish_reason == "interrupted":
+        err.print(f"[yellow]stopped (Ctrl-C) after {step.generated_tokens} tokens: the answer is incomplete.[/]")
+        sys.stdout.flush()
+        raise SystemExit(130)

@@ -21,6 +21,35 @@ app = typer.Typer(
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def _plain_help_names() -> None:
+    """Help as click and llama.cpp write it: a flag shows no `<bool>` (it takes no value), and the
+    usage line names an argument STORE (optional: [PROMPT]) instead of Typer's `{store}`."""
+    from typer import core
+
+    option, argument = getattr(core, "TyperOption", None), getattr(core, "TyperArgument", None)
+    if option is not None and hasattr(option, "display_type_rich"):
+        shown = option.display_type_rich
+
+        def display_type_rich(self, ctx):
+            return None if getattr(self, "is_flag", False) and self.metavar is None else shown(self, ctx)
+        option.display_type_rich = display_type_rich
+    if argument is not None and hasattr(argument, "display_type_rich"):
+        typed = argument.display_type_rich
+
+        def argument_type(self, ctx):         # an argument given a METAVAR is named by it (no `<list[str]>`)
+            return None if self.metavar is not None else typed(self, ctx)
+        argument.display_type_rich = argument_type
+    if argument is not None and hasattr(argument, "_usage_display_name"):
+        def _usage_display_name(self):
+            name = self.metavar or (self.name or "").upper()
+            name = name if self.required else f"[{name}]"
+            return name + ("..." if self.nargs != 1 else "")
+        argument._usage_display_name = _usage_display_name
+
+
+_plain_help_names()
+
+
 def show_version(value: bool) -> None:
     if value:
         from amed import __version__
@@ -342,13 +371,37 @@ def max_threads() -> int:
 
 
 def check_threads(threads: Optional[int]) -> Optional[int]:
-    """-t N must be 1..cores (0 or no -t: all cores, returned as None); a clear error otherwise."""
-    if threads is None or threads == 0:
+    """-t N must be 1..cores (0, -1 as in llama.cpp, or no -t: all cores, returned as None); a clear
+    error otherwise. Every command with -t checks it here, before anything is loaded."""
+    if threads is None or threads in (0, -1):
         return None
     most = max_threads()
     if not 1 <= threads <= most:
         fail(f"-t/--threads must be between 1 and {most} (the cores here), or 0 for all of them; got {threads}.")
     return threads
+
+
+def check_seed(seed: Optional[int]) -> Optional[int]:
+    """-s N: 0 or more; -1 (llama.cpp's convention) or no -s: a random seed, returned as None."""
+    if seed is None or seed == -1:
+        return None
+    if seed < 0:
+        fail(f"-s/--seed must be 0 or more, or -1 for a random seed; got {seed}.")
+    return seed
+
+
+def random_seed() -> int:
+    """A fresh 32-bit seed (one that can be printed and passed back with -s to repeat a run)."""
+    import os
+
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def check_ctx_size(ctx_size: int, least: int = 16) -> int:
+    """-c N: a context of at least `least` tokens; one sentence otherwise."""
+    if ctx_size < least:
+        fail(f"-c/--ctx-size must be {least} or more tokens; got {ctx_size}.")
+    return ctx_size
 
 
 def set_threads(threads: Optional[int]) -> int:
@@ -366,10 +419,30 @@ def check_max_tokens(n: int, flag: str = "-n/--max-tokens") -> int:
     return n
 
 
+def read_stdin() -> str:
+    """The prompt piped on stdin, as UTF-8 text (as -f reads a file); one sentence if it is not."""
+    raw = getattr(sys.stdin, "buffer", None)
+    try:
+        return raw.read().decode("utf-8") if raw is not None else sys.stdin.read()
+    except UnicodeDecodeError as e:
+        fail(f"the text on stdin is not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+             f"convert it first, e.g. with iconv -t UTF-8.")
+
+
+def check_text(text: Optional[str], what: str) -> None:
+    """A command-line argument with bytes that are not UTF-8 (Python keeps them as lone surrogates):
+    one sentence instead of the tokenizer's TypeError."""
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            fail(f"{what} is not UTF-8 text; convert it first, e.g. with iconv -t UTF-8.")
+
+
 ModelOpt = Annotated[Optional[Path], typer.Option("-m", "--model", help="Store or checkpoint directory "
                                                   "(default: $AMED_MODEL, then the default store).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads, 1 to the number of cores "
-                                                  "(default or 0: all cores).")]
+                                                  "(default, 0 or -1: all cores).")]
 DeviceOpt = Annotated[str, typer.Option(
     "--device", rich_help_panel="Device",
     help="cpu, or cuda: dense weights on an NVIDIA GPU (needs pip install 'amed\\[cuda]'), routed experts on the CPU.")]
@@ -403,8 +476,8 @@ def chat(
                                                             help="Penalize tokens already in the context "
                                                             "(1 = off, 1.1 = mild).")] = None,
     seed: Annotated[Optional[int], typer.Option("-s", "--seed", rich_help_panel="Sampling", help="Random seed "
-                                                "(default: a fresh one, printed with -v so a run can be "
-                                                "repeated).")] = None,
+                                                "(default or -1: a fresh one, printed with -v so a run can "
+                                                "be repeated).")] = None,
     threads: ThreadsOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print settings and per-answer stats.")] = False,
     max_ram: MaxRamOpt = None,
@@ -430,6 +503,8 @@ def chat(
     In the chat, /help lists the commands (/save and /load keep a conversation)."""
     check_max_tokens(max_tokens)
     threads = check_threads(threads)
+    seed = check_seed(seed)
+    check_ctx_size(ctx_size)
     if prompt is not None and file is not None:
         fail("pass the prompt with -p or -f, not both.")
     if chat_template is not None and no_template:
@@ -451,9 +526,11 @@ def chat(
         fail(f"{'--json' if as_json else '--no-template'} is for one-shot runs: pass -p TEXT, -f FILE or pipe "
              f"the prompt on stdin.")
     if one_shot and prompt is None:
-        prompt = sys.stdin.read()
+        prompt = read_stdin()
     if one_shot and not prompt.strip():
         fail("no prompt: pass -p TEXT or pipe a question on stdin.")
+    check_text(prompt, "the prompt")
+    check_text(system_prompt, "the system prompt")
     n_threads = set_threads(threads)
     from amed.app.chat import run_command
 
@@ -463,6 +540,36 @@ def chat(
                 verbose=verbose, max_ram=max_ram, prefetch=not no_prefetch, threads=n_threads,
                 stops=stop or (), as_json=as_json, chat_template=template_text, raw=no_template,
                 device=device, gpu_experts=gpu_experts)
+
+
+@app.command("run")
+def run_model(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="A name from `amed list`, or a store or checkpoint "
+                                        "directory.")],
+    prompt: Annotated[Optional[list[str]], typer.Argument(
+        metavar="PROMPT", help="Answer this and exit (the words are joined; text piped on stdin goes "
+        "before it). Without it: an interactive chat, or the prompt piped on stdin.", show_default=False)] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print settings and per-answer stats.")] = False,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens per answer (-1: until a stop "
+                                            "token or the context is full).")] = 1024,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context length in tokens.")] = 4096,
+    system_prompt: Annotated[Optional[str], typer.Option("--system-prompt", "-sys", help="System prompt.")] = None,
+    temp: Annotated[Optional[float], typer.Option("--temp", help="Temperature; 0 = greedy (default: the model's "
+                                                  "generation_config.json).")] = None,
+    seed: Annotated[Optional[int], typer.Option("-s", "--seed", help="Random seed (default or -1: a fresh "
+                                                "one).")] = None,
+    threads: ThreadsOpt = None,
+    max_ram: MaxRamOpt = None,
+):
+    """Chat with a model by name, as `ollama run` does: `amed run NAME` talks, `amed run NAME PROMPT`
+    answers once. The same chat as `amed chat -m NAME` (its other flags are there)."""
+    text = " ".join(prompt) if prompt else None
+    if text is not None and not sys.stdin.isatty():     # `cat notes.txt | amed run NAME summarize this`
+        piped = read_stdin()
+        if piped.strip():
+            text = f"{piped.rstrip()}\n\n{text}"
+    chat(model=name, prompt=text, system_prompt=system_prompt, max_tokens=max_tokens, ctx_size=ctx_size,
+         temp=temp, seed=seed, threads=threads, verbose=verbose, max_ram=max_ram)
 
 # ---------------------------------------------------------------------------------------------
 # serve
@@ -476,8 +583,20 @@ def serve(
                                           min=16)] = 4096,
     parallel: Annotated[int, typer.Option("-np", "--parallel", help="Sequences decoded at once (each keeps "
                                           "its own KV cache); more requests wait in a queue.", min=1)] = 4,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="AMED_API_KEY",
-                                                   help="Require 'Authorization: Bearer KEY' on the API.")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="AMED_API_KEY", show_envvar=False,
+                                                   help="Require 'Authorization: Bearer KEY' on the API; better "
+                                                   "set $AMED_API_KEY or use --api-key-file (a flag shows in the "
+                                                   "process list).")] = None,
+    api_key_file: Annotated[Optional[str], typer.Option("--api-key-file", metavar="PATH",
+                                                        help="Read the API key from this file.")] = None,
+    cors_origin: Annotated[Optional[list[str]], typer.Option("--cors-origin", metavar="ORIGIN",
+                           help="Let web pages from this origin use the API (repeatable; e.g. "
+                           "http://localhost:3000, patterns such as http://localhost:*; also $AMED_ORIGINS, "
+                           "comma-separated).")] = None,
+    max_body: Annotated[str, typer.Option("--max-body", metavar="SIZE", help="Largest request body "
+                                          "(e.g. 8M); larger ones get 413.")] = "8M",
+    grace: Annotated[float, typer.Option("--grace", metavar="SECONDS", help="On SIGTERM / Ctrl-C, how long "
+                                         "answers in progress may take to finish.")] = 10.0,
     threads: ThreadsOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
     max_ram: MaxRamOpt = None,
@@ -489,11 +608,12 @@ def serve(
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models), with a chat page at / ; several clients at once."""
     path = resolve_model(model)
-    set_threads(threads)
+    set_threads(check_threads(threads))
     from amed.app.serve import run_command
 
     run_command(path, err, host=host, port=port, ctx_size=ctx_size, parallel=parallel, api_key=api_key,
-                max_ram=max_ram, prefetch=not no_prefetch, verbose=verbose, device=device, gpu_experts=gpu_experts)
+                api_key_file=api_key_file, max_ram=max_ram, prefetch=not no_prefetch, verbose=verbose,
+                device=device, gpu_experts=gpu_experts, max_body=max_body, cors_origins=cors_origin, grace=grace)
 
 
 
@@ -523,7 +643,9 @@ def bench(
     output: Annotated[str, typer.Option("-o", "--output", help="md, json or csv (on stdout).")] = "md",
     random_ids: Annotated[bool, typer.Option("--random-ids", help="Random token ids instead of real text "
                                             "(prompt and decode: the most varied routing).")] = False,
-    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size")] = 4096,
+    ctx_size: Annotated[Optional[int], typer.Option(
+        "-c", "--ctx-size", help="The context every test must fit in: -d plus the largest -p or -n (default: the "
+        "model's trained context, max_position_embeddings). Raise it to bench past the trained context.")] = None,
     max_ram: MaxRamOpt = None,
     prefetch: Annotated[str, typer.Option("--prefetch", help="Expert prefetch: on, off, or on,off to compare "
                                           "them side by side.", rich_help_panel="Memory")] = "on",
@@ -534,10 +656,11 @@ def bench(
                                        "run (decode from a cold disk).", rich_help_panel="Memory")] = False,
     synthetic: Annotated[Optional[str], typer.Option("--synthetic", help="Bench a random store of this preset "
                          "(tiny, flash, mini), built once and cached: no download needed.")] = None,
-    layers: Annotated[int, typer.Option("--layers", help="With --synthetic: number of layers.")] = 4,
+    layers: Annotated[Optional[int], typer.Option("--layers", help="With --synthetic: number of layers "
+                                                  "(default 4).")] = None,
     experts: Annotated[Optional[int], typer.Option("--experts", help="With --synthetic: routed experts per "
                                                    "layer (default: the preset's).")] = None,
-    bits: Annotated[int, typer.Option("--bits", help="With --synthetic: 4 or 8.")] = 4,
+    bits: Annotated[Optional[int], typer.Option("--bits", help="With --synthetic: 4 or 8 (default 4).")] = None,
     device: DeviceOpt = "cpu",
     gpu_experts: GpuExpertsOpt = "0",
 ):
@@ -550,8 +673,10 @@ def bench(
     if reps < 1:
         fail(f"-r/--repetitions must be 1 or more; got {reps}.")
     n_prompts, n_gens = int_list(n_prompt, "-p"), int_list(n_gen, "-n")
-    if min(n_prompts + n_gens) < 0:
+    if min(n_prompts + n_gens, default=0) < 0:
         fail("-p and -n must be 0 (skip the test) or more tokens.")
+    if max(n_prompts + n_gens, default=0) == 0:
+        fail("nothing to measure: -p and -n are both 0 (give -p N for prefill, -n N for decode, or both).")
     counts = int_list(threads, "-t")
     counts = [check_threads(t) or max_threads() for t in counts]
     prefetches = [p.strip() for p in prefetch.split(",") if p.strip()]
@@ -562,6 +687,17 @@ def bench(
         fail(f"--lookahead takes auto, on or off (comma-separated), not {lookahead!r}.")
     if depth < 0:
         fail("-d must be 0 or more tokens.")
+    if ctx_size is not None and ctx_size < 1:
+        fail(f"-c/--ctx-size must be 1 or more tokens; got {ctx_size}.")
+    if synthetic is None:
+        given = [flag for flag, v in (("--bits", bits), ("--layers", layers), ("--experts", experts)) if v is not None]
+        if given:
+            fail(f"{', '.join(given)} go{'es' if len(given) == 1 else ''} with --synthetic PRESET (a random store); "
+                 f"a real store's quantization is fixed when it is made.")
+    elif (bits := 4 if bits is None else bits) not in (4, 8):
+        fail(f"--bits must be 4 or 8; got {bits}.")
+    elif (layers := 4 if layers is None else layers) < 1:
+        fail(f"--layers must be 1 or more; got {layers}.")
     from amed.app.bench import BenchPlan, run_command, synthetic_store
     from amed.engine.experts.memory import parse_size
 
@@ -587,7 +723,8 @@ def synth(
     experts: Annotated[Optional[int], typer.Option(
         "--experts", help="Routed experts per layer (default: the preset's). `--preset flash --layers 32 "
         "--experts 32` has AntAngelMed's per-token shape (top-8, same widths) in a pool that fits in RAM.")] = None,
-    seed: Annotated[int, typer.Option("-s", "--seed", help="Random seed (same seed, same bytes).")] = 0,
+    seed: Annotated[int, typer.Option("-s", "--seed", help="Random seed (same seed, same bytes; -1: a random "
+                                      "one, printed).")] = 0,
     force: Annotated[bool, typer.Option(
         "--force", help="Write into OUT even if it is a non-empty directory (replacing only files amed wrote "
         "there).")] = False,
@@ -613,6 +750,9 @@ def synth(
                                (old_f or None, "-f", "--force")):
         if value is not None:
             fail(f"amed synth {letter} is now {new} ({letter} means prompt, tokens or file in chat and bench).")
+    if (seed := check_seed(seed)) is None:          # -1: a random seed, as in llama.cpp; printed to repeat
+        seed = random_seed()
+        err.print(f"random seed {seed} (-s {seed} writes the same bytes again)", markup=False)
     out = output_path(out, "OUT")
 
     if bits is not None:
@@ -678,6 +818,9 @@ def perplexity(
     import json
 
     threads = check_threads(threads)
+    check_ctx_size(ctx_size, least=2)
+    if max_tokens is not None and max_tokens < 2:
+        fail(f"--max-tokens must be 2 or more (the first token of a window is not scored); got {max_tokens}.")
     path = resolve_model(model)
     if kld_base is not None and not kld_base.exists():
         fail(f"{kld_base} does not exist.")

@@ -151,3 +151,91 @@ class CountBar(_Live):
 
     def update(self, done: int, total: int | None = None) -> None:
         self._p.update(self._task, completed=done, **({"total": total} if total is not None else {}))
+
+
+class Counted:
+    """A long counted job (the -d context prefill of `amed bench`), as a context; `update(done,
+    total)`. On a terminal a bar that is cleared at the end; outside one (a log, a pipe) a line at
+    most every `every` seconds, so whoever reads the log sees the job is alive."""
+
+    def __init__(self, console, label: str, unit: str = "", every: float = 5.0):
+        import time
+
+        self.console, self.label, self.unit, self.every = console, label, unit, every
+        self._clock = time.monotonic
+        self._t0 = self._last = self._clock()
+        self._p = self._task = None
+        if console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+            self._p = _progress(console, TextColumn(label), BarColumn(), MofNCompleteColumn(),
+                                TextColumn(unit), TimeRemainingColumn(), transient=True)
+
+    def update(self, done: int, total: int) -> None:
+        if self._p is not None:
+            if self._task is None:
+                self._p.start()
+                self._task = self._p.add_task(self.label, total=total)
+            self._p.update(self._task, completed=done, total=total)
+            return
+        now = self._clock()
+        if now - self._last >= self.every or (done >= total and now - self._t0 >= self.every):
+            self._last = now
+            self.console.print(f"{self.label}: {done}/{total}{' ' + self.unit if self.unit else ''} "
+                               f"({now - self._t0:.0f} s)", markup=False, highlight=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._p is not None:
+            self._p.stop()
+        return False
+
+
+@contextlib.contextmanager
+def compile_progress(console, status=None, label: str = "compiling kernels"):
+    """While Numba compiles amed's kernels (about a minute on a first run), report each one as it
+    is done: in the text of `status` (a Rich spinner on a terminal), or else as a line on
+    `console` ("compiling kernels: 3 compiled (attention), 12 s"), so a log shows the process is
+    alive. Yields the listener (`.done`: kernels compiled so far). Only real compiles count:
+    kernels loaded from the on-disk cache fire no event."""
+    import threading
+    import time
+
+    from numba.core import event
+
+    t0 = time.monotonic()
+    lock = threading.Lock()
+
+    class Listener(event.Listener):
+        def __init__(self):
+            self.depth = 0            # nested compiles: a kernel's helpers compile inside it
+            self.done = 0
+
+        def on_start(self, ev):
+            with lock:
+                self.depth += 1
+
+        def on_end(self, ev):
+            with lock:
+                self.depth -= 1
+                if self.depth > 0:
+                    return
+                func = getattr(ev.data.get("dispatcher"), "py_func", None)
+                if not getattr(func, "__module__", "").startswith("amed."):
+                    return
+                self.done += 1
+                done, name = self.done, func.__name__
+            text = f"{label}: {done} compiled ({name}), {time.monotonic() - t0:.0f} s"
+            if status is not None:
+                status.update(f"{label} (first run only, ~1 min): {done} compiled ({name})...")
+            else:
+                console.print(text, markup=False, highlight=False)
+
+    listener = Listener()
+    event.register("numba:compile", listener)
+    try:
+        yield listener
+    finally:
+        event.unregister("numba:compile", listener)
