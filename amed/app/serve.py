@@ -16,9 +16,14 @@ Starlette and uvicorn are imported only here, when the server starts.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hmac
+import ipaddress
 import json
+import math
+import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -30,6 +35,12 @@ from amed.errors import AmedError
 
 PREFILL_CHUNK = 256        # prompt tokens per engine step: other sequences decode between chunks
 PAGE = Path(__file__).parent / "static" / "chat.html"
+MAX_BODY = 8 << 20         # default --max-body: bytes of one request (413 beyond)
+MAX_STOPS = 16             # stop strings per request, and characters in each
+MAX_STOP_CHARS = 1000
+GRACE = 10.0               # default --grace: seconds active generations get after SIGTERM / Ctrl-C
+IDLE_TIMEOUT = 30.0        # seconds a connection may take to send a request's headers (or a body chunk)
+KEEP_ALIVE = 5             # seconds an idle keep-alive connection stays open
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,6 +106,74 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+class StopMatcher:
+    """Cut an answer at its first stop string, in time linear in the text: one KMP automaton per
+    stop string (its state: how much of the stop the text ends with), so each new character costs
+    O(1) per stop, however long the stops are. Text that could still be the start of a stop is held
+    back until the next piece shows it is not. Same interface as chat's StopStrings; the stop that
+    is complete first wins (the longest one, where several end on the same character)."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in stops if s]
+        self.fail = [self._table(s) for s in self.stops]
+        self.state = [0] * len(self.stops)
+        self.buf = ""                     # held back: len(buf) == max(state)
+        self.hit = False
+
+    @staticmethod
+    def _table(s: str) -> list[int]:
+        """KMP failure function: fail[i] = length of the longest proper border of s[:i + 1]."""
+        fail, k = [0] * len(s), 0
+        for i in range(1, len(s)):
+            while k and s[i] != s[k]:
+                k = fail[k - 1]
+            if s[i] == s[k]:
+                k += 1
+            fail[i] = k
+        return fail
+
+    def feed(self, text: str) -> str:
+        """Add generated text; return what can be shown now (sets `hit` at a stop string)."""
+        if not self.stops:
+            return text
+        if self.hit:
+            return ""
+        held = len(self.buf)
+        self.buf += text
+        for i, ch in enumerate(text):
+            done = 0
+            for j, s in enumerate(self.stops):
+                k, fail = self.state[j], self.fail[j]
+                while k and s[k] != ch:
+                    k = fail[k - 1]
+                if s[k] == ch:
+                    k += 1
+                if k == len(s):
+                    done = max(done, k)
+                    k = fail[k - 1]
+                self.state[j] = k
+            if done:                      # the stop ends at buf[held + i]: show what comes before it
+                out, self.buf, self.hit = self.buf[:held + i + 1 - done], "", True
+                return out
+        keep = max(self.state)
+        out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        self.state = [0] * len(self.stops)
+        return out
+
+
+def client_message(e: Exception) -> str:
+    """What a client is told about an exception: an AmedError's sentence; for anything else only
+    its kind (the details go to the server's log, never into an answer)."""
+    if isinstance(e, AmedError):
+        return str(e)
+    print(f"amed serve: internal error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    return f"internal error ({type(e).__name__}); the server's log has the details."
+
+
 class Scheduler:
     """The engine thread: admits jobs into slots, prefills, decodes all active slots together."""
 
@@ -106,6 +185,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="amed-engine", daemon=True)
+        self.died: str | None = None       # why the engine thread ended, if it ever does unasked
         self.counters = dict(requests=0, prompt_tokens=0, prefill_tokens=0, prefill_seconds=0.0,
                              completion_tokens=0, decode_tokens=0, decode_seconds=0.0, decode_steps=0,
                              errors=0, cancelled=0)
@@ -122,8 +202,15 @@ class Scheduler:
             self._cond.notify()
         self._thread.join(timeout=30)
 
+    def alive(self) -> bool:
+        return self.died is None and self._thread.is_alive()
+
     def submit(self, job: Job) -> None:
         job.t_submit = time.perf_counter()
+        if self.died is not None:
+            job.emit("error", ApiError(500, f"the engine stopped ({self.died}); restart amed serve.",
+                                       "server_error"))
+            return
         with self._cond:
             self.waiting.append(job)
             self.counters["requests"] += 1
@@ -154,17 +241,26 @@ class Scheduler:
 
     # ---- the thread ----
     def _loop(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._has_work():
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    self._admit()
+                try:
+                    self._step()
+                except Exception as e:      # a bug or a bad store must not kill the server
+                    self._fail_active(e)
+        except BaseException as e:          # never expected: say so on /health, fail what waits
+            self.died = f"{type(e).__name__}: {e}"
+            print(f"amed serve: the engine thread stopped: {self.died}", file=sys.stderr, flush=True)
             with self._cond:
-                while not self._stopping and not self._has_work():
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                self._admit()
-            try:
-                self._step()
-            except Exception as e:      # a bug or a bad store must not kill the server
-                self._fail_active(e)
+                jobs = [s.job for s in self.slots if s.job is not None] + list(self.waiting)
+                self.waiting.clear()
+            for job in jobs:
+                job.emit("error", ApiError(500, "the engine stopped; restart amed serve.", "server_error"))
 
     def _has_work(self) -> bool:
         return bool(self.waiting) or any(s.job is not None for s in self.slots)
@@ -183,10 +279,13 @@ class Scheduler:
                 return
             self.waiting.popleft()
             slot = max(free, key=lambda s: (common_prefix(job.prompt, s.cached), -s.last_used))
-            self._start(slot, job)
+            try:
+                self._start(slot, job)
+            except Exception as e:          # this request fails, the others go on
+                slot.job = job
+                self._fail(slot, e)
 
     def _start(self, slot: Slot, job: Job) -> None:
-        from amed.app.chat import StopStrings
         from amed.text.sampling import make_sampler
 
         if slot.state is None:
@@ -199,7 +298,7 @@ class Scheduler:
         slot.history = list(job.prompt)
         slot.sampler = make_sampler(job.params)
         slot.decoder = self.tok.stream()
-        slot.stopper = StopStrings(job.stops)
+        slot.stopper = StopMatcher(job.stops)
         slot.budget = min(job.max_tokens, self.ctx_size - len(job.prompt))
         job.prefill_tokens = len(slot.todo)
         job.t_start = time.perf_counter()
@@ -213,12 +312,15 @@ class Scheduler:
                 self._free(s)
         for s in [s for s in self.slots if s.job is not None and s.todo]:
             t0 = time.perf_counter()
-            chunk, s.todo = s.todo[:PREFILL_CHUNK], s.todo[PREFILL_CHUNK:]
-            logits = self.model.forward(chunk, state=s.state)
-            s.cached += chunk
+            try:
+                chunk, s.todo = s.todo[:PREFILL_CHUNK], s.todo[PREFILL_CHUNK:]
+                logits = self.model.forward(chunk, state=s.state)
+                s.cached += chunk
+                if not s.todo:
+                    self._sampled(s, logits)
+            except Exception as e:          # this sequence fails, the others go on
+                self._fail(s, e)
             self.counters["prefill_seconds"] += time.perf_counter() - t0
-            if not s.todo:
-                self._sampled(s, logits)
         batch = [s for s in self.slots if s.job is not None and s.next is not None]
         if batch:
             t0 = time.perf_counter()
@@ -226,7 +328,10 @@ class Scheduler:
             for s, row in zip(batch, logits):
                 s.cached.append(s.next)
                 s.next = None
-                self._sampled(s, row)
+                try:
+                    self._sampled(s, row)
+                except Exception as e:
+                    self._fail(s, e)
             self.counters["decode_seconds"] += time.perf_counter() - t0
             self.counters["decode_tokens"] += len(batch)
             self.counters["decode_steps"] += 1
@@ -280,10 +385,21 @@ class Scheduler:
         s.sampler = s.decoder = s.stopper = None
         s.last_used = time.perf_counter()
 
+    def _fail(self, s: Slot, e: Exception) -> None:
+        """Report the error to the slot's job only, and forget the slot's cache (a forward cut short
+        may have left it half-written)."""
+        self.counters["errors"] += 1
+        if s.job is not None:
+            s.job.emit("error", ApiError(500, client_message(e), "server_error"))
+        self._free(s)
+        if s.state is not None:
+            s.state.reset()
+        s.cached = []
+
     def _fail_active(self, e: Exception) -> None:
-        """Report the error to every job in flight and forget their slots' caches (a forward cut
-        short may have left them half-written)."""
-        message = str(e) if isinstance(e, AmedError) else f"internal error: {type(e).__name__}: {e}"
+        """Report the error to every job in flight and forget their slots' caches (a batched
+        forward failed: it cannot tell whose sequence it was)."""
+        message = client_message(e)
         for s in self.slots:
             if s.job is not None:
                 self.counters["errors"] += 1
@@ -301,11 +417,54 @@ def _number(body: dict, key: str, *, integer: bool = False, minimum=None):
     v = body.get(key)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
-        raise ApiError(400, f"'{key}' must be {'an integer' if integer else 'a number'}, not {v!r}.", param=key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ApiError(400, f"'{key}' must be {'an integer' if integer else 'a number'}, not {_show(v)}.",
+                       param=key)
+    if isinstance(v, int) and abs(v) >= 2 ** 63 or isinstance(v, float) and not math.isfinite(v):
+        raise ApiError(400, f"'{key}' is out of range.", param=key)
+    if integer and not float(v).is_integer():
+        raise ApiError(400, f"'{key}' must be an integer, not {v!r}.", param=key)
     if minimum is not None and v < minimum:
         raise ApiError(400, f"'{key}' must be at least {minimum}, not {v!r}.", param=key)
     return int(v) if integer else float(v)
+
+
+def _show(v) -> str:
+    """A short description of a wrong value for an error message (never a megabyte of it)."""
+    text = repr(v)
+    return text if len(text) <= 40 else f"a {type(v).__name__}"
+
+
+def parse_body(raw: bytes) -> dict:
+    """A request body as a JSON object; 400 for anything else: invalid JSON or UTF-8, NaN or
+    Infinity, nesting too deep for the parser, an integer of thousands of digits, a lone
+    surrogate (\\ud800) in any string."""
+    def constant(name):
+        raise ValueError(name)
+    try:
+        body = json.loads(raw, parse_constant=constant)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply.") from None
+    except (ValueError, UnicodeDecodeError):     # JSONDecodeError, NaN/Infinity, 4300+ digit integers
+        raise ApiError(400, "the request body is not valid JSON (UTF-8, no NaN or Infinity, numbers of "
+                            "normal size).") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object.")
+    todo = [body]                                # every string, without recursion
+    while todo:
+        v = todo.pop()
+        if isinstance(v, dict):
+            todo.extend(v)
+            todo.extend(v.values())
+        elif isinstance(v, list):
+            todo.extend(v)
+        elif isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, "the request holds text that is not valid Unicode (a lone surrogate "
+                                    "such as \\ud800).") from None
+    return body
 
 
 def message_text(content, i: int) -> str:
@@ -319,12 +478,23 @@ def message_text(content, i: int) -> str:
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ApiError(400, f"messages[{i}].content: only text parts are supported, not {kind!r}.",
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported, not {_show(kind)}.",
                                param=f"messages[{i}].content")
             texts.append(part["text"])
         return "\n".join(texts)
     raise ApiError(400, f"messages[{i}].content must be a string or a list of content parts.",
                    param=f"messages[{i}].content")
+
+
+# Fields amed does not implement: a request may send them only with a value that asks for nothing
+# (so an answer never silently lacks what was asked for).
+UNSUPPORTED = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
+    "best_of": (None, 1), "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
+    "function_call": (None, "none", "auto"), "logit_bias": (None, {}), "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
+    "response_format": (None, {"type": "text"}),
+}
 
 
 class Api:
@@ -333,15 +503,42 @@ class Api:
     def __init__(self, model_id: str, tokenizer, defaults, ctx_size: int, vocab_size: int):
         self.model_id, self.tok, self.defaults = model_id, tokenizer, defaults
         self.ctx_size, self.vocab_size = ctx_size, vocab_size
+        self.max_token_bytes = self._max_token_bytes(tokenizer)
+
+    @staticmethod
+    def _max_token_bytes(tok) -> int | None:
+        """The most UTF-8 bytes any token's text has (an upper bound on the bytes one token covers),
+        so that a text that cannot fit the context is refused without tokenizing megabytes."""
+        try:
+            return max(len(t.encode("utf-8")) for t in tok._tok.get_vocab(with_added_tokens=True))
+        except Exception:                # another tokenizer: no shortcut
+            return None
+
+    def check_too_long(self, nbytes: int, param: str) -> None:
+        if self.max_token_bytes and nbytes > 4 * self.max_token_bytes * self.ctx_size:   # 4x: normalizers
+            raise ApiError(400, f"the prompt is longer than this server's context of {self.ctx_size - 1} "
+                                f"tokens (raise -c/--ctx-size or shorten the prompt).",
+                           param=param, code="context_length_exceeded")
 
     def check_model(self, body: dict) -> None:
+        """One model is served, so any name selects it (as llama-server does); it must be a string."""
         m = body.get("model")
-        if m is not None and m != self.model_id:
-            raise ApiError(404, f"The model {m!r} does not exist; this server serves {self.model_id!r}.",
-                           param="model", code="model_not_found")
+        if m is not None and not isinstance(m, str):
+            raise ApiError(400, "'model' must be a string.", param="model")
+
+    def check_unsupported(self, body: dict) -> None:
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+        for key, fine in UNSUPPORTED.items():
+            v = body.get(key)
+            if not any(v is f or (number(v) and number(f) or type(v) is type(f)) and v == f for f in fine):
+                raise ApiError(400, f"'{key}' is not supported by amed serve.", param=key,
+                               code="unsupported_parameter")
 
     def job(self, body: dict, prompt: list[int], param: str) -> Job:
-        if body.get("n") not in (None, 1):
+        self.check_unsupported(body)
+        n = body.get("n")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, float)) or n != 1):
             raise ApiError(400, "only n=1 is supported.", param="n")
         if len(prompt) >= self.ctx_size:
             raise ApiError(400, f"the prompt is {len(prompt)} tokens, more than this server's context of "
@@ -350,9 +547,16 @@ class Api:
         max_tokens = _number(body, "max_completion_tokens", integer=True, minimum=1)
         if max_tokens is None:
             max_tokens = _number(body, "max_tokens", integer=True, minimum=1)
+        seed = body.get("seed")
+        if isinstance(seed, int) and not isinstance(seed, bool) and (seed < 0 or seed >= 2 ** 64):
+            if seed >= 2 ** 64:
+                raise ApiError(400, "'seed' must be below 2**64 (or -1 for a random seed).", param="seed")
+            seed = None                  # -1 (any negative seed): random, as llama.cpp's clients mean it
+        else:
+            seed = _number(body, "seed", integer=True)
         overrides = dict(temperature=_number(body, "temperature", minimum=0),
                          top_p=_number(body, "top_p"), top_k=_number(body, "top_k", integer=True),
-                         min_p=_number(body, "min_p"), seed=_number(body, "seed", integer=True),
+                         min_p=_number(body, "min_p"), seed=seed,
                          repetition_penalty=_number(body, "repetition_penalty")
                          or _number(body, "repeat_penalty"))
         if overrides["top_k"] is not None and overrides["top_k"] < 0:   # OpenAI-style clients send -1 for "off"
@@ -370,6 +574,9 @@ class Api:
             stops = stop
         else:
             raise ApiError(400, "'stop' must be a string or a list of strings.", param="stop")
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ApiError(400, f"'stop' takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} "
+                                f"characters each.", param="stop")
         ignore_eos = body.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
             raise ApiError(400, "'ignore_eos' must be true or false.", param="ignore_eos")
@@ -380,17 +587,22 @@ class Api:
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects.", param="messages")
-        out = []
+        out, nbytes = [], 0
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise ApiError(400, f"messages[{i}] must be an object with a 'role'.", param=f"messages[{i}]")
             if m["role"] not in ("system", "developer", "user", "assistant", "tool"):
-                raise ApiError(400, f"messages[{i}].role {m['role']!r} is not one of system, user, assistant, "
-                                    f"tool.", param=f"messages[{i}].role")
+                raise ApiError(400, f"messages[{i}].role {_show(m['role'])} is not one of system, user, "
+                                    f"assistant, tool.", param=f"messages[{i}].role")
+            if m.get("content") is None and m["role"] != "assistant":
+                raise ApiError(400, f"messages[{i}] ({m['role']}) has no 'content'.",
+                               param=f"messages[{i}].content")
             msg = {k: v for k, v in m.items() if k in ("role", "reasoning_content", "tool_calls")}
             msg["role"] = "system" if m["role"] == "developer" else m["role"]
             msg["content"] = message_text(m.get("content"), i)
+            nbytes += len(msg["content"].encode("utf-8"))
             out.append(msg)
+        self.check_too_long(nbytes, "messages")
         try:
             return self.tok.encode_chat(out)
         except AmedError as e:
@@ -401,6 +613,7 @@ class Api:
         if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
             p = p[0]                                    # a batch of one prompt
         if isinstance(p, str) and p:
+            self.check_too_long(len(p.encode("utf-8")), "prompt")
             return self.tok.encode(p)
         if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
             if min(p) < 0 or max(p) >= self.vocab_size:
@@ -411,24 +624,202 @@ class Api:
 
 
 # ---------------------------------------------------------------------------------------------
+# what every request passes first: Host, Origin, Content-Type, body size
+# ---------------------------------------------------------------------------------------------
+def split_host(value: str) -> tuple[str, int | None]:
+    """A Host header (or an origin's netloc) -> (lowercase name without brackets, port or None)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        name, rest = (value[1:end], value[end + 1:]) if end > 0 else (value, "")
+    else:
+        name, _, rest = value.partition(":")
+        rest = ":" + rest if rest else ""
+    port = rest[1:] if rest.startswith(":") else ""
+    return name.rstrip("."), int(port) if port.isdigit() else (None if not port else -1)
+
+
+def is_loopback(name: str) -> bool:
+    name = name.strip("[]").lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class Guard:
+    """ASGI middleware in front of every route (the OpenAI API, the page, and any added later):
+
+    - bound to a loopback address, a request must name this computer in `Host` (localhost, a
+      loopback address, or the bound address): a web page whose domain was re-bound to 127.0.0.1
+      (DNS rebinding) gets 403;
+    - a browser's cross-origin request (an `Origin` that is not this server's) gets 403 unless the
+      origin is allowed (`--cors-origin`, $AMED_ORIGINS; `*` and other glob patterns as ollama's
+      OLLAMA_ORIGINS); allowed ones get CORS headers and their preflights an answer;
+    - a POST must say `Content-Type: application/json` (415): a form or text/plain POST, which a
+      page may send anywhere without a preflight, is never read;
+    - a body is at most `max_body` bytes (413), each chunk arriving within IDLE_TIMEOUT (408);
+    - once a shutdown began, new requests get 503.
+    Each refusal is OpenAI's JSON error shape."""
+
+    def __init__(self, app, *, host: str, max_body: int, origins=(), state=None):
+        self.app, self.max_body, self.state = app, max_body, state if state is not None else {}
+        self.origins = [o.strip().lower().rstrip("/") for o in origins if o and o.strip()]
+        bound = host.strip("[]").lower()
+        self.check_host = is_loopback(bound)
+        self.bound = bound
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            cors = self.check(scope, headers)
+            if cors is not None and scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+                return await self.preflight(cors, headers, send)
+            if self.state.get("draining") and scope["path"] != "/health":
+                raise ApiError(503, "the server is shutting down.", "server_error", code="shutting_down")
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                media = headers.get("content-type", "").split(";")[0].strip().lower()
+                if media != "application/json":
+                    raise ApiError(415, "send the request body as JSON, with 'Content-Type: application/json'.",
+                                   code="unsupported_media_type")
+                raw = await self.read(receive, headers)
+                if raw is None:              # the client went away
+                    return
+                receive = self.replay(raw, receive)
+        except ApiError as e:
+            return await self.refuse(e, scope, receive, send)
+        if cors is not None:
+            send = self.with_cors(cors, send)
+        await self.app(scope, receive, send)
+
+    def check(self, scope, headers) -> str | None:
+        """Host and Origin; returns the origin to answer with CORS headers (None: same-origin or none)."""
+        host = headers.get("host")
+        if self.check_host and host is not None:
+            name, _ = split_host(host)
+            if not (is_loopback(name) or name == self.bound):
+                raise ApiError(403, f"this server answers only to this computer's names (localhost, "
+                                    f"127.0.0.1), not {_show(host)}: a guard against DNS rebinding.",
+                               "permission_error", code="host_not_allowed")
+        origin = headers.get("origin")
+        if origin is None:
+            return None
+        if self.same_origin(origin, host, scope):
+            return None
+        o = origin.strip().lower().rstrip("/")
+        if any(fnmatch.fnmatchcase(o, pattern) for pattern in self.origins):
+            return origin
+        raise ApiError(403, f"requests from the web page at {_show(origin)} are refused; allow its origin with "
+                            f"amed serve --cors-origin ORIGIN (or $AMED_ORIGINS).", "permission_error",
+                       code="origin_not_allowed")
+
+    @staticmethod
+    def same_origin(origin: str, host: str | None, scope) -> bool:
+        scheme, sep, netloc = origin.strip().lower().partition("://")
+        if not sep or "/" in netloc:
+            return False
+        default = {"http": 80, "https": 443}.get(scheme)
+        o_name, o_port = split_host(netloc)
+        if host is not None:
+            h_name, h_port = split_host(host)
+        else:
+            h_name, h_port = (str(scope["server"][0]).lower(), scope["server"][1]) if scope.get("server") else ("", 0)
+        return (scheme == scope.get("scheme", "http") and o_name == h_name
+                and (o_port or default) == (h_port or default))
+
+    async def read(self, receive, headers) -> bytes | None:
+        import asyncio
+
+        length = headers.get("content-length", "")
+        too_big = ApiError(413, f"the request body is larger than this server's limit of {self.max_body} bytes "
+                                f"(amed serve --max-body).", code="request_too_large")
+        if length.isdigit() and int(length) > self.max_body:
+            raise too_big
+        parts, size = [], 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), IDLE_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise ApiError(408, "the request body stopped arriving.", code="request_timeout") from None
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise too_big
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+    @staticmethod
+    def replay(raw: bytes, receive):
+        """A receive() that gives the app the body already read, then the connection's messages."""
+        pending = [{"type": "http.request", "body": raw, "more_body": False}]
+
+        async def replayed():
+            return pending.pop() if pending else await receive()
+        return replayed
+
+    @staticmethod
+    def with_cors(origin: str, send):
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"access-control-allow-origin", origin.encode("latin-1")),
+                                                  (b"vary", b"Origin")]}
+            await send(message)
+        return sending
+
+    async def preflight(self, origin: str, headers, send) -> None:
+        asked = headers.get("access-control-request-headers", "authorization, content-type")
+        await send({"type": "http.response.start", "status": 204, "headers": [
+            (b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"),
+            (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+            (b"access-control-allow-headers", asked.encode("latin-1")), (b"access-control-max-age", b"600")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def refuse(self, e: ApiError, scope, receive, send) -> None:
+        from starlette.responses import JSONResponse
+
+        await JSONResponse(e.body(), status_code=e.status)(scope, receive, send)
+
+
+# ---------------------------------------------------------------------------------------------
 # the HTTP app
 # ---------------------------------------------------------------------------------------------
 def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096, api_key: str | None = None,
-               on_ready=None, on_error=None):
+               on_ready=None, on_error=None, host: str = "127.0.0.1", max_body: int = MAX_BODY,
+               cors_origins=(), grace: float = GRACE):
     """The Starlette app. `loader()` -> (model, tokenizer, default SamplingParams) runs on a thread
-    at startup; until it returns, /health answers 503 and the API 503 "loading"."""
+    at startup; until it returns, /health answers 503 and the API 503 "loading". Every request
+    first passes Guard (Host, Origin, Content-Type, body size; see there). `host` is the address
+    the server listens on, `cors_origins` the other web origins allowed to use it, `grace` the
+    seconds active generations get to finish once a shutdown begins (app.state.amed["shutdown"]())."""
     import asyncio
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     from amed.app.serve_extras import routes as extra_routes
 
-    state = dict(sched=None, api=None, error=None)
+    state = dict(sched=None, api=None, error=None, draining=False, deadline=None)
+    prompt_slots = asyncio.Semaphore(2)    # prompts tokenized at once (each may be megabytes)
+
+    def shutdown() -> None:
+        """Stop admitting requests (503); active ones get `grace` seconds, then an error event."""
+        if not state["draining"]:
+            state["draining"], state["deadline"] = True, time.monotonic() + grace
+    state["shutdown"] = shutdown
 
     def load() -> None:
         try:
@@ -457,8 +848,12 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
     def ready() -> tuple[Scheduler, Api]:
         if state["error"]:
             raise ApiError(500, f"the model failed to load: {state['error']}", "server_error")
+        if state["draining"]:
+            raise ApiError(503, "the server is shutting down.", "server_error", code="shutting_down")
         if state["sched"] is None:
             raise ApiError(503, "the model is loading; retry in a moment.", "server_error", code="model_loading")
+        if not state["sched"].alive():
+            raise ApiError(500, f"the engine stopped ({state['sched'].died}); restart amed serve.", "server_error")
         return state["sched"], state["api"]
 
     def authorize(request: Request) -> None:
@@ -479,24 +874,18 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
             except ApiError as e:
                 return error(e)
             except Exception as e:  # never a traceback to the client, never a dead server
-                import traceback
-
-                traceback.print_exc()
-                return error(ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+                return error(ApiError(500, client_message(e), "server_error"))
         return endpoint
 
     async def read_body(request: Request) -> dict:
+        """The body (Guard has bounded its size) as a JSON object, parsed off the event loop."""
         try:
             raw = await request.body()
         except ClientDisconnect:
             raise ApiError(499, "the client went away before sending the whole request.") from None
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON.") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object.")
-        return body
+        if len(raw) < 65536:
+            return parse_body(raw)
+        return await run_in_threadpool(parse_body, raw)
 
     async def page(request: Request):
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
@@ -504,8 +893,13 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
     async def health(request: Request):
         if state["error"]:
             return JSONResponse({"status": "error", "error": state["error"]}, status_code=500)
+        if state["draining"]:
+            return JSONResponse({"status": "stopping"}, status_code=503)
         if state["sched"] is None:
             return JSONResponse({"status": "loading"}, status_code=503)
+        if not state["sched"].alive():
+            return JSONResponse({"status": "error", "error": f"the engine stopped ({state['sched'].died}); "
+                                 "restart amed serve."}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def models(request: Request):
@@ -548,12 +942,18 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
         async def next_event():
             """The next event; ("gone", None) when the client went away (the job is cancelled,
             which frees its slot at the engine's next step). Checked every 0.25 s, also while
-            events keep coming (a non-stream answer sends nothing until it is complete)."""
+            events keep coming (a non-stream answer sends nothing until it is complete). Past a
+            shutdown's grace period: an error (the job is cancelled)."""
             while True:
                 try:
                     event = await asyncio.wait_for(events.get(), timeout=0.25)
                 except asyncio.TimeoutError:
                     event = None
+                if state["deadline"] is not None and time.monotonic() > state["deadline"]:
+                    job.cancel()
+                    sched.wake()
+                    return "error", ApiError(503, "the server is shutting down; the answer was cut short.",
+                                             "server_error", code="shutting_down")
                 if event is None or loop.time() - checked[0] > 0.25:
                     checked[0] = loop.time()
                     if await request.is_disconnected():
@@ -608,12 +1008,17 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
     def generation_endpoint(prompt_of, field: str, chunks):
         """A POST handler: the request's prompt (Api.chat_prompt / completion_prompt, read from
         `field`) as a job, answered in `chunks`' shape."""
+        def make_job(api: Api, body: dict) -> Job:
+            api.check_model(body)
+            return api.job(body, prompt_of(api, body), field)
+
         async def handle(request: Request):
             body = await read_body(request)
             sched, api = ready()
-            api.check_model(body)
-            job = api.job(body, prompt_of(api, body), field)
-            return await run_job(request, job, sched, *stream_flags(body, chunks))
+            flags = stream_flags(body, chunks)
+            async with prompt_slots:            # tokenizing may take a while: never on the event loop
+                job = await run_in_threadpool(make_job, api, body)
+            return await run_job(request, job, sched, *flags)
         return handle
 
     chat_completions = generation_endpoint(Api.chat_prompt, "messages", ChatChunks)
@@ -626,7 +1031,9 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
         opts = body.get("stream_options") or {}
         if not isinstance(opts, dict):
             raise ApiError(400, "'stream_options' must be an object.", param="stream_options")
-        return stream, kind(model_id, include_usage=bool(opts.get("include_usage")))
+        if not isinstance(opts.get("include_usage", False), bool):
+            raise ApiError(400, "'stream_options.include_usage' must be true or false.", param="stream_options")
+        return stream, kind(model_id, include_usage=opts.get("include_usage", False))
 
     async def not_found(request: Request, exc: HTTPException):
         if exc.status_code == 404:
@@ -638,7 +1045,7 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
         return error(e)
 
     async def server_error(request: Request, exc: Exception):
-        return error(ApiError(500, f"internal error: {type(exc).__name__}", "server_error"))
+        return error(ApiError(500, client_message(exc), "server_error"))
 
     routes = [
         Route("/", page), Route("/health", health),
@@ -651,7 +1058,8 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
         *extra_routes(model_id=model_id, state=state, ready=ready, guarded=guarded, read_body=read_body,
                       run_job=run_job, ctx_size=ctx_size, parallel=parallel),     # ollama's, llama-server's
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
+    guard = Middleware(Guard, host=host, max_body=max_body, origins=cors_origins, state=state)
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[guard],
                     exception_handlers={HTTPException: not_found, Exception: server_error})
     app.state.amed = state
     return app
@@ -747,14 +1155,123 @@ def model_loader(path, *, ctx_size: int, parallel: int, max_ram=None, prefetch: 
     return load
 
 
-def run_command(path, err, *, host: str = "127.0.0.1", port: int = 8080, ctx_size: int = 4096,
-                parallel: int = 4, api_key: str | None = None, max_ram=None, prefetch: bool = True,
-                verbose: bool = False, device: str = "cpu", gpu_experts: int | str = 0) -> None:
-    """`amed serve`: listen at once (/health says 503 while the model loads), serve until Ctrl-C."""
+def resolve_api_key(api_key: str | None, api_key_file=None, environ=None) -> str | None:
+    """The key from --api-key / $AMED_API_KEY or --api-key-file (which keeps it out of the process
+    list); None serves without one. An empty key is refused: it would leave the API open while
+    looking protected."""
+    environ = os.environ if environ is None else environ
+    if api_key is None and "AMED_API_KEY" in environ:       # the CLI drops an empty variable: see it here
+        api_key = environ["AMED_API_KEY"]
+    if api_key_file is not None:
+        if api_key is not None:
+            raise AmedError("give the API key one way: --api-key-file, or --api-key / $AMED_API_KEY, not both.")
+        try:
+            api_key = Path(api_key_file).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise AmedError(f"cannot read the API key file {api_key_file} ({e.strerror or e}).") from None
+        except UnicodeDecodeError:
+            raise AmedError(f"the API key file {api_key_file} is not text.") from None
+        if not api_key:
+            raise AmedError(f"the API key file {api_key_file} is empty; write the key in it, or leave "
+                            f"--api-key-file out to serve without a key.")
+        what = "the key in " + str(api_key_file)
+    else:
+        what = "the API key (--api-key or $AMED_API_KEY)"
+    if api_key is None:
+        return None
+    api_key = api_key.strip()
+    if not api_key:
+        raise AmedError("the API key is empty (--api-key '' or AMED_API_KEY=); give a key, or unset it to "
+                        "serve without one.")
+    if not all(33 <= ord(c) < 127 for c in api_key):
+        raise AmedError(f"{what} must be printable ASCII without spaces (it travels in an HTTP header).")
+    return api_key
+
+
+def allowed_origins(flags=(), environ=None) -> list[str]:
+    """--cors-origin values and $AMED_ORIGINS (comma-separated), as ollama's OLLAMA_ORIGINS."""
+    environ = os.environ if environ is None else environ
+    out = [o.strip() for o in flags or () if o and o.strip()]
+    out += [o.strip() for o in environ.get("AMED_ORIGINS", "").split(",") if o.strip()]
+    for o in out:
+        if o != "*" and "://" not in o:
+            raise AmedError(f"{o!r} is not a web origin; give one like http://localhost:3000 (patterns such "
+                            f"as http://localhost:* and * work too).")
+    return out
+
+
+def http_protocol(idle_timeout: float = IDLE_TIMEOUT):
+    """uvicorn's HTTP/1.1 protocol class, which also closes a connection that sends no complete
+    request head within `idle_timeout` seconds (uvicorn itself times out only the keep-alive wait
+    after a response: a connection that never sends a request would stay open forever)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        head_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.arm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self.arm()
+
+        def connection_lost(self, exc):
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
+
+        def arm(self):
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            self.head_timer = self.loop.call_later(idle_timeout, self.head_timeout)
+
+        def head_timeout(self):
+            self.head_timer = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+    return Protocol
+
+
+def uvicorn_server(app, *, verbose: bool = False, grace: float = GRACE, idle_timeout: float = IDLE_TIMEOUT):
+    """A uvicorn Server for `app` with amed's timeouts and shutdown: the first SIGTERM or Ctrl-C
+    starts app.state.amed["shutdown"] (new requests 503, active ones `grace` seconds to finish,
+    then an error event) and a normal exit (0, no re-raised signal); a second Ctrl-C quits at once."""
+    import signal
+
     import uvicorn
 
-    from amed.app.chat import NOTICE
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            app.state.amed["shutdown"]()
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            else:
+                self.should_exit = True
 
+    config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
+                            http=http_protocol(idle_timeout), timeout_keep_alive=KEEP_ALIVE,
+                            timeout_graceful_shutdown=grace + 5)
+    return Server(config)
+
+
+def run_command(path, err, *, host: str = "127.0.0.1", port: int = 8080, ctx_size: int = 4096,
+                parallel: int = 4, api_key: str | None = None, api_key_file=None, max_ram=None,
+                prefetch: bool = True, verbose: bool = False, device: str = "cpu", gpu_experts: int | str = 0,
+                max_body: int | str = MAX_BODY, cors_origins=(), grace: float = GRACE) -> None:
+    """`amed serve`: listen at once (/health says 503 while the model loads), serve until SIGTERM
+    or Ctrl-C, which let active answers finish (up to `grace` seconds) before it exits."""
+    from amed.app.chat import NOTICE
+    from amed.engine.experts.memory import parse_size
+
+    api_key = resolve_api_key(api_key, api_key_file)
+    origins = allowed_origins(cors_origins)
+    max_body = parse_size(max_body)
+    if max_body < 1024:
+        raise AmedError(f"--max-body must be at least 1K, not {max_body} bytes.")
+    if not (grace >= 0 and math.isfinite(grace)):
+        raise AmedError(f"--grace takes seconds (0 or more), not {grace}.")
     path = Path(path)
     model_id = path.name
     failed = []
@@ -770,22 +1287,21 @@ def run_command(path, err, *, host: str = "127.0.0.1", port: int = 8080, ctx_siz
             server.should_exit = True
 
     err.print(f"[dim]{NOTICE}[/]")
-    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        err.print("[yellow]listening beyond this computer without --api-key: anyone who can reach "
-                  f"{host}:{port} can use the model.[/]")
+    if not is_loopback(host) and api_key is None:
+        err.print("[yellow]listening beyond this computer without an API key ($AMED_API_KEY or "
+                  f"--api-key-file): anyone who can reach {host}:{port} can use the model.[/]")
     app = create_app(model_id, model_loader(path, ctx_size=ctx_size, parallel=parallel, max_ram=max_ram,
                                             prefetch=prefetch, log=lambda m: err.print(f"[yellow]{m}[/]"),
                                             device=device, gpu_experts=gpu_experts),
-                     parallel=parallel, ctx_size=ctx_size, api_key=api_key, on_ready=on_ready, on_error=on_error)
+                     parallel=parallel, ctx_size=ctx_size, api_key=api_key, on_ready=on_ready, on_error=on_error,
+                     host=host, max_body=max_body, cors_origins=origins, grace=grace)
     try:                                 # bind first: a busy port is one sentence, before any loading
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.create_server((host, port), family=family)
     except OSError as e:
         raise AmedError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another with --port "
                         f"(or --host).") from None
-    config = uvicorn.Config(app, host=host, port=port, log_level="info" if verbose else "warning",
-                            access_log=verbose, timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
+    server = uvicorn_server(app, verbose=verbose, grace=grace)
     err.print(f"[dim]loading {path} ...[/]")
     from amed.app.serve_extras import remove_runtime_file, write_runtime_file
 
@@ -793,7 +1309,7 @@ def run_command(path, err, *, host: str = "127.0.0.1", port: int = 8080, ctx_siz
                                  ctx_size=ctx_size, parallel=parallel)
     try:
         server.run(sockets=[sock])
-    except KeyboardInterrupt:            # uvicorn re-raises the Ctrl-C it shut down on: a normal stop
+    except KeyboardInterrupt:            # a Ctrl-C outside uvicorn's handler (e.g. while it starts)
         pass
     finally:
         remove_runtime_file(runfile)
