@@ -4,7 +4,10 @@ rendered in a Jinja2 sandbox, stop ids, and an incremental UTF-8-safe detokenize
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import json
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -75,17 +78,44 @@ FALLBACK_CHAT_TEMPLATE = r"""
 STOP_TOKENS = ("<|role_end|>", "<|endoftext|>")
 
 
+def restore_advice(path: Path) -> str:
+    """How to get a damaged tokenizer/config file back: from a checkpoint, download it again; in an
+    amed store, delete it and re-run the command that made the store (it copies the file again from
+    its source)."""
+    folder = Path(path).parent
+    if (folder / "amed-manifest.json").is_file():
+        try:
+            from amed.formats.store import read_manifest
+            from amed.quant.convert import repair_advice
+
+            how = repair_advice(folder, read_manifest(folder))
+        except Exception:                # pragma: no cover - advice only
+            how = "re-run the `amed quantize` command that made the store"
+        return f"it is a copy in the store {folder}: delete it and {how}"
+    return "re-download it (`amed download` fetches what is missing or damaged)."
+
+
+MAX_TOKENIZER_BYTES = 1 << 29        # the real tokenizer.json is ~10 MB
+MAX_SIDE_FILE_BYTES = 1 << 26        # tokenizer_config.json, generation_config.json, a template
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
 def read_json(path: Path, *, required: bool) -> dict:
-    if not path.is_file():
+    from amed.formats.files import read_regular
+
+    if not _exists(path):
         if required:
             raise AmedError(f"{path} is missing; the model directory needs its tokenizer files.")
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AmedError(f"{path} is not valid JSON ({_one_line(e)}); re-download it.") from None
+    try:        # a regular file only: a FIFO in its place would block forever
+        data = json.loads(read_regular(path, limit=MAX_SIDE_FILE_BYTES).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise AmedError(f"{path} is not valid JSON ({_one_line(e)}); {restore_advice(path)}") from None
     if not isinstance(data, dict):
-        raise AmedError(f"{path} should hold a JSON object; re-download it.")
+        raise AmedError(f"{path} should hold a JSON object; {restore_advice(path)}")
     return data
 
 
@@ -98,6 +128,46 @@ def _token_str(v: Any) -> str | None:
     if isinstance(v, dict):
         v = v.get("content")
     return v if isinstance(v, str) else None
+
+
+def _model_vocab_size(d: Path) -> int | None:
+    """The model's vocabulary size from its store manifest or config.json (None if unreadable:
+    loading the model reports that)."""
+    from amed.formats.files import read_regular
+
+    for name, key in (("amed-manifest.json", "config"), ("config.json", None)):
+        if not _exists(d / name):
+            continue
+        try:
+            data = json.loads(read_regular(d / name, limit=1 << 26))
+            v = (data.get(key) if key else data).get("vocab_size")
+        except (AmedError, ValueError, AttributeError, RecursionError):
+            return None
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+    return None
+
+
+PROBE_TEXT = "Hello, how are you? 123"
+
+
+def _check_vocabulary(tok: tokenizers.Tokenizer, path: Path, model_vocab: int | None) -> None:
+    """An empty tokenizer (or one that turns text into no tokens) would make every answer empty;
+    ids past the model's vocabulary would fail at the first forward pass: refuse both now."""
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n == 0:
+        raise AmedError(f"{path} has an empty vocabulary: it is damaged; {restore_advice(path)}")
+    try:
+        probe = tok.encode(PROBE_TEXT, add_special_tokens=False).ids
+    except Exception as e:
+        raise AmedError(f"{path} cannot encode text ({_one_line(e)[:200]}): it is damaged; "
+                        f"{restore_advice(path)}") from None
+    if not probe:
+        raise AmedError(f"{path} turns text into no tokens at all: it is damaged; {restore_advice(path)}")
+    if model_vocab is not None:
+        top = max(tok.get_vocab(with_added_tokens=True).values(), default=-1)
+        if top >= model_vocab:
+            raise AmedError(f"{path} has token id {top}, but the model's vocabulary has {model_vocab} "
+                            f"entries: the tokenizer belongs to another model.")
 
 
 # ---- chat template sandbox ----------------------------------------------------------------
@@ -125,23 +195,153 @@ def _unsafe_names(ast: jinja2.nodes.Template) -> list[str]:
     return [n for n in names if isinstance(n, str) and n.startswith("__")]
 
 
+# ---- limits: a template is a program from a stranger; it gets bounded work, memory and time ----
+TEMPLATE_MAX_RANGE = 100_000          # items in one range()
+TEMPLATE_MAX_STEPS = 2_000_000        # loop iterations plus calls, per render
+TEMPLATE_MAX_CHARS = 1 << 24          # characters of output, and of any string or list it builds
+TEMPLATE_MAX_SECONDS = 5.0            # per render
+TEMPLATE_MAX_INT_ARG = 1 << 24        # an integer argument larger than this (a width, a count) is refused
+
+
+class TemplateLimit(Exception):
+    """A chat template went past one of the sandbox's limits."""
+
+
+class _Budget:
+    __slots__ = ("steps", "deadline")
+
+    def __init__(self, seconds: float):
+        self.steps = 0
+        self.deadline = time.monotonic() + seconds
+
+
+_budget: contextvars.ContextVar = contextvars.ContextVar("amed_template_budget", default=None)
+
+
+def _tick() -> None:
+    b = _budget.get()
+    if b is None:
+        return
+    b.steps += 1
+    if b.steps > TEMPLATE_MAX_STEPS:
+        raise TemplateLimit(f"it runs more than {TEMPLATE_MAX_STEPS} loop iterations")
+    if not b.steps & 1023 and time.monotonic() > b.deadline:
+        raise TemplateLimit(f"it runs longer than {TEMPLATE_MAX_SECONDS:g} s")
+
+
+def _check_size(v):
+    if isinstance(v, (str, list, tuple, dict)) and len(v) > TEMPLATE_MAX_CHARS:
+        raise TemplateLimit(f"it builds a value of more than {TEMPLATE_MAX_CHARS} items")
+    return v
+
+
+def _guard_loop(it):
+    """What every `{% for %}` of a compiled template iterates (see _add_guards)."""
+    for x in it:
+        _tick()
+        yield x
+
+
+def _guard_size(v):
+    """What every `~` concatenation of a compiled template passes through."""
+    return _check_size(v)
+
+
+def _safe_range(*args):
+    for a in args:
+        if not isinstance(a, int) or abs(a) > 1 << 62:
+            raise TemplateLimit("it calls range() with an argument that is not a small integer")
+    r = range(*args)
+    if len(r) > TEMPLATE_MAX_RANGE:
+        raise TemplateLimit(f"it asks for a range of {len(r)} items (at most {TEMPLATE_MAX_RANGE})")
+    return r
+
+
+def _add_guards(ast: jinja2.nodes.Template) -> jinja2.nodes.Template:
+    """Every loop's iterable wrapped in _guard_loop, every concatenation in _guard_size: the
+    names are imported by the compiled code, so the template cannot shadow them."""
+    n = jinja2.nodes
+    for node in ast.find_all(n.For):
+        node.iter = n.Call(n.ImportedName(f"{__name__}._guard_loop"), [node.iter], [], None, None,
+                           lineno=node.lineno)
+    for parent in list(ast.find_all(n.Node)):
+        for field in parent.fields:
+            v = getattr(parent, field, None)
+            if isinstance(v, n.Concat):
+                setattr(parent, field, n.Call(n.ImportedName(f"{__name__}._guard_size"), [v], [], None, None,
+                                              lineno=v.lineno))
+            elif isinstance(v, list):
+                for i, x in enumerate(v):
+                    if isinstance(x, n.Concat):
+                        v[i] = n.Call(n.ImportedName(f"{__name__}._guard_size"), [x], [], None, None,
+                                      lineno=x.lineno)
+    return ast
+
+
+class _LimitedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """The immutable sandbox plus bounds: each call costs a step and may not pass a huge integer
+    (`'x'.ljust(10**9)`); `*`, `+` and `**` may not build huge values."""
+
+    intercepted_binops = frozenset({"*", "+", "**"})
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
+        _tick()
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, int) and not isinstance(a, bool) and abs(a) > TEMPLATE_MAX_INT_ARG:
+                raise TemplateLimit(f"it passes {a} to a function (at most {TEMPLATE_MAX_INT_ARG})")
+        return _check_size(super().call(__context, __obj, *args, **kwargs))
+
+    def call_binop(self, context, operator, left, right):
+        _tick()
+        if operator == "**":
+            if isinstance(right, (int, float)) and abs(right) > 256:
+                raise TemplateLimit("it raises a number to a power above 256")
+        elif operator == "*":
+            for seq, k in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(k, int) and len(seq) * k > TEMPLATE_MAX_CHARS:
+                    raise TemplateLimit(f"it builds a value of more than {TEMPLATE_MAX_CHARS} items")
+        return _check_size(super().call_binop(context, operator, left, right))
+
+
+def _guarded_filter(f):
+    skip = 2 if getattr(f, "jinja_pass_arg", None) is not None else 1   # (context,) value, then arguments
+
+    @functools.wraps(f)                 # keeps jinja_pass_arg (pass_environment etc.)
+    def g(*args, **kwargs):
+        for a in (*args[skip:], *kwargs.values()):
+            if isinstance(a, int) and not isinstance(a, bool) and abs(a) > TEMPLATE_MAX_INT_ARG:
+                raise TemplateLimit(f"it passes {a} to a filter (at most {TEMPLATE_MAX_INT_ARG})")
+        _tick()
+        return _check_size(f(*args, **kwargs))
+    return g
+
+
 def compile_chat_template(source: str) -> jinja2.Template:
-    """Compile a chat template the way transformers does, in an immutable sandbox."""
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
+    """Compile a chat template the way transformers does, in an immutable sandbox with limits
+    (range size, loop steps, value and output size, time)."""
+    env = _LimitedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
+    for name in list(env.filters):
+        env.filters[name] = _guarded_filter(env.filters[name])
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.globals["range"] = _safe_range
+    if not isinstance(source, str):
+        raise AmedError("the model's chat template is not a string.")
+    if len(source) > TEMPLATE_MAX_CHARS:
+        raise AmedError(f"refusing the model's chat template: it is longer than {TEMPLATE_MAX_CHARS} characters.")
     try:
-        bad = _unsafe_names(env.parse(source))
+        ast = env.parse(source)
+        bad = _unsafe_names(ast)
         if bad:
             raise AmedError(
                 f"refusing the model's chat template: it reaches for Python internals ({bad[0]})."
             )
-        return env.from_string(source)
+        return env.from_string(_add_guards(ast))
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise AmedError(f"the model's chat template does not compile: {_one_line(e)} (line {e.lineno}).") from None
+    except RecursionError:
+        raise AmedError("the model's chat template does not compile: it is nested too deeply.") from None
 
 
 def render_chat_template(template: jinja2.Template, messages: Sequence[dict], **context: Any) -> str:
@@ -150,14 +350,29 @@ def render_chat_template(template: jinja2.Template, messages: Sequence[dict], **
         isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
     ):
         raise AmedError("chat messages must be a list of {'role': ..., 'content': ...} dicts.")
+    token = _budget.set(_Budget(TEMPLATE_MAX_SECONDS))
     try:
-        return template.render(messages=list(messages), **context)
+        out, n = [], 0
+        for chunk in template.generate(messages=list(messages), **context):
+            n += len(chunk)
+            if n > TEMPLATE_MAX_CHARS:
+                raise TemplateLimit(f"it writes more than {TEMPLATE_MAX_CHARS} characters")
+            out.append(chunk)
+        return "".join(out)
+    except TemplateLimit as e:
+        raise AmedError(f"refusing the model's chat template: {e} (the sandbox's limit).") from None
+    except RecursionError:
+        raise AmedError("refusing the model's chat template: it recurses too deeply.") from None
+    except MemoryError:
+        raise AmedError("refusing the model's chat template: it ran out of memory.") from None
     except jinja2.exceptions.SecurityError as e:
         raise AmedError(f"refusing the model's chat template: {_one_line(e).rstrip('.')}.") from None
     except jinja2.exceptions.TemplateError as e:
         raise AmedError(f"chat template error: {_one_line(e)}") from None
     except Exception as e:  # a template can raise anything Python can (TypeError, KeyError, ...)
         raise AmedError(f"chat template error: {type(e).__name__}: {_one_line(e)}") from None
+    finally:
+        _budget.reset(token)
 
 
 # ---- incremental detokenizer ---------------------------------------------------------------
@@ -236,14 +451,19 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "Tokenizer":
         """Load tokenizer.json, tokenizer_config.json and generation_config.json from a model folder."""
+        from amed.formats.files import read_regular
+
         d = Path(model_dir)
         path = d / "tokenizer.json"
-        if not path.is_file():
+        if not _exists(path):
             raise AmedError(f"{path} is missing; the model directory needs its tokenizer files.")
+        raw = read_regular(path, limit=MAX_TOKENIZER_BYTES)      # a regular file: a FIFO would block
         try:
-            tok = tokenizers.Tokenizer.from_file(str(path))
+            tok = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
         except Exception as e:
-            raise AmedError(f"{path} could not be read as a tokenizer ({_one_line(e)}); re-download it.") from None
+            raise AmedError(f"{path} could not be read as a tokenizer ({_one_line(e)[:200]}); "
+                            f"{restore_advice(path)}") from None
+        _check_vocabulary(tok, path, _model_vocab_size(d))
         cfg = read_json(d / "tokenizer_config.json", required=False)
         gen = read_json(d / "generation_config.json", required=False)
 
@@ -252,8 +472,11 @@ class Tokenizer:
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
         jinja_file = d / "chat_template.jinja"  # newer transformers save it next to the config
-        if jinja_file.is_file():
-            template = jinja_file.read_text(encoding="utf-8")
+        if _exists(jinja_file):
+            try:
+                template = read_regular(jinja_file, limit=MAX_SIDE_FILE_BYTES).decode("utf-8")
+            except UnicodeDecodeError:
+                raise AmedError(f"{jinja_file} is not UTF-8 text; {restore_advice(jinja_file)}") from None
         if template is not None and not isinstance(template, str):
             raise AmedError(f"{d / 'tokenizer_config.json'} has a chat_template that is not a string.")
 
