@@ -330,8 +330,8 @@ def verify(
         fail(f"{store} is not an amed store (it has no {MANIFEST}); `amed quantize` makes one.")
     man = read_manifest(store)
     if not man.get("complete"):
-        fail(f"{store} is an incomplete store (quantization was interrupted); re-run the same "
-             f"`amed quantize` command to finish it.")
+        fail(f"{store} is an incomplete store (its writing was interrupted); to finish it, "
+             f"{repair_advice(store, man)}")
     files = verified_files(man)
     with ByteBar(err, "verify", sum(m["bytes"] for m in files.values())) as bar:
         bad = verify_files(store, man, progress=bar.advance)

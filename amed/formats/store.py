@@ -39,6 +39,17 @@ SCALE_DTYPE = "F16"
 REPAIR = ("re-run the `amed quantize` (or `amed download --quantize`) command that made it: it rewrites only "
           "the missing or damaged files.")
 
+def repair(path: Path, man: dict) -> str:
+    """The command that repairs this store, from its manifest: the synth or quantize command that
+    made it (amed.quant.convert.repair_advice); REPAIR if that cannot be told."""
+    try:
+        from amed.quant.convert import repair_advice
+
+        return repair_advice(path, man)
+    except Exception:                   # pragma: no cover - advice only, never a new failure
+        return REPAIR
+
+
 MADV_RANDOM = getattr(mmap, "MADV_RANDOM", None)
 MADV_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)
 MADV_NORMAL = getattr(mmap, "MADV_NORMAL", None)
@@ -179,22 +190,22 @@ class Store:
             for fname, meta in man["files"].items():
                 fpath = self.path / fname
                 if not fpath.exists() and not fpath.is_symlink():
-                    raise AmedError(f"{fname} is missing from the store {self.path}; {REPAIR}")
+                    raise AmedError(f"{fname} is missing from the store {self.path}; {repair(self.path, man)}")
                 fds[fname] = fd = open_regular(fpath)
                 size = os.fstat(fd).st_size
                 if size != meta["bytes"]:
                     raise AmedError(f"{fname} in {self.path} has {size} bytes but the manifest says "
-                                    f"{meta['bytes']}: the store is damaged; {REPAIR}")
+                                    f"{meta['bytes']}: the store is damaged; {repair(self.path, man)}")
                 self.sizes[fname] = size
                 try:
                     headers = read_safetensors_header(fpath)
                 except AmedError as e:
                     raise AmedError(f"{self.path} is damaged ({str(e).rstrip('.')}); run `amed verify {self.path}` "
-                                    f"to find the damaged files, delete them, and {REPAIR}") from None
+                                    f"to find the damaged files, delete them, and {repair(self.path, man)}") from None
                 for name, info in headers.items():
                     if name in self.tensors and not name.startswith("__pad__."):
                         raise AmedError(f"tensor '{name}' is in both {self.tensors[name].path.name} and "
-                                        f"{fname} of {self.path}: the store is damaged; {REPAIR}")
+                                        f"{fname} of {self.path}: the store is damaged; {repair(self.path, man)}")
                     self.tensors[name] = info
             # every field checked against the config and the files before anything is mapped
             check_store(self)
