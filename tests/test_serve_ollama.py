@@ -159,6 +159,10 @@ def test_generate_ndjson_raw_context_and_load(server, store):
     assert status == 200 and load["done"] is True and load["done_reason"] == "load" and load["response"] == ""
     status, load = server.post("/api/chat", {"model": name, "messages": []})
     assert status == 200 and load["done_reason"] == "load" and load["message"]["content"] == ""
+    # one model is served: any name selects it (an app set up for an ollama model works unchanged)
+    status, other = server.post("/api/generate", {"model": "llama3.2", "prompt": PROMPT, "options": GREEDY,
+                                                  "stream": False})
+    assert status == 200 and other["model"] == "llama3.2" and other["response"] == answer
 
 
 def test_options_map_to_sampling(server):
@@ -185,9 +189,9 @@ def test_options_map_to_sampling(server):
 
 
 @pytest.mark.parametrize("path, body, status, words", [
-    ("/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "not found"),
-    ("/api/generate", {"model": "nope", "prompt": "x"}, 404, "not found"),
-    ("/api/show", {"model": "nope"}, 404, "not found"),
+    ("/api/chat", {"model": 5, "messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+    ("/api/generate", {"model": ["x"], "prompt": "x"}, 400, "model"),
+    ("/api/show", {"name": 1}, 400, "name"),
     ("/api/chat", {"messages": [{"role": "user", "content": "x"}], "options": {"temperature": "hot"}}, 400,
      "options.temperature"),
     ("/api/chat", {"messages": [{"role": "user", "content": "x"}], "options": [1]}, 400, "options"),

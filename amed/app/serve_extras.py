@@ -79,8 +79,7 @@ def routes(*, model_id: str, state: dict, ready, guarded, read_body, run_job, ct
     """Starlette routes for ollama's and llama-server's APIs over create_app's state: `state`
     (sched, api), `ready()` -> (Scheduler, Api) or ApiError 503, `guarded(handler)` (auth, errors),
     `read_body(request)`, `run_job(request, job, sched, stream, chunks)`."""
-    import dataclasses
-
+    from starlette.concurrency import run_in_threadpool
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
@@ -116,14 +115,12 @@ def routes(*, model_id: str, state: dict, ready, guarded, read_body, run_job, ct
             return resp
         return endpoint
 
-    def check_name(body: dict, key: str = "model") -> None:
-        name = body.get(key)
-        if name is None and key == "model":
-            name = body.get("name")
-        if name in (None, "", model_id, ollama_name):
-            return
-        raise ApiError(404, f"model {name!r} not found; this server serves {ollama_name!r}.",
-                       param=key, code="model_not_found")
+    def check_name(body: dict) -> None:
+        """One model is served, so any name selects it (as serve's OpenAI endpoints do): an app set
+        up for an ollama model name works unchanged. The name must be a string."""
+        for key in ("model", "name"):
+            if body.get(key) is not None and not isinstance(body[key], str):
+                raise ApiError(400, f"'{key}' must be a string.", param=key)
 
     def details() -> dict:
         if "details" not in cached:
@@ -134,7 +131,9 @@ def routes(*, model_id: str, state: dict, ready, guarded, read_body, run_job, ct
             entry = describe(path) if path is not None else None
             cfg = sched.model.config
             quant = entry.quant if entry is not None else "?"
-            digest_src = (path / "manifest.json") if path is not None else None
+            from amed.formats.store import MANIFEST
+
+            digest_src = (path / MANIFEST) if path is not None else None
             import hashlib
 
             h = hashlib.sha256()
@@ -147,7 +146,8 @@ def routes(*, model_id: str, state: dict, ready, guarded, read_body, run_job, ct
                 digest=h.hexdigest(),
                 modified_at=rfc3339(path.stat().st_mtime) if path is not None else now_rfc3339(),
                 params=parameter_count(cfg),
-                details={"parent_model": "", "format": "amed-store" if entry and entry.kind == "store" else "safetensors",
+                details={"parent_model": "",
+                         "format": "amed-store" if entry and entry.kind == "store" else "safetensors",
                          "family": cfg.model_type, "families": [cfg.model_type],
                          "parameter_size": short_count(parameter_count(cfg)),
                          "quantization_level": quant.split()[0].split("/")[0].upper() if quant != "?" else "unknown"})
@@ -161,7 +161,7 @@ def routes(*, model_id: str, state: dict, ready, guarded, read_body, run_job, ct
     async def tags(request):
         if state["sched"] is None:              # loading (or failed): nothing to list yet
             ready()
-        return JSONResponse({"models": [tag_entry()]})
+        return JSONResponse({"models": [await run_in_threadpool(tag_entry)]})
 
     async def version(request):
         return JSONResponse({"version": __version__})
@@ -169,7 +169,7 @@ def routes(*, model_id: str, state: dict, ready, guarded, read_body, run_job, ct
     async def ps(request):
         sched, _ = ready()
         mem = memory_info(sched)
-        e = tag_entry()
+        e = await run_in_threadpool(tag_entry)
         on_gpu = mem["device"] not in ("cpu", "")
         return JSONResponse({"models": [{
             "name": e["name"], "model": e["model"], "size": mem["rss_bytes"] or 0, "digest": e["digest"],
@@ -180,7 +180,7 @@ def routes(*, model_id: str, state: dict, ready, guarded, read_body, run_job, ct
         body = await read_body(request)
         check_name(body)
         sched, api = ready()
-        d = details()
+        d = await run_in_threadpool(details)
         cfg = sched.model.config
         arch = cfg.model_type
         p = api.defaults
@@ -286,8 +286,9 @@ def routes(*, model_id: str, state: dict, ready, guarded, read_body, run_job, ct
                                    param=f"messages[{i}].images")
             msgs = [{k: v for k, v in m.items() if k in ("role", "content")} if isinstance(m, dict) else m
                     for m in msgs]
-        prompt = api.chat_prompt({"messages": msgs})
-        return await generation(request, body, sched, make_job(body, prompt, api, "messages"), chunks)
+        stream_of(body)
+        job = await run_in_threadpool(lambda: make_job(body, api.chat_prompt({"messages": msgs}), api, "messages"))
+        return await generation(request, body, sched, job, chunks)
 
     async def generate(request):
         body = await read_body(request)
@@ -307,14 +308,18 @@ def routes(*, model_id: str, state: dict, ready, guarded, read_body, run_job, ct
         chunks = OllamaGenerate(ollama_name if body.get("model") in (None, "") else body["model"], api.tok)
         if not text:
             return load_answer(chunks, body)
-        if raw:
-            prompt = api.tok.encode(text, add_bos=None if not context else False)
-        else:
-            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-            prompt = api.chat_prompt({"messages": msgs})
-        prompt = list(context or []) + prompt
-        chunks.prompt = prompt
-        return await generation(request, body, sched, make_job(body, prompt, api, "prompt"), chunks)
+        stream_of(body)
+
+        def prompt_and_job():                   # tokenizing may take a while: never on the event loop
+            if raw:
+                ids = api.tok.encode(text, add_bos=None if not context else False)
+            else:
+                msgs = [{"role": "system", "content": system}] if system else []
+                ids = api.chat_prompt({"messages": msgs + [{"role": "user", "content": text}]})
+            chunks.prompt = list(context or []) + ids
+            return make_job(body, chunks.prompt, api, "prompt")
+        job = await run_in_threadpool(prompt_and_job)
+        return await generation(request, body, sched, job, chunks)
 
     # ---- llama-server ------------------------------------------------------------------------------
     def flag(body: dict, key: str, default: bool) -> bool:
@@ -329,10 +334,12 @@ def routes(*, model_id: str, state: dict, ready, guarded, read_body, run_job, ct
         content = body.get("content")
         if not isinstance(content, str):
             raise ApiError(400, "'content' must be a string.", param="content")
-        ids = api.tok.encode(content, add_bos=flag(body, "add_special", False))
-        if flag(body, "with_pieces", False):
-            return JSONResponse({"tokens": [{"id": i, "piece": api.tok.decode([i])} for i in ids]})
-        return JSONResponse({"tokens": ids})
+        add, pieces = flag(body, "add_special", False), flag(body, "with_pieces", False)
+
+        def run():
+            ids = api.tok.encode(content, add_bos=add)
+            return [{"id": i, "piece": api.tok.decode([i])} for i in ids] if pieces else ids
+        return JSONResponse({"tokens": await run_in_threadpool(run)})
 
     async def detokenize(request):
         body = await read_body(request)
@@ -342,7 +349,7 @@ def routes(*, model_id: str, state: dict, ready, guarded, read_body, run_job, ct
             raise ApiError(400, "'tokens' must be a list of token ids.", param="tokens")
         if ids and (min(ids) < 0 or max(ids) >= api.vocab_size):
             raise ApiError(400, f"token ids must be in [0, {api.vocab_size}).", param="tokens")
-        return JSONResponse({"content": api.tok.decode(ids)})
+        return JSONResponse({"content": await run_in_threadpool(api.tok.decode, ids)})
 
     def sampling(p, max_tokens=None, stops=()) -> dict:
         return {"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "min_p": p.min_p,
