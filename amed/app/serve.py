@@ -548,12 +548,12 @@ class Api:
         if max_tokens is None:
             max_tokens = _number(body, "max_tokens", integer=True, minimum=1)
         seed = body.get("seed")
-        if isinstance(seed, int) and not isinstance(seed, bool) and (seed < 0 or seed >= 2 ** 64):
-            if seed >= 2 ** 64:
-                raise ApiError(400, "'seed' must be below 2**64 (or -1 for a random seed).", param="seed")
-            seed = None                  # -1 (any negative seed): random, as llama.cpp's clients mean it
-        else:
-            seed = _number(body, "seed", integer=True)
+        if isinstance(seed, bool) or not isinstance(seed, (int, float, type(None))) or (
+                isinstance(seed, float) and not (math.isfinite(seed) and seed.is_integer())):
+            raise ApiError(400, f"'seed' must be an integer (-1 for a random one), not {_show(seed)}.", param="seed")
+        if seed is not None and seed >= 2 ** 64:
+            raise ApiError(400, "'seed' must be below 2**64 (or -1 for a random one).", param="seed")
+        seed = None if seed is None or seed < 0 else int(seed)   # -1 (any negative): random, as llama.cpp's
         overrides = dict(temperature=_number(body, "temperature", minimum=0),
                          top_p=_number(body, "top_p"), top_k=_number(body, "top_k", integer=True),
                          min_p=_number(body, "min_p"), seed=seed,
