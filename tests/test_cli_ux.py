@@ -186,7 +186,7 @@ def test_loading_a_damaged_header_says_what_to_do(golden_store, tmp_path):
     with open(store / "layer-001.safetensors", "r+b") as f:
         f.seek(30)
         f.write(b"\x00\xff\x00")
-    with pytest.raises(amed.errors.AmedError, match="amed verify .* re-run the `amed quantize`"):
+    with pytest.raises(amed.errors.AmedError, match="amed verify .* re-run `amed quantize CHECKPOINT -o "):
         amed.load(store)
 
 
@@ -206,7 +206,7 @@ def test_rerunning_quantize_repairs_a_damaged_store(amed_cli, golden_dir, golden
     ref = {p.name: p.read_bytes() for p in store.iterdir()}
     (store / "layer-001.safetensors").unlink()
     (store / "tokenizer.json").unlink()
-    with pytest.raises(amed.errors.AmedError, match="re-run the `amed quantize`.*rewrites only the missing"):
+    with pytest.raises(amed.errors.AmedError, match="re-run `amed quantize CHECKPOINT -o .*rewrites only the missing"):
         amed.load(store)
     code, _, err = amed_cli("quantize", golden_dir, "-o", store)
     assert code == 0, err

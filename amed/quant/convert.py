@@ -350,7 +350,7 @@ def repair_advice(path: Path, man: dict | None) -> str:
     flags = " ".join(f"{flag} {qz[k]}" for flag, k in (("--bits", "bits"), ("--group-size", "group_size"),
                                                          ("--dense", "dense"), ("--head", "head"),
                                                          ("--layout", "layout")) if k in qz)
-    tail = "it rewrites only the files that are missing or of the wrong size."
+    tail = "it rewrites only the missing files and those of the wrong size."
     if src.get("synthetic"):
         preset = str(src["synthetic"])
         extra = ""
