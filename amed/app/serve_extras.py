@@ -61,7 +61,9 @@ def memory_info(sched) -> dict:
     rss = proc_field("/proc/self/status", "VmRSS")
     peak = proc_field("/proc/self/status", "VmHWM")
     model = sched.model
-    kv = sum(s.state.nbytes for s in sched.slots if s.state is not None)
+    states = {id(s.state): s.state for s in sched.slots if s.state is not None}
+    states.setdefault(id(model.state), model.state)          # slot 0's, allocated with the model
+    kv = sum(st.nbytes for st in states.values())
     cache = getattr(model.experts, "cache", None)
     backend = getattr(model, "backend", None)
     return dict(rss_bytes=rss * 1024 if rss is not None else None,
