@@ -340,6 +340,20 @@ def test_second_writer_is_refused_naming_the_pid(ckpt, tmp_path):
     assert not (st / ".amed-lock").exists()              # and a finished writer leaves no lock file
 
 
+def test_second_synth_checkpoint_into_one_folder_is_refused(amed_run, tmp_path):
+    d = tmp_path / "ck"
+    d.mkdir()
+    holder = hold_lock(d, ".amed/lock")
+    try:
+        code, _, err = amed_run("synth", d, "--force")
+        assert code == 1 and f"pid {holder.pid}" in one_sentence(err)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert amed_run("synth", d, "--force", "--layers", "2")[0] == 0
+    assert not (d / ".amed" / "lock").exists()
+
+
 def test_second_download_into_one_folder_is_refused(fake, tmp_path):
     d = tmp_path / "dl"
     d.mkdir()

@@ -380,6 +380,8 @@ def write_synthetic_checkpoint(
     data is written. Files this function writes are replaced; nothing else in out_dir is
     touched except stale model-*.safetensors shards.
     """
+    from amed.hub import dir_lock
+
     out = Path(out_dir).expanduser()
     cfg = synthetic_config(preset, layers, experts, **config_overrides)
     specs = hf_tensor_specs(ModelConfig.from_dict(cfg))
@@ -399,26 +401,28 @@ def write_synthetic_checkpoint(
     check_synth_target(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        mark_synth_files(out, [*side_files(cfg), "model.safetensors.index.json", "model.safetensors.index.json.partial",
-                               *(f + sfx for f in files for sfx in ("", ".partial"))])
-        free = _free_bytes(out)
-        if free is not None and free < total + (64 << 20):
-            raise AmedError(f"{out} has {free / 1e9:.1f} GB free but the checkpoint needs "
-                            f"{total / 1e9:.1f} GB; free some space or choose fewer --layers.")
-        # never leave an old index pointing at shards we are about to replace
-        (out / "model.safetensors.index.json").unlink(missing_ok=True)
-        for old in out.glob("model-*-of-*.safetensors*"):
-            old.unlink()
-        for fname, text in side_files(cfg).items():
-            _write_text(out / fname, text)
-        done = 0
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="amed-synth") as pool:
-            for fname, names, head in zip(files, plan, headers):
-                done = _write_shard(out / fname, names, specs, head, seed, pool, done, total, progress)
-        _write_text(out / "model.safetensors.index.json", _json({
-            "metadata": {"total_size": total_data},
-            "weight_map": {name: fname for fname, names in zip(files, plan) for name in names},
-        }))
+        with dir_lock(out, ".amed/lock", remove=True, advice="wait for it to finish or choose another folder"):
+            check_synth_target(out)             # again, now that no other amed process writes here
+            mark_synth_files(out, [*side_files(cfg), "model.safetensors.index.json", "model.safetensors.index.json.partial",
+                                   *(f + sfx for f in files for sfx in ("", ".partial"))])
+            free = _free_bytes(out)
+            if free is not None and free < total + (64 << 20):
+                raise AmedError(f"{out} has {free / 1e9:.1f} GB free but the checkpoint needs "
+                                f"{total / 1e9:.1f} GB; free some space or choose fewer --layers.")
+            # never leave an old index pointing at shards we are about to replace
+            (out / "model.safetensors.index.json").unlink(missing_ok=True)
+            for old in out.glob("model-*-of-*.safetensors*"):
+                old.unlink()
+            for fname, text in side_files(cfg).items():
+                _write_text(out / fname, text)
+            done = 0
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="amed-synth") as pool:
+                for fname, names, head in zip(files, plan, headers):
+                    done = _write_shard(out / fname, names, specs, head, seed, pool, done, total, progress)
+            _write_text(out / "model.safetensors.index.json", _json({
+                "metadata": {"total_size": total_data},
+                "weight_map": {name: fname for fname, names in zip(files, plan) for name in names},
+            }))
     except OSError as e:
         raise AmedError(f"cannot write the checkpoint to {out}: {e.strerror or e}.") from None
     return out
