@@ -22,14 +22,16 @@ ENV = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
 
 @pytest.fixture
 def amed_cli(capsys, monkeypatch):
-    """amed_cli(*args, stdin="") -> (exit code, stdout, stderr), running `amed ARGS` in this process."""
+    """amed_cli(*args, stdin="") -> (exit code, stdout, stderr), running `amed ARGS` in this process
+    (stdin bytes: a piped byte stream, as a shell gives it)."""
     import numba
 
     threads = numba.get_num_threads()
 
     def run(*args, stdin=""):
         monkeypatch.setattr(sys, "argv", ["amed", *map(str, args)])
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)) if isinstance(stdin, bytes)
+                            else io.StringIO(stdin))
         capsys.readouterr()
         try:
             cli.main()
@@ -500,3 +502,200 @@ def test_synth_letters(amed_cli, tmp_path):
         assert code == 1 and f"amed synth {old} is now {new}" in one_sentence(err)
     code, _, err = amed_cli("synth", tmp_path / "a", "-f")
     assert code == 1 and "is now --force" in one_sentence(err)
+
+
+# ---- issue 25: values a new user tried ---------------------------------------------------------------
+
+@pytest.mark.parametrize("t", ["999", "-3"])
+def test_every_command_checks_threads_the_same_way(amed_cli, golden_dir, tmp_path, t):
+    (tmp_path / "t.txt").write_text("some text to score")
+    for args in (["chat", "-p", "hi"], ["bench"], ["perplexity", "-f", tmp_path / "t.txt"], ["serve"]):
+        code, out, err = amed_cli(*args, "-m", golden_dir, "-t", t)
+        assert code == 1 and "-t/--threads must be between 1 and" in one_sentence(err), args
+        assert out == ""
+
+
+def test_threads_and_seed_minus_one_mean_all_cores_and_random(amed_cli, golden_dir):
+    assert cli.check_threads(-1) is None and cli.check_threads(0) is None        # llama.cpp: -1 = default
+    code, out, err = amed_cli("chat", "-m", golden_dir, "-t", "-1", "-s", "-1", "-n", "2", "-v", "-p", "hi")
+    assert code == 0, err
+    assert "all threads" in err or f"{cli.max_threads()} threads" in err
+    seed = int(err.split("seed ")[1].split()[0].rstrip("[]/"))
+    assert seed >= 0                                                    # a fresh seed, printed to repeat the run
+    code, _, err = amed_cli("chat", "-m", golden_dir, "-s", "-2", "-p", "hi")
+    assert code == 1 and "-s/--seed must be 0 or more, or -1" in one_sentence(err)
+
+
+def test_synth_seed_minus_one_is_random_and_printed(amed_cli, tmp_path):
+    code, _, err = amed_cli("synth", tmp_path / "a", "-L", "1", "-s", "-1")
+    assert code == 0, err
+    seed = int(err.split("random seed ")[1].split()[0])
+    code, _, err = amed_cli("synth", tmp_path / "b", "-L", "1", "-s", seed)       # the printed seed repeats it
+    assert code == 0, err
+    shards = sorted(p.name for p in (tmp_path / "a").glob("model-*.safetensors"))
+    assert shards and all((tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes() for n in shards)
+    code, _, err = amed_cli("synth", tmp_path / "c", "-s", "-7")
+    assert code == 1 and "-s/--seed" in one_sentence(err)
+
+
+def test_non_utf8_prompt_is_one_sentence(amed_cli, golden_dir):
+    code, out, err = amed_cli("chat", "-m", golden_dir, stdin=b"\xff\xfe bad")
+    assert code == 1 and "stdin is not UTF-8 (byte 0xff at offset 0)" in one_sentence(err) and out == ""
+    code, out, err = amed_cli("chat", "-m", golden_dir, "-p", "bad \udcff byte")   # how Python keeps argv bytes
+    assert code == 1 and "the prompt is not UTF-8" in one_sentence(err)
+    code, out, err = amed_cli("chat", "-m", golden_dir, "-n", "2", "--temp", "0", stdin="héllo".encode())
+    assert code == 0 and out.strip(), err                               # UTF-8 bytes still work
+
+
+def test_non_utf8_stdin_in_a_real_pipe(golden_dir):
+    r = subprocess.run([sys.executable, "-m", "amed", "chat", "-m", str(golden_dir)], input=b"\xff\xfe bad",
+                       capture_output=True, env=ENV, timeout=120)
+    assert r.returncode == 1 and b"Traceback" not in r.stderr and b"not UTF-8" in r.stderr
+
+
+def test_value_checks_of_chat_perplexity_and_bench(amed_cli, golden_dir, tmp_path):
+    (tmp_path / "t.txt").write_text("some text to score, long enough")
+    cases = [(["chat", "-c", "-5", "-p", "hi"], "-c/--ctx-size must be 16 or more"),
+             (["perplexity", "-f", tmp_path / "t.txt", "--max-tokens", "-5"], "--max-tokens must be 2 or more"),
+             (["perplexity", "-f", tmp_path / "t.txt", "-c", "-5"], "-c/--ctx-size must be 2 or more"),
+             (["bench", "-p", "0", "-n", "0"], "nothing to measure"),
+             (["bench", "-p", "0,0", "-n", "0"], "nothing to measure"),
+             (["bench", "--bits", "3"], "--bits goes with --synthetic"),
+             (["bench", "--layers", "2", "--experts", "4"], "--layers, --experts go with --synthetic"),
+             (["bench", "-c", "-5"], "-c/--ctx-size must be 1 or more")]
+    for args, message in cases:
+        code, out, err = amed_cli(*args, "-m", golden_dir)
+        assert code == 1 and message in one_sentence(err) and out == "", args
+    code, _, err = amed_cli("bench", "--synthetic", "tiny", "--bits", "3")
+    assert code == 1 and "--bits must be 4 or 8" in one_sentence(err)
+
+
+def test_bench_checks_the_context_before_loading(amed_cli, golden_dir, monkeypatch):
+    """-d 99999999 ran for 10+ minutes at 3.2 GB with no output: now one sentence, before the load."""
+    import time
+
+    def no_load(*a, **k):
+        raise AssertionError("loaded the model")
+    monkeypatch.setattr(amed, "load", no_load)
+    t = time.perf_counter()
+    code, out, err = amed_cli("bench", "-m", golden_dir, "-d", "99999999")
+    assert code == 1 and out == "" and time.perf_counter() - t < 10
+    line = one_sentence(err)
+    assert "need 100000511 tokens of context" in line and "4096 tokens the model was trained on" in line
+    code, _, err = amed_cli("bench", "-m", golden_dir, "-d", "100", "-p", "4000", "-n", "20")   # -p counts too
+    assert code == 1 and "need 4100 tokens" in one_sentence(err)
+    code, _, err = amed_cli("bench", "-m", golden_dir, "-c", "100", "-p", "64", "-n", "8", "-d", "40")
+    assert code == 1 and "need 104 tokens" in one_sentence(err) and "more than -c 100" in err
+    # past the trained context only with -c, and only as far as memory allows
+    code, _, err = amed_cli("bench", "-m", golden_dir, "-c", "20000000000", "-d", "9999999999")
+    assert code == 1 and "of memory available" in one_sentence(err)
+
+
+def test_bench_context_arithmetic(golden_dir):
+    from amed.app.bench import BenchPlan, check_context, context_needed
+    from amed.config import ModelConfig
+
+    assert context_needed(BenchPlan(n_prompt=[512], n_gen=[128], depth=4096)) == 4096 + 512
+    assert context_needed(BenchPlan(n_prompt=[0], n_gen=[600], depth=10)) == 10 + 601
+    assert context_needed(BenchPlan(n_prompt=[2], n_gen=[0])) == 9          # the kernel warm-up
+    cfg = ModelConfig.from_file(golden_dir)
+    assert check_context(BenchPlan(n_prompt=[8], n_gen=[4], depth=20), cfg, available=1 << 30) == 28
+    with pytest.raises(amed.errors.AmedError, match="of memory available"):
+        check_context(BenchPlan(n_prompt=[8], n_gen=[4], depth=20), cfg, available=1000)
+
+
+def test_bench_ctx_size_has_help_and_an_effect(amed_cli, golden_dir, tmp_path, monkeypatch):
+    from typer.main import get_command
+
+    bench = get_command(cli.app).commands["bench"]
+    assert [p.help for p in bench.params if p.name == "ctx_size"][0]
+    monkeypatch.setenv("AMED_HOME", str(tmp_path))
+    (tmp_path / "membw.json").write_text(json.dumps({"read_gbs": 20.0}))
+    # the golden model was trained on 4096 tokens: -c lets a bench run past that, with a warning
+    code, out, err = amed_cli("bench", "-m", golden_dir, "-c", "5000", "-d", "4100", "-p", "4", "-n", "1",
+                              "-r", "1", "-o", "json")
+    assert code == 0, err
+    assert "above the 4096 tokens the model was trained on" in err
+    assert [r["test"] for r in json.loads(out)] == ["pp4 @ d4100", "tg1 @ d4100"]
+
+
+def test_long_context_prefill_shows_progress(golden_dir):
+    """The -d context prefill reports its progress: a bar on a terminal, lines in a log."""
+    from rich.console import Console
+
+    from amed.app.bench import run_bench
+    from amed.app.progress import Counted
+    from amed.text.tokenizer import Tokenizer
+
+    m = amed.load(golden_dir, ctx_size=1100)
+    seen = []
+    run_bench(m, Tokenizer.from_dir(golden_dir), n_prompt=4, n_gen=1, reps=1, depth=1030,
+              progress=lambda done, total: seen.append((done, total)))
+    assert seen[-3:] == [(512, 1030), (1024, 1030), (1030, 1030)]
+    buf = io.StringIO()
+    log = Console(file=buf, force_terminal=False, width=200)
+    with Counted(log, "context (-d) prefill", "tokens", every=0) as bar:
+        for done in (512, 1024, 1030):
+            bar.update(done, 1030)
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("context (-d) prefill: 512/1030 tokens")
+
+
+def test_compile_progress_lines_for_a_log():
+    """Outside a terminal the first compile printed one line and then a minute of nothing: now a line
+    per kernel compiled (only amed's own kernels, once a kernel and the helpers it compiles are done)."""
+    import numba
+    from rich.console import Console
+
+    from amed.app.progress import compile_progress
+
+    def helper(x):
+        return x + 1
+
+    def kernel(x):
+        return inner(x) * 2
+
+    def outside(x):
+        return x - 1
+    helper.__module__ = kernel.__module__ = "amed.engine.testkernels"
+    inner = numba.njit(helper)
+    buf = io.StringIO()
+    with compile_progress(Console(file=buf, force_terminal=False, width=200)) as seen:
+        assert numba.njit(kernel)(1) == 4
+        assert numba.njit(outside)(1) == 0           # not amed's: not counted
+    with compile_progress(Console(file=buf, force_terminal=False, width=200)):
+        pass
+    numba.njit(kernel)(2)                             # after the context: not reported
+    lines = buf.getvalue().splitlines()
+    assert seen.done == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("compiling kernels: 1 compiled (kernel), ")
+
+
+def test_help_shows_no_bool_or_braces(amed_cli):
+    code, out, _ = amed_cli("chat", "-h")
+    assert code == 0 and "--verbose" in out and "<bool>" not in out
+    code, out, _ = amed_cli("verify", "-h")
+    assert code == 0 and "{" not in out and "STORE" in out
+    code, out, _ = amed_cli("run", "-h")
+    assert code == 0 and "NAME [PROMPT]..." in out and "<list" not in out
+
+
+# ---- amed run NAME [PROMPT] (ollama's run) ----------------------------------------------------------
+
+def test_run_by_name_one_shot_is_chat(amed_cli, golden_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("AMED_HOME", str(tmp_path))
+    shutil.copytree(golden_dir, tmp_path / "models" / "org--tiny")
+    base = ["-n", "6", "--temp", "0"]
+    code, want, err = amed_cli("chat", "-m", golden_dir, *base, "-p", "what helps a fever")
+    assert code == 0, err
+    code, out, err = amed_cli("run", "org--tiny", "what", "helps", "a", "fever", *base)
+    assert code == 0, err
+    assert out == want and "not medical advice" in err                  # the same chat, answer only on stdout
+    # text piped on stdin goes before the prompt words (`cat notes | ollama run NAME summarize`)
+    code, want, _ = amed_cli("chat", "-m", golden_dir, *base, "-p", "my notes\n\nsummarize")
+    code, out, _ = amed_cli("run", "org--tiny", "summarize", *base, stdin="my notes\n")
+    assert code == 0 and out == want
+    code, out, _ = amed_cli("run", "org--tiny", *base, stdin="what helps a fever")   # no words: stdin is it
+    assert code == 0 and out.strip()
+    code, out, err = amed_cli("run", "no-such-model", "hi")
+    assert code == 1 and "no model 'no-such-model'" in one_sentence(err) and out == ""
