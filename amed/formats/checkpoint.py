@@ -176,7 +176,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if not isinstance(ent, dict):
             raise AmedError(f"{where} has a malformed header entry.")
         dtype, shape, offs = ent.get("dtype"), ent.get("shape"), ent.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise AmedError(f"{where} has unsupported dtype {dtype!r}.")
         if (not isinstance(shape, list) or len(shape) > 8
                 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):

@@ -141,7 +141,7 @@ def check_manifest(man: dict, mpath) -> None:
             bad(f"{where}.group", f"is {w.get('group')!r}, not a positive group size")
         if w.get("layout", "rows") not in LAYOUTS:
             bad(f"{where}.layout", f"is {w.get('layout')!r}, not one of {', '.join(LAYOUTS)}")
-        if with_file and not (w.get("file") in man["files"]):
+        if with_file and not (isinstance(w.get("file"), str) and w["file"] in man["files"]):
             bad(f"{where}.file", f"is {w.get('file')!r}, not a file of the manifest")
 
     for name, w in weights.items():
@@ -152,7 +152,7 @@ def check_manifest(man: dict, mpath) -> None:
             bad("'experts'", f"has a key {layer!r} that is not a layer number")
         if not isinstance(info, dict):
             bad(where, "is not an object")
-        if info.get("file") not in man["files"]:
+        if not (isinstance(info.get("file"), str) and info["file"] in man["files"]):
             bad(f"{where}.file", f"is {info.get('file')!r}, not a file of the manifest")
         for key, lo in (("count", 1), ("offset", 0), ("stride", 1)):
             if not _int(info.get(key), lo):
