@@ -155,6 +155,7 @@ def test_bad_fields_are_400(server, extra, param, code):
     ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "messages[0].content"),
     ([{"role": 7, "content": "hi"}], "messages[0]"),
     ("hi", "messages"),
+    ([{"role": "user", "content": ""}] * CTX, "messages"),
 ])
 def test_bad_messages_are_400(server, messages, param):
     check_error(server.post(CHAT, {"messages": messages}), 400, param=param)
@@ -339,6 +340,12 @@ def test_dns_rebinding_host_is_403(server):
         check_error(server.get("/v1/models", headers={"Host": host}), 403, code="host_not_allowed")
         check_error(server.post(CHAT, user(), headers={"Host": host}), 403, code="host_not_allowed")
     assert server.get("/", headers={"Host": "evil.example"})[0] == 403
+    c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    c.request("GET", "/")
+    r = c.getresponse()
+    assert r.status == 200 and r.getheader("x-frame-options") == "DENY"        # no framing by another page
+    r.read()
+    c.close()
     for host in (f"localhost:{server.port}", f"[::1]:{server.port}", "127.0.0.2", f"app.localhost:{server.port}"):
         assert server.get("/health", headers={"Host": host})[0] == 200, host
     still_serving(server)

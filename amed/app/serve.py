@@ -587,6 +587,9 @@ class Api:
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects.", param="messages")
+        if len(msgs) >= self.ctx_size:               # each message takes a token at least
+            raise ApiError(400, f"{len(msgs)} messages cannot fit this server's context of {self.ctx_size - 1} "
+                                f"tokens.", param="messages", code="context_length_exceeded")
         out, nbytes = [], 0
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
@@ -888,7 +891,9 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
         return await run_in_threadpool(parse_body, raw)
 
     async def page(request: Request):
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={        # no framing by other pages
+            "X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
+            "Referrer-Policy": "no-referrer"})
 
     async def health(request: Request):
         if state["error"]:
