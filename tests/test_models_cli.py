@@ -195,7 +195,8 @@ def test_verify_missing_path_and_file(amed_run, ckpt, tmp_path):
 
 def test_empty_output_path_refused(amed_run, ckpt, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for args in (("quantize", ckpt, "-o", ""), ("synth", ""), ("synth", "", "--bits", "4")):
+    for args in (("quantize", ckpt, "-o", ""), ("synth", ""), ("synth", "", "--bits", "4"),
+                 ("download", "--quantize", "4", "-o", "")):
         code, _, err = amed_run(*args)
         assert code == 1 and "is empty" in one_sentence(err)
     assert list(tmp_path.iterdir()) == []

@@ -127,7 +127,7 @@ def download(
         "--quantize", "--bits", metavar="4|8", rich_help_panel="Quantize while downloading",
         help="Quantize shard by shard into an amed store (routed experts int4 or int8), deleting each shard "
              "once converted: needs the store plus ~2 shards of disk, not the whole checkpoint.")] = None,
-    output: Annotated[Optional[Path], typer.Option(
+    output: Annotated[Optional[str], typer.Option(
         "-o", "--output", metavar="STORE", rich_help_panel="Quantize while downloading",
         help="Store directory (default: ~/.cache/amed/stores/NAME-qBITS). Shards go to --local-dir "
              "(default: .STORE.download next to it), which is emptied and removed at the end.")] = None,
@@ -226,7 +226,8 @@ def _download_quantize(repo_id, revision, local_dir, include, exclude, token, so
         fail("--include/--exclude cannot be combined with --quantize (it fetches exactly what the store needs).")
     settings = Settings(bits=bits, group_size=group_size, dense=dense, head=head, layout=layout)
     settings.validate()
-    store = output or default_store_dir().parent / f"{repo_id.split('/')[-1]}-q{bits}"
+    store = (output_path(output) if output is not None
+             else default_store_dir().parent / f"{repo_id.split('/')[-1]}-q{bits}")
     plan = hub.list_files(repo_id, revision=revision, token=token)
     hub.check_access(plan, token)
     scratch = local_dir or default_download_dir(store)
@@ -439,8 +440,9 @@ def check_text(text: Optional[str], what: str) -> None:
             fail(f"{what} is not UTF-8 text; convert it first, e.g. with iconv -t UTF-8.")
 
 
-ModelOpt = Annotated[Optional[Path], typer.Option("-m", "--model", help="Store or checkpoint directory "
-                                                  "(default: $AMED_MODEL, then the default store).")]
+ModelOpt = Annotated[Optional[Path], typer.Option("-m", "--model", help="Store or checkpoint: a directory or a "
+                                                  "name from `amed list` (default: $AMED_MODEL, then the default "
+                                                  "store).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads, 1 to the number of cores "
                                                   "(default, 0 or -1: all cores).")]
 DeviceOpt = Annotated[str, typer.Option(

