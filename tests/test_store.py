@@ -317,3 +317,136 @@ def test_hostile_layout_in_manifest_is_a_clear_error(golden_dir, tmp_path):
         (tmp_path / "s" / MANIFEST).write_text(json.dumps({**man, "weights": w}))
         with pytest.raises(AmedError, match=name.replace(".", r"\.")):
             amed.load(tmp_path / "s")
+
+
+# ---- a store is untrusted input (issue 26): every manifest field checked before mapping -------
+
+def _store_with(golden_store, tmp_path, change):
+    dst = tmp_path / "s"
+    shutil.copytree(golden_store(bits=4), dst)
+    man = json.loads((dst / MANIFEST).read_text())
+    change(man)
+    (dst / MANIFEST).write_text(json.dumps(man))
+    return dst
+
+
+def _set(path, value):
+    def change(man):
+        obj = man
+        for p in path[:-1]:
+            obj = obj[p]
+        if value is KeyError:
+            del obj[path[-1]]
+        else:
+            obj[path[-1]] = value
+    return change
+
+
+BAD_MANIFESTS = [
+    (("experts", "1", "stride"), 10**9, "would end at byte"),
+    (("experts", "1", "count"), 64, "number 64"),
+    (("experts", "1", "offset"), "+4096", "would end at byte"),
+    (("experts", "2", "offset"), "-4096", "outside its expert's byte range"),
+    (("experts", "1", "offset"), -1, "offset"),
+    (("experts", "1", "stride"), "4096", "stride"),
+    (("files",), KeyError, "'files' is missing"),
+    (("files",), [], "'files' is not an object"),
+    (("files", "layer-001.safetensors", "bytes"), "126976", "bytes"),
+    (("files", "layer-001.safetensors", "bytes"), -1, "bytes"),
+    (("files", "layer-001.safetensors", "bytes"), 0, "bytes"),
+    (("weights", "blk.0.attn_qkv"), KeyError, "weight 'blk.0.attn_qkv' is missing"),
+    (("experts", "1", "matrices", "ffn_up_exps"), KeyError, "matrices"),
+    (("experts", "2"), KeyError, "routed experts of layer 2 are missing"),
+    (("weights", "output", "file"), [1, 2], "file"),
+    (("config", "hidden_size"), 32, "config implies"),
+    (("config", "num_hidden_layers"), 2, "does not describe"),
+    (("config", "use_qk_norm"), False, "does not describe"),
+    (("config", "num_experts"), 8, "config implies"),
+    (("config", "rope_theta"), None, "'rope_theta'"),
+    (("config", "partial_rotary_factor"), "x", "'partial_rotary_factor'"),
+    (("config", "routed_scaling_factor"), "x", "'routed_scaling_factor'"),
+    (("config", "rope_scaling"), 1.5, "'rope_scaling'"),
+    (("config",), KeyError, "'config'"),
+]
+
+
+@pytest.mark.parametrize("path,value,match", BAD_MANIFESTS, ids=lambda x: str(x)[:30])
+def test_hostile_manifest_is_one_sentence(golden_store, tmp_path, path, value, match):
+    if isinstance(value, str) and value[:1] in "+-" and value[1:].isdigit():
+        change = lambda man: _set(path, _get(man, path) + int(value))(man)   # noqa: E731
+    else:
+        change = _set(path, value)
+    dst = _store_with(golden_store, tmp_path, change)
+    with pytest.raises(AmedError, match=match) as e:
+        amed.load(dst, max_ram="1M")
+    assert "\n" not in str(e.value)
+
+
+def _get(obj, path):
+    for p in path:
+        obj = obj[p]
+    return obj
+
+
+@pytest.mark.parametrize("field,value", [("stride", 10**9), ("count", 64), ("offset", "+4096")])
+def test_manifest_that_segfaulted_is_refused_in_a_subprocess(golden_store, tmp_path, field, value):
+    """The SIGSEGVs of issue 26 (mmap expert I/O under a 1 MB budget): refused before mapping."""
+    ex = ("experts", "1", field)
+    change = (lambda man: _set(ex, _get(man, ex) + 4096)(man)) if value == "+4096" else _set(ex, value)
+    dst = _store_with(golden_store, tmp_path, change)
+    code = (f"import amed; m = amed.load({str(dst)!r}, max_ram='1M'); print(m.forward([3, 4, 5, 6])[:2])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "AMED_EXPERT_IO": "mmap"})
+    assert r.returncode == 1 and "AmedError" in r.stderr and "does not match its manifest" in r.stderr, r.stderr[-2000:]
+
+
+def test_verify_refuses_bad_byte_counts_and_checks_sizes(golden_store, tmp_path):
+    from amed.formats.store import read_manifest, verify_files
+
+    for bad in (-1, 0, "126976"):
+        dst = _store_with(golden_store, tmp_path, _set(("files", "globals.safetensors", "bytes"), bad))
+        with pytest.raises(AmedError, match="bytes"):
+            read_manifest(dst)
+        shutil.rmtree(dst)
+    # a wrong (positive) byte count: the hash may match, the size does not
+    dst = _store_with(golden_store, tmp_path, _set(("files", "globals.safetensors", "bytes"), 4096))
+    assert verify_files(dst, read_manifest(dst)) == ["globals.safetensors"]
+
+
+def test_stray_tensor_and_fifo_in_store(golden_store, tmp_path):
+    """A FIFO in place of a store file is one sentence, not a hang."""
+    dst = tmp_path / "s"
+    shutil.copytree(golden_store(bits=4), dst)
+    (dst / "layer-001.safetensors").unlink()
+    os.mkfifo(dst / "layer-001.safetensors")
+    with pytest.raises(AmedError, match="FIFO"):
+        amed.load(dst)
+    from amed.formats.store import read_manifest, verify_files
+    assert verify_files(dst, read_manifest(dst)) == ["layer-001.safetensors"]
+
+
+def test_file_truncated_under_a_running_model(golden_store, tmp_path):
+    """A store file truncated after loading: the next forward pass refuses with one sentence
+    instead of dying of SIGBUS (an fstat per file per forward)."""
+    dst = tmp_path / "s"
+    shutil.copytree(golden_store(bits=4), dst)
+    m = amed.load(dst)
+    m.forward([3, 4, 5])
+    os.truncate(dst / "layer-002.safetensors", 8192)
+    with pytest.raises(AmedError, match="truncated while this process was using it"):
+        m.forward([6])
+
+
+def test_sigbus_is_one_sentence_and_exit_1(tmp_path):
+    """The last resort for a file truncated between that check and a kernel's access."""
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"x" * 65536)
+    code = ("import mmap, os, sys, numpy as np\n"
+            "from amed.formats.files import install_sigbus_handler\n"
+            "assert install_sigbus_handler()\n"
+            f"fd = os.open({str(f)!r}, os.O_RDONLY); m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)\n"
+            f"os.truncate({str(f)!r}, 0)\n"
+            "print(int(np.frombuffer(m, np.uint8).sum()))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert r.stderr.count("\n") == 1 and "truncated or rewritten while this process" in r.stderr
