@@ -5,7 +5,6 @@ refused; SIGTERM lets active streams end with a final event and `[DONE]`, then e
 
 import http.client
 import json
-import os
 import random
 import signal
 import socket

@@ -10,6 +10,11 @@ so a follow-up turn of a conversation prefills only its new tokens. Each step th
 active sequence in one batched forward (Model.forward_batch: the dense weights and the experts
 the sequences share are read once per step). Requests beyond `parallel` wait in a queue.
 
+One client cannot stop the server: Guard (a middleware before every route) refuses foreign Host
+names, cross-origin pages, non-JSON POSTs and oversized bodies; bodies are parsed and prompts
+tokenized off the event loop; an exception while admitting or running one sequence fails only
+that request; SIGTERM / Ctrl-C stop admitting and give active answers a grace period.
+
 Starlette and uvicorn are imported only here, when the server starts.
 """
 
@@ -1036,9 +1041,10 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
         opts = body.get("stream_options") or {}
         if not isinstance(opts, dict):
             raise ApiError(400, "'stream_options' must be an object.", param="stream_options")
-        if not isinstance(opts.get("include_usage", False), bool):
+        usage = opts.get("include_usage")
+        if usage is not None and not isinstance(usage, bool):
             raise ApiError(400, "'stream_options.include_usage' must be true or false.", param="stream_options")
-        return stream, kind(model_id, include_usage=opts.get("include_usage", False))
+        return stream, kind(model_id, include_usage=bool(usage))
 
     async def not_found(request: Request, exc: HTTPException):
         if exc.status_code == 404:
