@@ -18,7 +18,6 @@ import pytest
 from amed.app import cli, models
 from amed.app.synth import tokenizer_json, write_synthetic_checkpoint
 from amed.errors import AmedError
-from amed.formats.store import MANIFEST
 from amed.quant.convert import Settings, quantize_model
 
 TESTS = Path(__file__).parent

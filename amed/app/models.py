@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from amed.errors import AmedError
-from amed.formats.store import COPIED_FILES, MANIFEST, read_manifest
+from amed.formats.store import MANIFEST, read_manifest
 from amed.hub import STATE_DIR, amed_home, fmt_bytes, load_state
 
 KINDS = ("stores", "models", "bench", "demo")   # $AMED_HOME subfolders amed writes models into (demo: `make demo`)
