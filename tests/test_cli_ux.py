@@ -570,6 +570,13 @@ def test_value_checks_of_chat_perplexity_and_bench(amed_cli, golden_dir, tmp_pat
     assert code == 1 and "--bits must be 4 or 8" in one_sentence(err)
 
 
+def test_bench_unknown_synthetic_preset_builds_nothing(amed_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("AMED_HOME", str(tmp_path))
+    code, _, err = amed_cli("bench", "--synthetic", "bogus")
+    assert code == 1 and "unknown preset 'bogus'" in one_sentence(err) and "building" not in err
+    assert not (tmp_path / "bench").exists()
+
+
 def test_bench_checks_the_context_before_loading(amed_cli, golden_dir, monkeypatch):
     """-d 99999999 ran for 10+ minutes at 3.2 GB with no output: now one sentence, before the load."""
     import time

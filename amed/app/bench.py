@@ -488,9 +488,10 @@ def synthetic_store(preset: str, layers: int, bits: int, console, experts: int |
     except (OSError, ValueError):
         done = False
     if not done:
+        source = SyntheticSource(preset, layers, 0, experts)       # an unknown preset: one sentence, first
         console.print(f"[dim]building a random {preset} store with {layers} layers at {path} (once)...[/]")
         with QuantizeBar(console) as bar:
-            quantize_model(SyntheticSource(preset, layers, 0, experts), path, Settings(bits=bits), progress=bar)
+            quantize_model(source, path, Settings(bits=bits), progress=bar)
     return path
 
 

@@ -824,22 +824,29 @@ def perplexity(
     if max_tokens is not None and max_tokens < 2:
         fail(f"--max-tokens must be 2 or more (the first token of a window is not scored); got {max_tokens}.")
     path = resolve_model(model)
-    if kld_base is not None and not kld_base.exists():
-        fail(f"{kld_base} does not exist.")
+    if kld_base is not None:                   # a path or a name from `amed list`, as -m
+        kld_base = resolve_model(kld_base)
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read {file}: {getattr(e, 'strerror', None) or e}.")
     set_threads(threads)
-    from amed import load
-    from amed.app.progress import CountBar
-    from amed.app.quality import score, windows
+    import contextlib
+
+    from amed import kernel_cache_cold, load
+    from amed.app.progress import Counted, compile_progress
+    from amed.app.quality import score
     from amed.text.tokenizer import Tokenizer
 
     ids = Tokenizer.from_dir(path).encode(text)[:max_tokens]
-    m = load(path, ctx_size=max(ctx_size, 2), log=lambda msg: err.print(f"[yellow]{msg}[/]"))
-    base = load(kld_base, ctx_size=max(ctx_size, 2)) if kld_base is not None else None
-    with CountBar(err, "perplexity", len(windows(ids, ctx_size)) if ctx_size >= 2 else 0) as bar:
+    m = load(path, ctx_size=ctx_size, log=lambda msg: err.print(f"[yellow]{msg}[/]"))
+    base = load(kld_base, ctx_size=ctx_size) if kld_base is not None else None
+    compiling = contextlib.nullcontext()
+    if kernel_cache_cold():
+        err.print("[dim]compiling kernels (first run only, ~1 min)...[/]")
+        compiling = compile_progress(err)
+    # a bar on a terminal; in a log, a line every few seconds (a long text takes a while)
+    with compiling, Counted(err, "perplexity", "windows") as bar:
         rec = score(m, ids, ctx_size, base, progress=bar.update).record()
     rec = {"model": str(path), "base": str(kld_base) if kld_base else None, "ctx_size": ctx_size, **rec}
     if as_json:

@@ -139,20 +139,6 @@ class ByteBar(_Live):
         self._p.stop()
 
 
-class CountBar(_Live):
-    """A bar of counted steps (`amed perplexity` windows), as a context; `update(done, total)`."""
-
-    def __init__(self, console, label: str, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-
-        self._p = _progress(console, TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            transient=True, disable=not console.is_terminal)
-        self._task = self._p.add_task(label, total=total)
-
-    def update(self, done: int, total: int | None = None) -> None:
-        self._p.update(self._task, completed=done, **({"total": total} if total is not None else {}))
-
-
 class Counted:
     """A long counted job (the -d context prefill of `amed bench`), as a context; `update(done,
     total)`. On a terminal a bar that is cleared at the end; outside one (a log, a pipe) a line at
