@@ -163,3 +163,102 @@ def test_no_checkpoint_here(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(helpers.TINY))
     with pytest.raises(AmedError, match="not a checkpoint directory"):
         Checkpoint(tmp_path)
+
+
+# ---- issue 26: a checkpoint is untrusted input --------------------------------------------------
+
+def _config(path, **change):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(change)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_index_value_that_is_not_a_file_name(ckpt_copy):
+    path, _ = ckpt_copy
+    idx = json.loads((path / "model.safetensors.index.json").read_text())
+    idx["weight_map"]["model.norm.weight"] = 5
+    (path / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(AmedError, match="maps to 5, not a file name"):
+        Checkpoint(path)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(num_hidden_layers=2), "does not describe"),          # a 3-layer checkpoint run as 2
+    (dict(use_qk_norm=False), "layernorm.weight.*does not describe"),
+    (dict(hidden_size=96, head_dim=24), "config.json implies"),
+    (dict(rope_theta=None), "'rope_theta'"),
+    (dict(partial_rotary_factor="x"), "'partial_rotary_factor'"),
+    (dict(routed_scaling_factor="x"), "'routed_scaling_factor'"),
+    (dict(rope_scaling=1.5), "'rope_scaling'"),
+    (dict(num_hidden_layers=1000), "config does not match the weights"),
+])
+def test_config_that_disagrees_with_the_weights(ckpt_copy, change, match):
+    path, _ = ckpt_copy
+    _config(path, **change)
+    with pytest.raises(AmedError, match=match) as e:
+        Checkpoint(path)
+    assert "\n" not in str(e.value)
+
+
+def _shard_parts(shard):
+    raw = shard.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return n, json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+@pytest.mark.parametrize("k", [-4, -1, 1, 8])
+def test_shifted_header_is_refused(ckpt_copy, k):
+    """Offsets all moved by k bytes (or the header length by k): every tensor would be read k
+    bytes off, silently. The data section must be covered exactly, without holes."""
+    path, _ = ckpt_copy
+    shard = path / "model-00001-of-00002.safetensors"
+    n, header, data = _shard_parts(shard)
+    for name, ent in header.items():
+        if name != "__metadata__":
+            ent["data_offsets"] = [max(0, o + k) for o in ent["data_offsets"]]
+    raw_file(shard, header, data)
+    with pytest.raises(AmedError, match="model-00001-of-00002.safetensors"):
+        Checkpoint(path)
+
+
+def test_header_length_shifted_over_padding(tmp_path):
+    """A header padded with spaces still parses when its length prefix is cut by a few bytes:
+    the data would start early. The end of the last tensor must be the end of the file."""
+    p = raw_file(tmp_path / "a.safetensors", {"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+                 bytes(16))
+    raw = p.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    p.write_bytes((n + 4).to_bytes(8, "little") + raw[8:8 + n] + b"    " + raw[8 + n:])
+    assert read_safetensors_header(p)["x"].start == 8 + n + 4       # padded: fine
+    p.write_bytes((n + 2).to_bytes(8, "little") + raw[8:8 + n] + b"    " + raw[8 + n:])
+    with pytest.raises(AmedError, match="bytes after its last tensor|gap"):
+        read_safetensors_header(p)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir", "devzero"])
+def test_shard_that_is_not_a_regular_file(ckpt_copy, kind):
+    """A FIFO (or a device) as a shard: one sentence, never a blocked read."""
+    import os
+
+    path, _ = ckpt_copy
+    shard = path / "model-00002-of-00002.safetensors"
+    shard.unlink()
+    if kind == "fifo":
+        os.mkfifo(shard)
+    elif kind == "dir":
+        shard.mkdir()
+    else:
+        shard.symlink_to("/dev/zero")
+    with pytest.raises(AmedError, match="not a regular file|outside the model directory"):
+        Checkpoint(path)
+
+
+def test_expert_tensor_missing_from_its_header(ckpt_copy):
+    path, _ = ckpt_copy
+    shard = path / "model-00002-of-00002.safetensors"
+    n, header, data = _shard_parts(shard)
+    key = next(k for k in header if ".experts." in k)
+    header[key + ".moved"] = header.pop(key)
+    raw_file(shard, header, data)
+    with pytest.raises(AmedError, match=key.replace(".", r"\.")):
+        Checkpoint(path)

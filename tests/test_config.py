@@ -58,3 +58,38 @@ def test_missing_key_and_bad_file(tmp_path):
 def test_round_trip():
     c = ModelConfig.from_dict(helpers.TINY)
     assert ModelConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+@pytest.mark.parametrize("key,value", [
+    ("rope_theta", None), ("rope_theta", "x"), ("rope_theta", -1.0), ("rope_theta", float("nan")),
+    ("partial_rotary_factor", "x"), ("partial_rotary_factor", 0.0), ("partial_rotary_factor", 1.5),
+    ("routed_scaling_factor", "x"), ("routed_scaling_factor", float("inf")), ("routed_scaling_factor", True),
+    ("rope_scaling", 1.5), ("rope_scaling", "linear"), ("rms_norm_eps", 0), ("rms_norm_eps", "1e-6"),
+    ("hidden_size", 64.0), ("hidden_size", True), ("num_hidden_layers", 10**6), ("num_experts", 10**9),
+    ("vocab_size", -5), ("use_qk_norm", "yes"), ("use_qk_norm", 1), ("norm_topk_prob", None),
+    ("architectures", "BailingMoeV2ForCausalLM"), ("architectures", [5]), ("eos_token_id", "x"),
+    ("eos_token_id", [1, "2"]), ("pad_token_id", -1), ("max_position_embeddings", 0),
+    ("head_dim", 0), ("score_function", 5), ("num_shared_experts", 2), ("first_k_dense_replace", -1),
+])
+def test_schema_rejects_types_and_ranges_in_one_sentence(key, value):
+    """One schema checks every key's type and range once (issue 26): never a TypeError or a
+    Numba typing error later."""
+    with pytest.raises(AmedError, match=f"'{key}'") as e:
+        ModelConfig.from_dict({**helpers.TINY, key: value})
+    assert "\n" not in str(e.value)
+
+
+def test_schema_normalizes_numbers_and_accepts_nulls():
+    c = ModelConfig.from_dict({**helpers.TINY, "rope_theta": 10000, "routed_scaling_factor": 2,
+                               "head_dim": None, "rope_scaling": None, "eos_token_id": [1, 2]})
+    assert isinstance(c.rope_theta, float) and isinstance(c.routed_scaling_factor, float)
+    with pytest.raises(AmedError, match="JSON object"):
+        ModelConfig.from_dict([1, 2])
+
+
+def test_config_file_must_be_a_regular_file(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "config.json")
+    with pytest.raises(AmedError, match="FIFO"):
+        ModelConfig.from_file(tmp_path)

@@ -267,3 +267,85 @@ def test_malformed_json_names_the_file(tmp_path, name):
     (d / name).write_text('{"truncated": ')
     with pytest.raises(AmedError, match=name.replace(".", r"\.")):
         Tokenizer.from_dir(d)
+
+
+# ---- issue 26: tokenizer files and chat templates are untrusted input ----------------------
+
+
+def test_empty_tokenizer_is_refused(tmp_path):
+    """An empty vocabulary would give an empty answer for every prompt."""
+    d = model_dir(tmp_path)
+    tok = json.loads((d / "tokenizer.json").read_text())
+    tok["model"]["vocab"], tok["model"]["merges"], tok["added_tokens"] = {}, [], []
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(AmedError, match="empty vocabulary"):
+        Tokenizer.from_dir(d)
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(tmp_path):
+    d = model_dir(tmp_path)
+    (d / "config.json").write_text(json.dumps({"vocab_size": 100}))
+    with pytest.raises(AmedError, match="another model"):
+        Tokenizer.from_dir(d)
+    (d / "config.json").write_text(json.dumps({"vocab_size": 512}))
+    Tokenizer.from_dir(d)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                                  "chat_template.jinja"])
+def test_fifo_in_place_of_a_tokenizer_file(tmp_path, name):
+    """Regular files only: a FIFO would block the read forever."""
+    import os
+
+    d = model_dir(tmp_path, generation={"eos_token_id": 1})
+    if (d / name).exists():
+        (d / name).unlink()
+    os.mkfifo(d / name)
+    with pytest.raises(AmedError, match="FIFO"):
+        Tokenizer.from_dir(d)
+
+
+@pytest.mark.parametrize("source,match", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "loop iterations"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "loop iterations|characters"),
+    ("{{ range(10**9)|length }}", "range|passes"),
+    ("{{ 'a' * 1000000000 }}", "builds a value"),
+    ("{% set ns = namespace(x='ab') %}{% for i in range(64) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}{{ ns.x }}",
+     "builds a value"),
+    ("{% set ns = namespace(x='ab') %}{% for i in range(64) %}{% set ns.x = ns.x + ns.x %}{% endfor %}{{ ns.x }}",
+     "builds a value"),
+    ("{{ 'x'|center(1000000000) }}", "passes"),
+    ("{{ messages[0].content.ljust(10**9) }}", "passes"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recurses"),
+    ("{{ 2 ** 100000 ** 2 }}", "power"),
+])
+def test_template_limits(source, match):
+    """A chat template from a stranger gets bounded work: range size, loop steps, value and
+    output size, recursion and time; each limit is one sentence, within seconds."""
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(AmedError, match=match) as e:
+        render_chat_template(compile_chat_template(source), [{"role": "user", "content": "hi"}])
+    assert "\n" not in str(e.value)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_template_time_limit(monkeypatch):
+    import amed.text.tokenizer as T
+
+    monkeypatch.setattr(T, "TEMPLATE_MAX_SECONDS", 0.2)
+    monkeypatch.setattr(T, "TEMPLATE_MAX_STEPS", 10**9)
+    src = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    with pytest.raises(AmedError, match="longer than 0.2 s"):
+        render_chat_template(compile_chat_template(src), [{"role": "user", "content": "hi"}])
+
+
+def test_limits_leave_real_templates_alone(tok):
+    """loop.length / loop.last / recursive loops still work through the guards."""
+    src = ("{% for m in messages %}{{ loop.index }}/{{ loop.length }}{% if loop.last %}!{% endif %}"
+           "{{ m.content }}{% endfor %}{% for x in [[1, [2]], 3] recursive %}"
+           "{% if x is iterable %}{{ loop(x) }}{% else %}{{ x }}{% endif %}{% endfor %}")
+    out = render_chat_template(compile_chat_template(src), [{"role": "user", "content": "a"},
+                                                            {"role": "user", "content": "b"}])
+    assert out == "1/2a2/2!b123"
