@@ -57,6 +57,12 @@ def test_repl_in_a_pty(golden_dir, tmp_path):
         child.sendintr()
         child.expect(r"answer stopped|stopped|prompt tokens")
         child.expect(">>> ")
+        child.sendline(f"/save {tmp_path}")          # a directory: an error inside the chat (issue 25)
+        child.expect("is a directory")
+        child.expect(">>> ")
+        child.sendline("/system")                    # shows the (empty) system prompt; clears nothing
+        child.expect("no system prompt")
+        child.expect(">>> ")
         child.sendline(f"/save {tmp_path / 'conv.json'}")
         child.expect("saved to")
         child.expect(">>> ")
