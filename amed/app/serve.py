@@ -666,8 +666,9 @@ class Guard:
     - a browser's cross-origin request (an `Origin` that is not this server's) gets 403 unless the
       origin is allowed (`--cors-origin`, $AMED_ORIGINS; `*` and other glob patterns as ollama's
       OLLAMA_ORIGINS); allowed ones get CORS headers and their preflights an answer;
-    - a POST must say `Content-Type: application/json` (415): a form or text/plain POST, which a
-      page may send anywhere without a preflight, is never read;
+    - a POST from a browser (it carries `Origin`, as every browser POST does) must say
+      `Content-Type: application/json` (415): a form or text/plain POST, which a page may send
+      anywhere without a preflight, is never read; other clients (curl -d) may omit the type;
     - a body is at most `max_body` bytes (413), each chunk arriving within IDLE_TIMEOUT (408);
     - once a shutdown began, new requests get 503.
     Each refusal is OpenAI's JSON error shape."""
@@ -691,7 +692,9 @@ class Guard:
                 raise ApiError(503, "the server is shutting down.", "server_error", code="shutting_down")
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 media = headers.get("content-type", "").split(";")[0].strip().lower()
-                if media != "application/json":
+                # only a browser can be tricked into posting, and a browser names the Origin of every
+                # POST: there, require JSON; curl -d (ollama's docs) sends a form type and is welcome
+                if media != "application/json" and "origin" in headers:
                     raise ApiError(415, "send the request body as JSON, with 'Content-Type: application/json'.",
                                    code="unsupported_media_type")
                 raw = await self.read(receive, headers)
@@ -793,7 +796,8 @@ class Guard:
     async def refuse(self, e: ApiError, scope, receive, send) -> None:
         from starlette.responses import JSONResponse
 
-        await JSONResponse(e.body(), status_code=e.status)(scope, receive, send)
+        body = {"error": e.message} if scope["path"].startswith("/api/") else e.body()   # ollama's shape there
+        await JSONResponse(body, status_code=e.status)(scope, receive, send)
 
 
 # ---------------------------------------------------------------------------------------------
