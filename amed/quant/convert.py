@@ -213,7 +213,9 @@ def _quantize(src, dst: Path, settings: Settings, force: bool, progress, t0: flo
     if isinstance(src, Path):
         ckpt = Checkpoint(src)                   # validates config, headers, every tensor's shape
         source = source_fingerprint(src)
-        side = {n: (src / n).read_bytes() for n in COPIED_FILES if (src / n).exists()}
+        from amed.formats.files import read_regular   # a FIFO in place of a file would block
+
+        side = {n: read_regular(src / n, limit=1 << 29) for n in COPIED_FILES if (src / n).exists()}
     else:
         ckpt, source = src, src.fingerprint
         side = {n: t.encode() for n, t in src.files.items()}
