@@ -313,6 +313,24 @@ def m_special(rng, d):
     return f"{name} is {kind}"
 
 
+def m_combo(rng, d):
+    """Two or three mutations of the kinds above, one after the other."""
+    kinds = [k for k, (_, targets, _) in MUTATORS.items()
+             if k not in ("combo", "special") and _target_of(d) in targets]
+    done = []
+    for k in rng.sample(kinds, rng.choice([2, 3])):
+        try:
+            done.append(MUTATORS[k][0](rng, d))
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, OSError, json.JSONDecodeError,
+                UnicodeDecodeError):
+            pass                      # an earlier mutation broke what this one edits
+    return " + ".join(done)
+
+
+def _target_of(d: Path) -> str:
+    return "store" if (d / "amed-manifest.json").exists() else "ckpt"
+
+
 MUTATORS = {
     # name: (function, targets, weight)
     "manifest": (m_manifest, ("store",), 3),
@@ -325,6 +343,7 @@ MUTATORS = {
     "byteflip": (m_byteflip, ("store", "ckpt"), 3),
     "tokenizer": (m_tokenizer, ("store", "ckpt"), 2),
     "special": (m_special, ("store", "ckpt"), 1),
+    "combo": (m_combo, ("store", "ckpt"), 2),
 }
 
 
@@ -409,13 +428,14 @@ def worst(steps: dict) -> str:
     return max((c for c, _ in steps.values()), key=ORDER.index)
 
 
-def hashed_files(d: Path) -> dict:
+def hashed_files(d: Path, names=None) -> dict:
     """name -> bytes of the files a store manifest hashes (to see what a mutation changed)."""
-    try:
-        man = json.loads((d / "amed-manifest.json").read_text())
-        names = list(man.get("files", {})) + list(man.get("side_files", {}))
-    except Exception:     # noqa: BLE001
-        return {}
+    if names is None:
+        try:
+            man = json.loads((d / "amed-manifest.json").read_text())
+            names = list(man.get("files", {})) + list(man.get("side_files", {}))
+        except Exception:     # noqa: BLE001
+            return {}
     out = {}
     for n in names:
         p = d / str(n)
@@ -431,10 +451,10 @@ def prepare_case(bases: dict, work: Path, case) -> tuple[Path, str, bool]:
     d = work / "case"
     if d.exists() or d.is_symlink():
         _rmtree(d)
-    shutil.copytree(bases[target], d)
+    shutil.copytree(bases["store8" if target == "store" and seed % 3 == 0 else target], d)
     before = hashed_files(d) if target == "store" else {}
     what = MUTATORS[kind][0](random.Random(seed), d)
-    after = hashed_files(d) if target == "store" else {}
+    after = hashed_files(d, list(before)) if target == "store" else {}
     changed = any(after.get(n, None) != b for n, b in before.items())
     return d, what, changed
 
@@ -455,12 +475,14 @@ def make_bases(root: Path) -> dict:
     """The golden checkpoint and a q4 store of it, under root (built once)."""
     from amed.quant.convert import Settings, quantize_model
 
-    ckpt, store = root / "base-ckpt", root / "base-store"
+    ckpt, store, store8 = root / "base-ckpt", root / "base-store", root / "base-store8"
     if not ckpt.exists():
         shutil.copytree(GOLDEN, ckpt)
     if not (store / "amed-manifest.json").exists():
         quantize_model(ckpt, store, Settings(bits=4))
-    return {"ckpt": ckpt, "store": store}
+    if not (store8 / "amed-manifest.json").exists():
+        quantize_model(ckpt, store8, Settings(bits=8, layout="rows", dense="q6"))
+    return {"ckpt": ckpt, "store": store, "store8": store8}
 
 
 def worker(root: Path, cases: list) -> None:

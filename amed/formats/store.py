@@ -356,6 +356,9 @@ def verify_files(path: Path, man: dict, progress=None) -> list[str]:
     from amed.formats.container import sha256_file
 
     bad = []
+    if "side_files" in man:       # a store that hashes its side files hashes every one it has
+        bad += [n for n in COPIED_FILES if n not in man["side_files"]
+                and ((Path(path) / n).exists() or (Path(path) / n).is_symlink())]
     for fname, meta in verified_files(man).items():
         fpath = Path(path) / fname
         if (not safe_file_name(fname) or not is_regular(fpath) or fpath.stat().st_size != meta["bytes"]
