@@ -236,7 +236,8 @@ class Checkpoint:
         self.tensors = self._read_tables()
         self._maps: dict[Path, mmap.mmap] = {}
         self._fds: dict[Path, int] = {}
-        self._watch = Watched()
+        self._watch = Watched("restart the command once that has finished, or download the file again "
+                              "if it stays damaged")
         self._hf = None                       # amed name -> HF name, built on first use
         self._validate()
 

@@ -84,8 +84,9 @@ def map_regular(path) -> tuple[int, mmap.mmap]:
 class Watched:
     """Descriptors and sizes of mapped files, to notice a file shrinking under us."""
 
-    def __init__(self):
+    def __init__(self, advice: str = "restart the command once that has finished"):
         self.files: dict[str, tuple[int, int]] = {}     # path -> (fd, size when mapped)
+        self.advice = advice
 
     def add(self, path, fd: int) -> None:
         self.files[str(path)] = (fd, os.fstat(fd).st_size)
@@ -99,9 +100,8 @@ class Watched:
             except OSError:
                 now = -1
             if now < size:
-                raise AmedError(f"{path} was truncated while this process was using it (a quantize or "
-                                f"download running on the same folder?); restart the command once that "
-                                f"has finished.")
+                raise AmedError(f"{path} is truncated (cut short while this process was using it; "
+                                f"a quantize or download running on the same folder?): {self.advice}.")
 
     def close(self) -> None:
         for fd, _ in self.files.values():

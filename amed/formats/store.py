@@ -184,7 +184,8 @@ class Store:
         self.tensors = {}
         self.maps: dict[str, mmap.mmap] = {}
         self.sizes: dict[str, int] = {}
-        self._watch = Watched()
+        self._watch = Watched("restart the command once that has finished, or re-run `amed quantize` if "
+                              "the store stays damaged")
         fds = {}
         try:
             for fname, meta in man["files"].items():
