@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from amed.formats.checkpoint import DTYPES, read_safetensors_header, tensor_table
-from amed.formats.files import Watched, is_regular, open_regular
+from amed.formats.files import Watched, is_regular, open_regular, read_regular
 from amed.config import ModelConfig
 from amed.errors import AmedError
 from amed.quant.formats import QTensor
 
 MANIFEST = "amed-manifest.json"
+MAX_MANIFEST_BYTES = 1 << 28     # the real 32-layer manifest is ~1 MB
 FORMAT = "amed-store"
 VERSION = 2               # 2: q4/q8 matrices may be in the r8 layout (manifest "layout"); 1: rows only
 READS_VERSIONS = (1, 2)
@@ -57,11 +58,11 @@ MADV_NORMAL = getattr(mmap, "MADV_NORMAL", None)
 
 def read_manifest(path: Path) -> dict:
     mpath = path / MANIFEST
-    try:
-        man = json.loads(mpath.read_text())
-    except FileNotFoundError:
-        raise AmedError(f"{path} is not an amed store (no {MANIFEST}).") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    if not mpath.exists() and not mpath.is_symlink():
+        raise AmedError(f"{path} is not an amed store (no {MANIFEST}).")
+    try:        # a regular file of sane size only: a FIFO would block, /dev/zero never end
+        man = json.loads(read_regular(mpath, limit=MAX_MANIFEST_BYTES))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise AmedError(f"{mpath} is corrupt (not valid JSON); re-run `amed quantize`.") from None
     if not isinstance(man, dict) or man.get("format") != FORMAT:
         raise AmedError(f"{mpath} is not an amed store manifest.")
