@@ -503,6 +503,52 @@ def worker(root: Path, cases: list) -> None:
         print(json.dumps({"i": i, "what": what, "io": io, "steps": steps, "class": worst(steps)}), flush=True)
 
 
+# ---- through the CLI, in a subprocess ------------------------------------------------------------
+
+def run_cli(cases: list, root: Path, timeout: float = 60.0, log=None) -> list[dict]:
+    """Each case through `amed chat -p ... -n 2 --max-ram 1M` (and `amed verify` for stores) in a
+    subprocess with a timeout: exit 0 ok; exit 1 with one `error:` line and no traceback refused;
+    a traceback, a signal or a timeout is a bug."""
+    bases = make_bases(root)
+    work = root / "cli"
+    work.mkdir(exist_ok=True)
+    out = []
+    for case in cases:
+        try:
+            d, what, _ = prepare_case(bases, work, case)
+        except Exception as e:     # noqa: BLE001
+            out.append({"class": "skip", "case": case, "what": f"{type(e).__name__}: {e}"})
+            continue
+        steps = {}
+        cmds = {"chat": ["chat", "-m", str(d), "-p", "What helps a headache?", "-n", "2", "--max-ram", "1M"]}
+        if case[2] == "store":
+            cmds["verify"] = ["verify", str(d)]
+        for step, args in cmds.items():
+            env = dict(os.environ, AMED_EXPERT_IO="mmap" if case[0] % 2 else "slots", NO_COLOR="1")
+            try:
+                r = subprocess.run([sys.executable, "-m", "amed", *args], capture_output=True, text=True,
+                                   timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+            except subprocess.TimeoutExpired:
+                steps[step] = ("hang", f"no exit in {timeout:g} s")
+                continue
+            errs = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+            if r.returncode < 0 or r.returncode > 128:
+                steps[step] = ("crash", f"rc {r.returncode}: {r.stderr.strip()[-300:]}")
+            elif "Traceback" in r.stderr:
+                steps[step] = ("traceback", r.stderr.strip()[-300:])
+            elif r.returncode == 0:
+                steps[step] = ("ok", "")
+            elif r.returncode == 1 and len(errs) == 1:
+                steps[step] = ("refused", errs[0])
+            else:
+                steps[step] = ("multiline", f"rc {r.returncode}: {r.stderr.strip()[-300:]}")
+        rec = {"class": worst(steps), "case": case, "what": what, "steps": steps, "cli": True}
+        out.append(rec)
+        if log:
+            log(rec)
+    return out
+
+
 # ---- the driver -----------------------------------------------------------------------------------
 
 def run(cases: list, root: Path, timeout_per_case: float = 60.0, log=None) -> list[dict]:
@@ -565,6 +611,8 @@ def main(argv=None) -> int:
     ap.add_argument("-n", type=int, default=400, help="cases (default 400)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--kinds", default="", help="comma-separated mutators (default: all): " + ",".join(MUTATORS))
+    ap.add_argument("--cli", type=int, default=0, metavar="K",
+                    help="also run K of the cases through the CLI (amed chat / amed verify) in subprocesses")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("-v", action="store_true", help="print every case")
     a = ap.parse_args(argv)
@@ -581,15 +629,19 @@ def main(argv=None) -> int:
                       + "".join(f"\n    {k}: {c}: {m[:200]}" for k, (c, m) in rec.get("steps", {}).items()
                                 if c in BUGS) + (f"\n    {rec['detail']}" if "detail" in rec else ""), flush=True)
         results = run(cases, Path(tmp), log=log)
+        cli = run_cli(plan_cases(a.seed + 1, a.cli, kinds), Path(tmp), log=log) if a.cli else []
     by_class = Counter(r["class"] for r in results)
     by_kind: dict[str, Counter] = {}
     for r in results:
         by_kind.setdefault(r["case"][1], Counter())[r["class"]] += 1
-    print(f"\n{len(results)} cases in {time.time() - t0:.0f} s (seed {a.seed}):")
-    print("  " + ", ".join(f"{c} {by_class.get(c, 0)}" for c in ORDER + ("skip",)))
+    print(f"\n{len(results)} cases in process + {len(cli)} through the CLI, {time.time() - t0:.0f} s (seed {a.seed}):")
+    print("  in process: " + ", ".join(f"{c} {by_class.get(c, 0)}" for c in ORDER + ("skip",)))
     for k in sorted(by_kind):
-        print(f"  {k:15s} " + ", ".join(f"{c} {n}" for c, n in sorted(by_kind[k].items(), key=lambda x: ORDER.index(x[0]) if x[0] in ORDER else 99)))
-    return 1 if any(by_class.get(c) for c in BUGS) else 0
+        print(f"    {k:15s} " + ", ".join(f"{c} {n}" for c, n in sorted(by_kind[k].items(), key=lambda x: ORDER.index(x[0]) if x[0] in ORDER else 99)))
+    cli_class = Counter(r["class"] for r in cli)
+    if cli:
+        print("  CLI: " + ", ".join(f"{c} {cli_class.get(c, 0)}" for c in ORDER + ("skip",)))
+    return 1 if any(by_class.get(c) or cli_class.get(c) for c in BUGS) else 0
 
 
 if __name__ == "__main__":

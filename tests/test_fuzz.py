@@ -41,6 +41,16 @@ def test_fuzz_mutated_files_never_crash_hang_or_traceback(tmp_path):
     assert {r["case"][1] for r in results} == set(fz.MUTATORS)
 
 
+def test_fuzz_through_the_cli_in_subprocesses(tmp_path):
+    """A few seeded cases through `amed chat` / `amed verify` in subprocesses with a timeout: exit 0,
+    or exit 1 with one `error:` line; never a traceback, a signal or a hang."""
+    fz = _fuzz()
+    results = fz.run_cli(fz.plan_cases(seed=2600, n=8), tmp_path, timeout=60)
+    bugs = [r for r in results if r["class"] in fz.BUGS]
+    assert not bugs, "\n".join(f"{r['class']} {r['case']} {r.get('what')} {r.get('steps')}" for r in bugs)
+    assert len(results) == 8
+
+
 def _amed(args, timeout=90, **env):
     return subprocess.run([sys.executable, "-m", "amed", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **env}, stdin=subprocess.DEVNULL)
