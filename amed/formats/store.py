@@ -410,12 +410,16 @@ def check_store(st: Store) -> None:
         raise AmedError(f"{path} does not match its manifest: {why}; the store is damaged, re-run "
                         f"`amed quantize`.")
 
+    spec_cache: dict = {}
+
     def check_components(name, info, where, lo=None, hi=None):
-        try:
-            specs = component_specs(info["format"], tuple(info["shape"]), info.get("group"),
-                                    info.get("layout", "rows"))
-        except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:
-            damaged(f"{where} is not a valid weight ({' '.join(str(e).split())})")
+        key = (info["format"], tuple(info["shape"]), info.get("group"), info.get("layout", "rows"))
+        specs = spec_cache.get(key)
+        if specs is None:
+            try:
+                specs = spec_cache[key] = component_specs(*key)
+            except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:
+                damaged(f"{where} is not a valid weight ({' '.join(str(e).split())})")
         for suffix, dtype, shape in specs:
             t = st.tensors.get(name + suffix)
             if t is None:
