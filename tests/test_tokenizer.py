@@ -318,6 +318,9 @@ def test_fifo_in_place_of_a_tokenizer_file(tmp_path, name):
     ("{{ messages[0].content.ljust(10**9) }}", "passes"),
     ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recurses"),
     ("{{ 2 ** 100000 ** 2 }}", "power"),
+    ("{{ '{:>999999999}'.format(1) }}", "wider"),
+    ("{{ '%999999999d' % 1 }}", "wider"),
+    ("{{ '%999999999d'|format(1) }}", "wider"),
 ])
 def test_template_limits(source, match):
     """A chat template from a stranger gets bounded work: range size, loop steps, value and

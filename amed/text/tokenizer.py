@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import json
+import re
 import time
 from datetime import datetime
 from pathlib import Path
@@ -235,6 +236,15 @@ def _check_size(v):
     return v
 
 
+_WIDE_FORMAT = re.compile(r"%[-+ #0]*\d{8,}|%[-+ #0]*\d*\.\d{8,}|\{[^{}]*:[^{}]*\d{8,}")
+
+
+def _check_format(fmt) -> None:
+    """A format string may not ask for a width or precision of 8 digits ('{:>999999999}')."""
+    if isinstance(fmt, str) and _WIDE_FORMAT.search(fmt):
+        raise TemplateLimit("it formats a value wider than the output may be")
+
+
 def _guard_loop(it):
     """What every `{% for %}` of a compiled template iterates (see _add_guards)."""
     for x in it:
@@ -282,7 +292,7 @@ class _LimitedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
     """The immutable sandbox plus bounds: each call costs a step and may not pass a huge integer
     (`'x'.ljust(10**9)`); `*`, `+` and `**` may not build huge values."""
 
-    intercepted_binops = frozenset({"*", "+", "**"})
+    intercepted_binops = frozenset({"*", "+", "**", "%"})
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
         _tick()
@@ -291,11 +301,20 @@ class _LimitedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
                 raise TemplateLimit(f"it passes {a} to a function (at most {TEMPLATE_MAX_INT_ARG})")
         return _check_size(super().call(__context, __obj, *args, **kwargs))
 
+    def wrap_str_format(self, value):
+        """`'{:>999999999}'.format(x)`: the format string is checked when the method is looked up."""
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None:
+            _check_format(value.__self__)
+        return wrapped
+
     def call_binop(self, context, operator, left, right):
         _tick()
         if operator == "**":
             if isinstance(right, (int, float)) and abs(right) > 256:
                 raise TemplateLimit("it raises a number to a power above 256")
+        elif operator == "%":
+            _check_format(left)
         elif operator == "*":
             for seq, k in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(k, int) and len(seq) * k > TEMPLATE_MAX_CHARS:
@@ -308,6 +327,8 @@ def _guarded_filter(f):
 
     @functools.wraps(f)                 # keeps jinja_pass_arg (pass_environment etc.)
     def g(*args, **kwargs):
+        if len(args) > skip - 1:
+            _check_format(args[skip - 1])      # the value: `'%999999999d'|format(1)`
         for a in (*args[skip:], *kwargs.values()):
             if isinstance(a, int) and not isinstance(a, bool) and abs(a) > TEMPLATE_MAX_INT_ARG:
                 raise TemplateLimit(f"it passes {a} to a filter (at most {TEMPLATE_MAX_INT_ARG})")
