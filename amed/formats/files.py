@@ -117,8 +117,9 @@ _installed = False
 
 def install_sigbus_handler() -> bool:
     """Make SIGBUS (a page of a mapped file that no longer exists) print one sentence (formats/sigbus.py) and exit 1
-    instead of dumping core. Installed once, only over the default action or Python's
-    faulthandler; returns whether it is in place. Set AMED_SIGBUS=default to keep the default."""
+    instead of dumping core (it replaces the default action, or Python's faulthandler, for
+    SIGBUS only). Installed once; returns whether it is in place. AMED_SIGBUS=default keeps the
+    default action."""
     global _installed
     if _installed:
         return True
