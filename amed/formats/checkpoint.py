@@ -117,6 +117,7 @@ DTYPES = {
     "F16": np.float16, "F32": np.float32, "F64": np.float64,
     "I8": np.int8, "U8": np.uint8, "I16": np.int16, "U16": np.uint16,
     "I32": np.int32, "U32": np.uint32, "I64": np.int64, "U64": np.uint64, "BOOL": np.bool_,
+    "F8_E4M3": np.uint8,  # raw bits; pre-quantized FP8 checkpoints (amed/quant/prequant.py)
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the real 24k-tensor index header is ~2 MB
 
@@ -281,6 +282,10 @@ class Checkpoint:
                 and n <= int(parts[2]) < n + self.config.num_nextn_predict_layers)
 
     def _validate(self) -> None:
+        if type(self) is Checkpoint and any(k.endswith((".weight_packed", ".weight_scale_inv")) or t.dtype == "F8_E4M3"
+                                            for k, t in self.tensors.items()):
+            raise AmedError(f"{self.path} is a pre-quantized checkpoint (INT4 or FP8): convert it into a store "
+                            f"first with `amed quantize {self.path} -o STORE`.")
         want = table_size(self.config)
         if want > 2 * len(self.tensors) + 1024:   # before building a table config.json may make huge
             raise AmedError(f"config.json implies {want} tensors but the checkpoint in {self.path} holds "

@@ -49,7 +49,7 @@ ROW_CHUNK_ELEMS = 8 << 20  # quantize big matrices in row chunks of ~8M weights 
 @dataclass(frozen=True)
 class Settings:
     bits: int = 4           # routed experts: 4 -> q4, 8 -> q8
-    group_size: int = 64
+    group_size: int | None = 64   # None: an INT4 source's own group, else 64 (prequant.resolve_group)
     dense: str = "q8"       # attention, shared expert, dense MLP, embeddings: q8 | q6 | q4 | bf16
     # lm_head: q8 | q6 | q4 | bf16, or "auto": q6, except q8 in an all-q8 store (--bits 8, dense q8)
     # and bf16 with --dense bf16. The lm_head is read whole for every decoded token (0.69 GB at q8 for
@@ -211,7 +211,9 @@ def quantize_model(src, dst, settings: Settings = Settings(), force: bool = Fals
 
 def _quantize(src, dst: Path, settings: Settings, force: bool, progress, t0: float) -> dict:
     if isinstance(src, Path):
-        ckpt = Checkpoint(src)                   # validates config, headers, every tensor's shape
+        from amed.quant.prequant import open_checkpoint
+
+        ckpt = open_checkpoint(src)              # validates config, headers, every tensor's shape
         source = source_fingerprint(src)
         from amed.formats.files import read_regular   # a FIFO in place of a file would block
 
@@ -220,6 +222,9 @@ def _quantize(src, dst: Path, settings: Settings, force: bool, progress, t0: flo
         ckpt, source = src, src.fingerprint
         side = {n: t.encode() for n, t in src.files.items()}
     cfg = ckpt.config
+    from amed.quant.prequant import resolve_group
+
+    settings = resolve_group(settings, getattr(ckpt, "scheme", None))
     settings.validate()
     plans = plan_store(cfg, settings)
     man = manifest_skeleton(cfg, settings, plans, source)
@@ -273,6 +278,8 @@ def _quantize(src, dst: Path, settings: Settings, force: bool, progress, t0: flo
     summary = summarize(cfg, settings, plans, ckpt, time.perf_counter() - t0, dst)
     summary.update(read_bytes=done_src - skipped_src, skipped_bytes=skipped_src,
                    files_written=len(todo), files_total=len(plans))
+    if getattr(ckpt, "scheme", None) is not None:
+        summary["prequant"] = {"source": ckpt.scheme.label, **ckpt.stats}
     return summary
 
 
@@ -436,6 +443,9 @@ def convert_tensor(ckpt: Checkpoint, writer: ContainerWriter, s: TensorSpec, set
     """Read one source tensor in row chunks, convert it to its policy format, write it."""
     from amed.quant import formats as quants
 
+    direct = getattr(ckpt, "convert_direct", None)
+    if direct is not None and direct(writer, s, settings):
+        return                                   # an INT4 source's levels, copied (quant/prequant.py)
     fmt, group = settings.choose(s)
     r8 = settings.layout_of(s) == "r8"
     chunks = ckpt.read_rows_f32(s.hf, ROW_CHUNK_ELEMS)
