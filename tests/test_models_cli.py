@@ -74,7 +74,7 @@ def test_resolver_paths_names_and_env(home_store, tmp_path, monkeypatch):
     assert models.resolve(str(home_store)) == home_store                 # a path
     assert models.resolve("home/stores/tiny-q4") == Path("home/stores/tiny-q4")
     for bad, words in (("nope", "amed list"), ("./nope", "does not exist"), ("..", "does not exist"),
-                       ("x.gguf", "not supported yet"), ("ollama:llama3", "not supported yet")):
+                       ("x.gguf", "does not exist"), ("ollama:llama3", "ollama has no model")):
         if bad == "..":
             continue                                                     # `..` is a path (here: it exists)
         with pytest.raises(AmedError, match=words):

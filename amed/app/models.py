@@ -30,7 +30,13 @@ def dir_size(path: Path) -> int:
 
 
 def describe(path: Path) -> Entry | None:
-    """What `path` holds: an amed store, a Hugging Face checkpoint, or neither (None)."""
+    """What `path` holds: an amed store, a Hugging Face checkpoint, a GGUF file, or neither (None)."""
+    if path.is_file():
+        from amed.formats.gguf import is_gguf
+
+        if not is_gguf(path):
+            return None
+        return Entry(path.name, path, "gguf", path.stat().st_size, "gguf", "complete")
     if (path / MANIFEST).is_file():
         try:
             man = read_manifest(path)
@@ -101,10 +107,18 @@ def resolve(name_or_path: str) -> Path:
     arg = str(name_or_path)
     if not arg:
         raise AmedError("the model argument is empty; pass a store directory or a name from `amed list`.")
-    # ---- room for other references: `ollama:NAME`, `hf:ORG/NAME`, a `.gguf` file
-    if arg.startswith("ollama:") or arg.lower().endswith(".gguf"):
-        raise AmedError(f"{arg}: ollama names and .gguf files are not supported yet; pass an amed store or "
-                        f"a Hugging Face checkpoint directory.")
+    # ---- other references: `ollama:NAME[:TAG]` (its GGUF blob), a `.gguf` file
+    if arg.startswith("ollama:"):
+        from amed.formats.gguf import resolve_ollama
+
+        return resolve_ollama(arg)
+    if arg.lower().endswith(".gguf"):
+        p = Path(arg).expanduser()
+        if not p.exists():
+            raise AmedError(f"{arg} does not exist.")
+        if not p.is_file():
+            raise AmedError(f"{arg} is not a file; a .gguf model is one file.")
+        return p
     p = Path(arg).expanduser()
     if not is_name(arg):
         if not p.exists():
@@ -159,7 +173,12 @@ def show(path: Path) -> list[tuple[str, str]]:
     if e is None:
         raise AmedError(f"{path} is neither an amed store nor a Hugging Face checkpoint.")
     lines = [("path", str(path)), ("kind", e.kind), ("status", e.status), ("size on disk", fmt_bytes(e.size))]
-    if e.kind == "store":
+    if e.kind == "gguf":
+        from amed.formats.gguf import describe_gguf
+
+        more, cfg = describe_gguf(path)
+        lines += more
+    elif e.kind == "store":
         try:
             man = read_manifest(path)
         except AmedError as err:

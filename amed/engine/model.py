@@ -283,7 +283,7 @@ class Model:
 
 def load(path, ctx_size: int = 4096, max_ram=None, prefetch: bool = True, lookahead: str = "auto",
          log=None, experts=None, device: str = "cpu", gpu_experts: int | str = 0) -> Model:
-    """Open a Hugging Face checkpoint directory or an amed store directory.
+    """Open a Hugging Face checkpoint directory, an amed store directory or a GGUF file.
 
     For a store, `max_ram` (bytes or "16G"; default: from available memory) bounds what stays
     resident: dense weights always, routed experts in a cache within the rest, the least used
@@ -303,6 +303,12 @@ def load(path, ctx_size: int = 4096, max_ram=None, prefetch: bool = True, lookah
         from amed.formats.store import open_store
 
         source = open_store(path)
+    elif path.is_file():                       # a GGUF file (llama.cpp, ollama), run in place
+        from amed.formats.gguf import GGUF
+
+        if device != "cpu":
+            raise AmedError(f"{path} is a GGUF file; amed runs GGUF files on the cpu only (drop --device).")
+        source = GGUF(path)
     else:
         from amed.formats.checkpoint import Checkpoint
 

@@ -475,6 +475,11 @@ class Tokenizer:
         from amed.formats.files import read_regular
 
         d = Path(model_dir)
+        if d.is_file():                          # a GGUF file carries its tokenizer and template
+            from amed.formats.gguf import gguf_tokenizer, read_header
+
+            tok, kw = gguf_tokenizer(read_header(d))
+            return cls(tok, **kw)
         path = d / "tokenizer.json"
         if not _exists(path):
             raise AmedError(f"{path} is missing; the model directory needs its tokenizer files.")

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from amed.engine.backends.cpu import kernels
+from amed.engine.backends.cpu import ggml, kernels
 from amed.engine.backends.cpu.qr8 import expert_r8, matmul_r8
 from amed.engine.backends.cpu.qrows import expert_q4, expert_q6, expert_q8, matmul_q4, matmul_q6, matmul_q8
+from amed.formats.gguf import GGMLTensor
 from amed.quant.formats import QTensor, dequantize_rows
 
 
@@ -152,8 +153,33 @@ class Quant:
         return dequantize_rows(self.qt, rows)
 
 
+class GGML:
+    """A matrix in one of llama.cpp's block types (a GGUF file's; cpu/ggml.py): each row is
+    dequantized once into a float32 buffer and used for every token."""
+    __slots__ = ("gt", "shape", "nbytes")
+
+    def __init__(self, gt: GGMLTensor):
+        if gt.type_id not in ggml.SUPPORTED_IDS:
+            raise TypeError(f"no kernel for the ggml block type {gt.type_name}")
+        self.gt = gt
+        self.shape = tuple(gt.shape)
+        self.nbytes = gt.nbytes
+
+    def matmul(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        ggml.matmul_ggml(x, self.gt.raw, self.gt.type_id, ggml.H2F, out)
+        return out
+
+    def rows_f32(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
+        ggml.rows_ggml(self.gt.raw, self.gt.type_id, self.shape[1], np.asarray(rows, np.int64), ggml.H2F, out)
+        return out
+
+
 def linear(w):
-    """Bind a matrix as the store or checkpoint hands it out (ndarray or QTensor)."""
+    """Bind a matrix as the store, checkpoint or GGUF file hands it out (ndarray, QTensor or
+    GGMLTensor)."""
+    if isinstance(w, GGMLTensor):
+        return GGML(w)
     return Quant(w) if isinstance(w, QTensor) else Dense(w)
 
 
