@@ -257,3 +257,84 @@ def test_interrupted_conversion_resumes_to_the_same_bytes(tmp_path, stores, monk
     assert s["files_written"] < s["files_total"]
     for p in ref.iterdir():
         assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+# ---- amed download --quantize: shards come and go, parts of a weight may sit in two shards --------
+
+def reshard(src: Path, dst: Path, n: int) -> Path:
+    """The same checkpoint cut into n shards by sorted tensor name (raw bytes copied), so that some
+    quantized weights have their packed levels and their scales in different shards."""
+    from amed.formats.checkpoint import read_safetensors_header
+
+    dst.mkdir(parents=True)
+    infos = {}
+    for f in sorted(src.glob("*.safetensors")):
+        infos.update(read_safetensors_header(f))
+    for f in src.iterdir():
+        if f.suffix == ".json" and f.name != "model.safetensors.index.json":
+            shutil.copy(f, dst / f.name)
+    names = sorted(infos)
+
+    def splits_a_weight(i):                  # names[i - 1] and names[i] are two parts of one weight
+        a, b = names[i - 1], names[i]
+        return (a.endswith(".weight_packed") and b == a[:-len("_packed")] + "_scale"
+                or a.endswith(".weight") and b == a + "_scale_inv")
+
+    cuts = []
+    for i in range(1, n):
+        c = i * len(names) // n
+        while c < len(names) and not splits_a_weight(c):
+            c += 1
+        cuts.append(c)
+    bounds = [0] + sorted(set(cuts)) + [len(names)]
+    weight_map = {}
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        keys = names[a:b]
+        fname = f"model-{i + 1:05d}-of-{len(bounds) - 1:05d}.safetensors"
+        header, blobs, off = {}, [], 0
+        for k in keys:
+            t = infos[k]
+            with open(t.path, "rb") as fh:
+                fh.seek(t.start)
+                blobs.append(fh.read(t.nbytes))
+            header[k] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+            off += t.nbytes
+            weight_map[k] = fname
+        h = json.dumps(header).encode()
+        h += b" " * (-len(h) % 8)
+        (dst / fname).write_bytes(len(h).to_bytes(8, "little") + h + b"".join(blobs))
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert len(bounds) > 3 and all(splits_a_weight(c) for c in bounds[1:-1])
+    return dst
+
+
+@pytest.mark.parametrize("variant", ["int4", "fp8"])
+def test_download_quantize_streams_prequantized_checkpoints(tmp_path, variant, monkeypatch):
+    from amed import hub
+    from amed.quant import stream
+    from hubserver import FakeHub
+
+    for var in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_TOKEN", "AMED_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    src = reshard(DATA / variant, tmp_path / "src", 7)
+    repo = f"MedAIBase/AntAngelMed-{variant.upper()}"
+    fake = FakeHub()
+    fake.add_repo(repo, {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()})
+    with fake:
+        plan = hub.list_files(repo, endpoint=fake.url)
+        hub.download(plan, tmp_path / "dl", backoff=0.001)
+        ref_summary = quantize_model(tmp_path / "dl", tmp_path / "ref", Settings(bits=4, group_size=None))
+        deleted = []
+
+        class Probe(stream.StreamProgress):
+            def shard(self, name, event):
+                if event == "deleted":
+                    deleted.append(name)
+
+        summary = stream.download_quantize(plan, tmp_path / "store", Settings(bits=4, group_size=None),
+                                           progress=Probe(), backoff=0.001)
+    assert sorted(deleted) == sorted(p.name for p in src.glob("*.safetensors"))     # each shard once
+    assert not stream.default_download_dir(tmp_path / "store").exists()
+    for p in (tmp_path / "ref").iterdir():
+        assert (tmp_path / "store" / p.name).read_bytes() == p.read_bytes(), p.name
+    assert summary["prequant"] == ref_summary["prequant"]

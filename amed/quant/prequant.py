@@ -250,7 +250,9 @@ def virtualize(raw: dict[str, TensorInfo], cfg, scheme: Scheme, where: str, part
                 raise AmedError(f"'{hf}_zero_point' in {where}: asymmetric INT4 (zero points) is not supported.")
         parts = {suf: raw.get(n) for suf, n in names.items()}
         if any(p is None for p in parts.values()):
-            if partial:
+            if partial:                          # the rest is in a shard not here yet
+                for n in names.values():
+                    tensors.pop(n, None)
                 continue
             miss = next(n for suf, n in names.items() if parts[suf] is None)
             raise AmedError(f"tensor '{miss}' is missing from {where}: the quantized '{hf}' is incomplete.")
@@ -408,7 +410,8 @@ class PrequantCheckpoint(_Reader, Checkpoint):
 
     def read_rows_f32(self, name: str, chunk_elems: int):
         if name not in self.virtuals:
-            yield from super().read_rows_f32(name, chunk_elems)
+            plain = getattr(self, "_plain_rows", None) or super().read_rows_f32
+            yield from plain(name, chunk_elems)
             return
         rows, cols = self.virtuals[name].shape
         step = max(1, chunk_elems // max(cols, 1))
@@ -505,3 +508,122 @@ def resolve_group(settings, scheme: Scheme | None):
         return settings
     g = (scheme.group_size if scheme is not None else None) or 64
     return dataclasses.replace(settings, group_size=g)
+
+
+# ---- streamed (amed download --quantize): shards come and go ------------------------------------
+
+def index_needs(weight_map: dict[str, str], cfg, scheme: Scheme | None) -> dict[str, set[str]]:
+    """HF name of every table tensor -> the shards holding what it is made of (its packed parts, or
+    the FP8 weight and its scale), from a safetensors index checked as hostile input."""
+    if scheme is None:
+        weight_map = read_index_names(weight_map)
+        return {s.hf: {weight_map[s.hf]} for s in tensor_table(cfg)}
+    read_index_names(weight_map)
+    needs = {}
+    for s in tensor_table(cfg):
+        if s.hf + "_packed" in weight_map:
+            parts = [s.hf + x for x in ("_packed", "_scale", "_shape", "_g_idx") if s.hf + x in weight_map
+                     or x in ("_scale", "_shape")]
+        elif s.hf + "_scale_inv" in weight_map:
+            parts = [s.hf, s.hf + "_scale_inv"]
+        else:
+            parts = [s.hf]
+        for p in parts:
+            if p not in weight_map:
+                raise AmedError(f"tensor '{p}' is missing from model.safetensors.index.json: the checkpoint "
+                                f"does not match its config.json.")
+        needs[s.hf] = {weight_map[p] for p in parts}
+    return needs
+
+
+def read_index_names(weight_map: dict[str, str]) -> dict[str, str]:
+    import os
+
+    for fname in set(weight_map.values()):
+        if "/" in fname or os.sep in fname or fname.startswith("."):
+            raise AmedError(f"the index names a shard outside the model directory: {fname!r}.")
+        if not fname.endswith(".safetensors"):
+            raise AmedError(f"the index names a shard that is not a .safetensors file: {fname!r}.")
+    return weight_map
+
+
+class PrequantShardedCheckpoint(_Reader):
+    """ShardedCheckpoint's interface (add_shard / drop_shard / tensors / read_rows_f32 / close) for a
+    pre-quantized checkpoint: a virtual weight appears once every shard holding a part of it is here."""
+
+    def __init__(self, path, config, weight_map: dict[str, str], scheme: Scheme):
+        from amed.formats.checkpoint import hf_tensor_specs
+
+        self.path, self.config, self.weight_map, self.scheme = Path(path), config, weight_map, scheme
+        self.raw: dict[str, TensorInfo] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self.virtuals: dict[str, Virtual] = {}
+        self.stats = {"lossless_tensors": 0, "inexact_groups": 0, "requantized_tensors": 0}
+        self._fds: dict[Path, int] = {}
+        self._specs = hf_tensor_specs(config)
+
+    def _fd(self, path: Path) -> int:
+        from amed.formats.files import open_regular
+
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = open_regular(path)
+        return fd
+
+    def add_shard(self, fname: str) -> None:
+        from amed.formats.checkpoint import read_safetensors_header
+
+        header = read_safetensors_header(self.path / fname)
+        for key, where in self.weight_map.items():
+            if where != fname:
+                continue
+            t = header.get(key)
+            if t is None:
+                raise AmedError(f"tensor '{key}' is listed in the index under {fname} "
+                                f"but that shard does not contain it: the shard is damaged.")
+            self.raw[key] = t
+        old = set(self.virtuals)
+        tensors, self.virtuals = virtualize(self.raw, self.config, self.scheme, fname, partial=True)
+        for key, t in tensors.items():
+            if key in self._specs:
+                shape, dtype = self._specs[key]
+                if t.shape != shape:
+                    raise AmedError(f"tensor '{key}' in {t.path.name} has shape {list(t.shape)}, "
+                                    f"but config.json implies {list(shape)}.")
+                if t.dtype not in (dtype, "F32", "BF16"):
+                    raise AmedError(f"tensor '{key}' in {t.path.name} has dtype {t.dtype}; expected {dtype}.")
+        for hf in set(self.virtuals) - old:
+            self._check_shape(self.virtuals[hf], hf)
+        self.tensors = tensors
+
+    def drop_shard(self, fname: str) -> None:
+        import os
+
+        fpath = self.path / fname
+        self.raw = {k: t for k, t in self.raw.items() if t.path != fpath}
+        self.tensors = {k: t for k, t in self.tensors.items() if t.path != fpath}
+        self.virtuals = {k: v for k, v in self.virtuals.items() if all(p.path != fpath for p in v.parts.values())}
+        fd = self._fds.pop(fpath, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        import os
+
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def read_rows_f32(self, name: str, chunk_elems: int):
+        return PrequantCheckpoint.read_rows_f32(self, name, chunk_elems)
+
+    def _plain_rows(self, name, chunk_elems):
+        t = self.tensors[name]
+        rows = t.shape[0] if t.shape else 1
+        step = max(1, chunk_elems // max(1, math.prod(t.shape[1:])))
+        for r in range(0, rows, step):
+            a = self._f32(t, r, min(step, rows - r)) if t.shape else self._f32(t, 0, 1)
+            yield r, a
+
+    def convert_direct(self, writer, spec, settings) -> bool:
+        return convert_direct(self, writer, spec, settings)

@@ -35,6 +35,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from amed import hub
+from amed.quant import prequant
 from amed.formats.checkpoint import DTYPES, ShardedCheckpoint, TensorSpec, read_index, tensor_table
 from amed.config import ModelConfig
 from amed.formats.container import ContainerWriter, sha256_file, write_json_atomic
@@ -85,7 +86,9 @@ def download_quantize(plan: hub.Plan, dst, settings: Settings = Settings(), *, l
     dst = Path(dst).expanduser()
     dl = Path(local_dir).expanduser() if local_dir else default_download_dir(dst)
     progress = progress or StreamProgress()
-    settings.validate()
+    import dataclasses
+
+    dataclasses.replace(settings, group_size=settings.group_size or 64).validate()   # None: resolved in _run
     remote = {f.path: f for f in plan.files}
     for name in ("config.json", INDEX):
         if name not in remote:
@@ -134,11 +137,23 @@ def _run(plan, remote, dst, dl, settings, token, force, progress, overlap, retri
     for name in small:
         hub.download_file(remote[name], dl, **fetch_kw)
     cfg = ModelConfig.from_file(dl)
-    weight_map = read_index(dl / INDEX, cfg)
+    scheme = prequant.read_config_scheme(dl)     # a pre-quantized checkpoint (INT4, FP8): quant/prequant.py
+    settings = prequant.resolve_group(settings, scheme)
+    settings.validate()
+    if scheme is None:
+        weight_map = read_index(dl / INDEX, cfg)
+        needs = {s.hf: {weight_map[s.hf]} for s in tensor_table(cfg)}
+    else:
+        from amed.formats.checkpoint import _weight_map
+
+        weight_map = _weight_map(dl / INDEX)
+        needs = prequant.index_needs(weight_map, cfg, scheme)
     table = tensor_table(cfg)
-    by_shard: dict[str, list[TensorSpec]] = {}
+    # a tensor converts once the last shard holding a part of it is here (a pre-quantized weight's
+    # packed levels and scales may sit in two shards; a shard stays until nothing pending needs it)
+    by_shard: dict[str, list[TensorSpec]] = {sh: [] for sh in set().union(*needs.values())}
     for s in table:
-        by_shard.setdefault(weight_map[s.hf], []).append(s)
+        by_shard[max(needs[s.hf])].append(s)
     by_shard = dict(sorted(by_shard.items()))
     for shard in by_shard:
         if shard not in remote:
@@ -187,7 +202,10 @@ def _run(plan, remote, dst, dl, settings, token, force, progress, overlap, retri
         return [s for s in by_shard[shard]
                 if file_of[s.name] not in man["files"] and s.name not in written.get(file_of[s.name], ())]
 
-    todo = [sh for sh in by_shard if pending(sh)]
+    def pending_all() -> list[TensorSpec]:
+        return [s for sh in by_shard for s in pending(sh)]
+
+    todo = sorted(set().union(*(needs[s.hf] for s in pending_all())))
     for sh in sorted(set(by_shard) - set(todo)):  # converted, then stopped before it was deleted
         if hub.local_path(remote[sh], dl).exists() or hub.part_path(remote[sh], dl).exists():
             hub.remove_file(remote[sh], dl)
@@ -217,7 +235,9 @@ def _run(plan, remote, dst, dl, settings, token, force, progress, overlap, retri
                    total_src, done_src, ntensors)
 
     # ---- the loop: download (one ahead), validate, convert, sync, record, finish files, delete
-    reader = ShardedCheckpoint(dl, cfg, weight_map)
+    reader = (ShardedCheckpoint(dl, cfg, weight_map) if scheme is None
+              else prequant.PrequantShardedCheckpoint(dl, cfg, weight_map, scheme))
+    on_disk: list[str] = []                       # added to the reader, not yet deleted
     cancel = threading.Event()
 
     def fetch(sh: str) -> None:
@@ -235,6 +255,7 @@ def _run(plan, remote, dst, dl, settings, token, force, progress, overlap, retri
             if overlap and i + 1 < len(todo):
                 nxt = dlpool.submit(fetch, todo[i + 1])
             reader.add_shard(sh)                  # validates the header against the tensor table
+            on_disk.append(sh)
             specs = pending(sh)
             for s in specs:
                 f = file_of[s.name]
@@ -257,9 +278,12 @@ def _run(plan, remote, dst, dl, settings, token, force, progress, overlap, retri
             progress.shard(sh, "converted")
             if finish_whole_files(touched):
                 save()
-            reader.drop_shard(sh)
-            hub.remove_file(remote[sh], dl)
-            progress.shard(sh, "deleted")
+            still = set().union(*(needs[s.hf] for s in pending_all())) if scheme is not None else set()
+            for old in [x for x in on_disk if x not in still]:
+                reader.drop_shard(old)
+                hub.remove_file(remote[old], dl)
+                on_disk.remove(old)
+                progress.shard(old, "deleted")
             if not overlap and i + 1 < len(todo):
                 nxt = dlpool.submit(fetch, todo[i + 1])
     except BaseException:
@@ -296,7 +320,10 @@ def _run(plan, remote, dst, dl, settings, token, force, progress, overlap, retri
     except OSError:
         pass                                       # --local-dir held other files: leave them
     ckpt = SimpleNamespace(tensors={k: SimpleNamespace(nbytes=v) for k, v in src_nbytes.items()})
-    return summarize(cfg, settings, plans, ckpt, time.perf_counter() - t0, dst)
+    summary = summarize(cfg, settings, plans, ckpt, time.perf_counter() - t0, dst)
+    if scheme is not None:
+        summary["prequant"] = {"source": scheme.label, **reader.stats}
+    return summary
 
 
 def _result(fut):
