@@ -188,6 +188,7 @@ def test_kernels_equal_gguf_dequantize():
     for name in SUPPORTED:
         tid = GGML_TYPES[name][0]
         raw = np.ascontiguousarray(random_blocks(7, 512, name, rng))
+        raw.flags.writeable = False          # as a file's map hands it out: one compiled signature
         ref = dequantize(raw, QT[name]).reshape(7, 512).astype(np.float32)
         out = np.empty((7, 512), np.float32)
         ggml.rows_ggml(raw, tid, 512, np.arange(7), ggml.H2F, out)

@@ -470,6 +470,10 @@ def model_config(path: Path):
 
     if (path / MANIFEST).is_file():
         return ModelConfig.from_dict(read_manifest(path)["config"])
+    if path.is_file():                                    # a GGUF file
+        from amed.formats.gguf import gguf_config, read_header
+
+        return gguf_config(read_header(path))
     return ModelConfig.from_file(path)
 
 
@@ -561,7 +565,7 @@ def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
     home = amed_home()
     m = load(path, ctx_size=need + 16, experts=options, device=plan.device,
              log=lambda msg: console.print(f"[yellow]{msg}[/]"))
-    tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+    tok = Tokenizer.from_dir(path) if path.is_file() or (path / "tokenizer.json").exists() else None
     if not (home / "membw.json").exists():
         console.print("[dim]measuring memory bandwidth (once: cached for later runs)...[/]")
     bw = memory_bandwidth_gbs(home / "membw.json")
@@ -569,7 +573,7 @@ def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
     size = sum((path / f).stat().st_size for f in getattr(src, "manifest", {}).get("files", {})) or \
         sum(t.nbytes for t in src.tensors.values())
     quant = getattr(src, "manifest", {}).get("quantization", {})
-    qdesc = f"q{quant['bits']}/g{quant['group_size']}" if quant else "bf16"
+    qdesc = f"q{quant['bits']}/g{quant['group_size']}" if quant else getattr(src, "type_mix", "bf16")
     cache = m.experts.cache
     if cache is not None and hasattr(cache, "touch_memory"):
         console.print(f"[dim]touching {fmt_size(cache.capacity * cache.slot_size)} of memory for the expert "

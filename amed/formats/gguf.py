@@ -446,6 +446,16 @@ class GGUF:
                     a = t.start // mmap.PAGESIZE * mmap.PAGESIZE
                     self.map.madvise(mmap.MADV_WILLNEED, a, t.end - a)
 
+    @property
+    def type_mix(self) -> str:
+        """The block types of the matrices, most bytes first (`Q4_K+Q6_K+F32`)."""
+        from collections import Counter
+
+        c = Counter()
+        for t in self.tensors.values():
+            c[t.type_name] += t.nbytes
+        return "+".join(k for k, _ in c.most_common())
+
     def check_files(self) -> None:
         self._watch.check()
 
