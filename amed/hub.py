@@ -41,6 +41,27 @@ DEFAULT_INCLUDE = ("*.json", "*.safetensors", "*.jinja", "tokenizer*", "LICENSE*
 # Never fetched, whatever --include says: repo code (amed never runs it) and pickle-based weight formats.
 NEVER_FETCH = ("*.py", "*.pyc", "*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "*.joblib")
 
+# The AntAngelMed checkpoints on the hub, smallest first: (repo, weights, approximate download bytes, what for).
+# Sizes: bf16 from the repo's file list (205.8 GB); INT4 and FP8 estimated from the parameter counts
+# (shared/docs/prequantized.md §1.4, §2.3). `amed download` prints this before it starts.
+CHECKPOINTS = (
+    ("MedAIBase/AntAngelMed-INT4", "INT4", "~56 GB", "smallest; copied losslessly into an int4 store"),
+    ("MedAIBase/AntAngelMed-FP8", "FP8", "~104 GB", "for an int8 store (--bits 8)"),
+    ("MedAIBase/AntAngelMed", "bf16", "206 GB", "the original; the reference for perplexity --kld-base"),
+)
+
+
+def checkpoint_menu(current: str | None = None) -> str:
+    """The lines `amed download` prints before it starts: which AntAngelMed checkpoints exist, their
+    sizes, and which is being fetched (so a slow line can pick the small one)."""
+    width = max(len(r) for r, *_ in CHECKPOINTS)
+    lines = ["AntAngelMed checkpoints (each makes an amed store; on a slow line take the smallest):"]
+    for repo, kind, size, why in CHECKPOINTS:
+        mark = "  <- this one" if current == repo else ""
+        lines.append(f"  {repo:<{width}} {kind:>4} {size:>8}  {why}{mark}")
+    return "\n".join(lines)
+
+
 STATE_DIR = ".amed"
 STATE_FILE = "download.json"
 PART_SUFFIX = ".part"

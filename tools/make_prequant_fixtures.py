@@ -168,7 +168,7 @@ def make_fp8(src: Path, out: Path, base: dict, config: dict, ref: dict) -> None:
 
 def main(out: Path) -> None:
     if not compressed_tensors.__version__.startswith("0.12."):
-        sys.exit(f"needs compressed-tensors 0.12.x (its compressor still writes weight_g_idx); "
+        sys.exit(f"needs compressed-tensors 0.12.x (0.20 no longer packs weight_g_idx); "
                  f"found {compressed_tensors.__version__}: pip install -e '.[fixtures]'")
     if out.exists():
         shutil.rmtree(out)

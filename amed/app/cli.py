@@ -74,6 +74,8 @@ def main_options(
 # store formats, shared by quantize, download --quantize and synth --bits
 DENSE_HELP = "Attention, shared expert, dense MLP and embeddings: q8, q6, q4 or bf16."
 LAYOUT_HELP = "q4/q8 row order: r8 (8 rows interleaved: faster prefill) or rows (store format 1; for A/B runs)."
+GROUP_HELP = ("Weights per scale: 32, 64 or 128 (default: 64; for an INT4 checkpoint its own group, "
+              "128, which copies its weights losslessly).")
 HEAD_HELP = ("lm_head (the output layer, read whole for every token): q8, q6, q4, bf16 or auto "
              "(q6; q8 with --bits 8 --dense q8; bf16 with --dense bf16).")
 
@@ -131,8 +133,8 @@ def download(
         "-o", "--output", metavar="STORE", rich_help_panel="Quantize while downloading",
         help="Store directory (default: ~/.cache/amed/stores/NAME-qBITS). Shards go to --local-dir "
              "(default: .STORE.download next to it), which is emptied and removed at the end.")] = None,
-    group_size: Annotated[int, typer.Option("--group-size", "-g", rich_help_panel="Quantize while downloading",
-                                            help="Weights per scale: 32, 64 or 128.")] = 64,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", "-g", rich_help_panel="Quantize while downloading",
+                                                      help=GROUP_HELP, show_default=False)] = None,
     dense: Annotated[str, typer.Option(rich_help_panel="Quantize while downloading", help=DENSE_HELP)] = "q8",
     head: Annotated[str, typer.Option(rich_help_panel="Quantize while downloading", help=HEAD_HELP)] = "auto",
     layout: Annotated[str, typer.Option(rich_help_panel="Quantize while downloading", help=LAYOUT_HELP)] = "r8",
@@ -140,9 +142,14 @@ def download(
                                         "(same-named files are replaced); with --quantize: overwrite a store "
                                         "amed wrote.")] = False,
 ):
-    """Download the AntAngelMed checkpoint from the Hugging Face hub (resumable, verified).
+    """Download an AntAngelMed checkpoint from the Hugging Face hub (resumable, verified).
 
-    Lists the files and checks free disk space first.
+    Which checkpoint? All three make an amed store; pick by download size:
+    MedAIBase/AntAngelMed-INT4, ~56 GB: the smallest, copied without loss into an int4 store (most machines; slow lines).
+    MedAIBase/AntAngelMed-FP8, ~104 GB: for an int8 store (--bits 8), closer to the original, if RAM allows.
+    MedAIBase/AntAngelMed, bf16, 206 GB (the default): any store; the reference for perplexity --kld-base.
+
+    Lists the files, sizes and free disk space first.
     Interrupted (network drop, Ctrl-C, kill)? Run it again: it resumes from the bytes on disk.
     Every file is checked against the hub's SHA-256; verified files are skipped next time.
     With --quantize 4 -o STORE it writes the quantized store directly, one shard at a time
@@ -185,6 +192,7 @@ def download(
     hub.check_access(plan, token)
     needed = hub.bytes_needed(plan, dest)
     fmt = hub.fmt_bytes
+    _checkpoint_menu(repo_id)                     # before the disk check: a smaller one may fit
 
     if dry_run:
         state = hub.load_state(dest)
@@ -210,6 +218,15 @@ def download(
     finished(dest)
 
 
+def _checkpoint_menu(repo_id: str) -> None:
+    """On stderr, before a download of an AntAngelMed repository starts: the checkpoints that
+    exist and their sizes (a slow line should take the INT4 one)."""
+    from amed import hub
+
+    if repo_id.split("/")[-1].startswith("AntAngelMed"):
+        err.print(hub.checkpoint_menu(repo_id), markup=False, highlight=False)
+
+
 def _download_quantize(repo_id, revision, local_dir, include, exclude, token, source, dry_run, bits, output,
                        group_size, dense, head, layout, force) -> None:
     """`amed download --quantize`: see amed/quant/stream.py."""
@@ -225,11 +242,14 @@ def _download_quantize(repo_id, revision, local_dir, include, exclude, token, so
     if include or exclude:
         fail("--include/--exclude cannot be combined with --quantize (it fetches exactly what the store needs).")
     settings = Settings(bits=bits, group_size=group_size, dense=dense, head=head, layout=layout)
-    settings.validate()
+    import dataclasses
+
+    dataclasses.replace(settings, group_size=group_size or 64).validate()   # None: set by the checkpoint
     store = (output_path(output) if output is not None
              else default_store_dir().parent / f"{repo_id.split('/')[-1]}-q{bits}")
     plan = hub.list_files(repo_id, revision=revision, token=token)
     hub.check_access(plan, token)
+    _checkpoint_menu(repo_id)
     scratch = local_dir or default_download_dir(store)
     err.print(f"{repo_id}@{plan.commit[:12]} -> {store} (q{bits}, shards pass through {scratch})", markup=False)
     try:
@@ -250,7 +270,7 @@ def quantize(
     src: Annotated[Path, typer.Argument(help="Hugging Face checkpoint directory (from `amed download`).")],
     output: Annotated[str, typer.Option("-o", "--output", metavar="STORE", help="Store directory to write.")],
     bits: Annotated[int, typer.Option("--bits", "-b", help="Routed experts: 4 (int4) or 8 (int8).")] = 4,
-    group_size: Annotated[int, typer.Option("--group-size", "-g", help="Weights per scale: 32, 64 or 128.")] = 64,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", "-g", help=GROUP_HELP, show_default=False)] = None,
     dense: Annotated[str, typer.Option(help=DENSE_HELP)] = "q8",
     head: Annotated[str, typer.Option(help=HEAD_HELP)] = "auto",
     layout: Annotated[str, typer.Option(help=LAYOUT_HELP)] = "r8",
@@ -310,6 +330,16 @@ def print_quantize_summary(s: dict) -> None:
     if s.get("skipped_bytes"):
         earlier = (f"; {s['files_total'] - s['files_written']} of {s['files_total']} files "
                    f"({human(s['skipped_bytes'])} of source) were already done by an earlier run")
+    pq = s.get("prequant")
+    if pq and pq["source"].startswith("FP8"):
+        err.print(f"source: {pq['source']}: dequantized block by block, then quantized as from bf16.",
+                  markup=False, highlight=False)
+    elif pq:
+        inexact = f", {pq['inexact_groups']} groups with a scale float16 cannot hold" if pq["inexact_groups"] else ""
+        again = (f"; {pq['requantized_tensors']} re-quantized from their exact dequantization (permuted groups "
+                 f"or another group size)") if pq["requantized_tensors"] else ""
+        err.print(f"source: {pq['source']}: {pq['lossless_tensors']} quantized matrices copied without loss"
+                  f"{inexact}{again}.", markup=False, highlight=False)
     err.print(f"{human(read)} read in {s['seconds']:.1f} s ({human(read / max(s['seconds'], 1e-9))}/s){earlier}. "
               f"Next: [bold]amed chat -m {s['path']}[/]")
 
