@@ -222,6 +222,13 @@ def test_quantized_file_matches_reference(files, which):
     k = cfg["num_experts_per_tok"]
     moe_layers = cfg["num_hidden_layers"] - cfg["first_k_dense_replace"]
     assert 0 < len(m.experts.touched) <= min(len(ids) * k, cfg["num_experts"]) * moe_layers
+    # each expert is read ahead (its three byte ranges) once, when first chosen
+    m.source.prefetch_experts(1, [0, cfg["num_experts"] - 1])
+    calls = []
+    m.source.prefetch_experts = lambda L, es: calls.extend((L, e) for e in es)
+    m.use_experts()
+    np.testing.assert_array_equal(m.logits(ids), got)
+    assert sorted(calls) == sorted(m.experts.touched)
 
 
 def test_tokenizer_and_template_from_gguf(files):

@@ -506,6 +506,21 @@ class GGUF:
             return raw.view(np.float16).astype(np.float32)
         return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)     # BF16 (checked at open)
 
+    def prefetch_experts(self, layer: int, experts) -> None:
+        """Ask the kernel to start reading the chosen experts (MADV_WILLNEED): each is one byte
+        range in each of the layer's three stacked tensors."""
+        if not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        for m in ("gate", "up", "down"):
+            t = self.tensors.get(f"blk.{layer}.ffn_{m}_exps.weight")
+            if t is None:
+                continue
+            per = t.nbytes // t.shape[0]
+            for e in experts:
+                start = t.start + int(e) * per
+                a = start // mmap.PAGESIZE * mmap.PAGESIZE
+                self.map.madvise(mmap.MADV_WILLNEED, a, start + per - a)
+
     def expert(self, layer: int, e: int) -> tuple:
         return tuple(self.matrix(f"blk.{layer}.ffn_{m}_exps.{e}") for m in ("gate", "up", "down"))
 
