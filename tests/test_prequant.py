@@ -308,33 +308,113 @@ def reshard(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("variant", ["int4", "fp8"])
-def test_download_quantize_streams_prequantized_checkpoints(tmp_path, variant, monkeypatch):
+@pytest.fixture(scope="module", params=["int4", "fp8"])
+def hubbed(request, tmp_path_factory):
+    """A pre-quantized checkpoint cut into shards that split weights, on the fake hub, and the store
+    that `amed download` then `amed quantize` make of it: (variant, repo, shards, fake hub, store, summary)."""
     from amed import hub
-    from amed.quant import stream
     from hubserver import FakeHub
 
-    for var in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_TOKEN", "AMED_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    src = reshard(DATA / variant, tmp_path / "src", 7)
+    variant = request.param
+    tmp = tmp_path_factory.mktemp(f"hub-{variant}")
+    src = reshard(DATA / variant, tmp / "src", 7)
     repo = f"MedAIBase/AntAngelMed-{variant.upper()}"
     fake = FakeHub()
     fake.add_repo(repo, {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()})
     with fake:
         plan = hub.list_files(repo, endpoint=fake.url)
-        hub.download(plan, tmp_path / "dl", backoff=0.001)
-        ref_summary = quantize_model(tmp_path / "dl", tmp_path / "ref", Settings(bits=4, group_size=None))
-        deleted = []
+        hub.download(plan, tmp / "dl", backoff=0.001)
+        summary = quantize_model(tmp / "dl", tmp / "ref", Settings(bits=4, group_size=None))
+        yield variant, repo, sorted(p.name for p in src.glob("*.safetensors")), fake, tmp / "ref", summary
 
-        class Probe(stream.StreamProgress):
-            def shard(self, name, event):
-                if event == "deleted":
-                    deleted.append(name)
 
-        summary = stream.download_quantize(plan, tmp_path / "store", Settings(bits=4, group_size=None),
-                                           progress=Probe(), backoff=0.001)
-    assert sorted(deleted) == sorted(p.name for p in src.glob("*.safetensors"))     # each shard once
+@pytest.fixture
+def _hub_env(monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_TOKEN", "AMED_HOME"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def _stream(hubbed, dst, progress=None):
+    from amed import hub
+    from amed.quant import stream
+
+    _, repo, _, fake, _, _ = hubbed
+    return stream.download_quantize(hub.list_files(repo, endpoint=fake.url), dst, Settings(bits=4, group_size=None),
+                                    progress=progress, backoff=0.001)
+
+
+def _same_bytes(ref: Path, dst: Path):
+    assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in ref.iterdir())
+    for p in ref.iterdir():
+        assert (dst / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_download_quantize_streams_prequantized_checkpoints(hubbed, tmp_path, _hub_env):
+    from amed.quant import stream
+
+    _, _, shards, _, ref, ref_summary = hubbed
+    deleted = []
+
+    class Probe(stream.StreamProgress):
+        def shard(self, name, event):
+            if event == "deleted":
+                deleted.append(name)
+
+    summary = _stream(hubbed, tmp_path / "store", Probe())
+    assert sorted(deleted) == shards                               # each shard deleted once
     assert not stream.default_download_dir(tmp_path / "store").exists()
-    for p in (tmp_path / "ref").iterdir():
-        assert (tmp_path / "store" / p.name).read_bytes() == p.read_bytes(), p.name
+    _same_bytes(ref, tmp_path / "store")
     assert summary["prequant"] == ref_summary["prequant"]
+
+
+def test_download_quantize_interrupted_anywhere_resumes_to_the_same_bytes(hubbed, tmp_path, _hub_env):
+    """Ctrl-C while a weight's first shard waits for its second, mid-conversion, before a shard is
+    deleted: each rerun of the same command continues, and the end is the same store."""
+    from amed.quant import stream
+
+    _, _, shards, fake, ref, _ = hubbed
+    dst = tmp_path / "store"
+    counts: dict = {}
+    stop: list = [None]
+
+    class Chaos(stream.StreamProgress):
+        def converted(self, done, tensors):
+            self.tick("convert")
+
+        def shard(self, name, event):
+            self.tick(event)
+
+        def tick(self, kind):
+            counts[kind] = counts.get(kind, 0) + 1
+            if stop[0] == (kind, counts[kind]):
+                raise KeyboardInterrupt
+
+    for point in [("downloaded", 2), ("convert", 9), ("deleted", 1), ("converted", 2), ("convert", 12)]:
+        counts.clear()
+        stop[0] = point
+        with pytest.raises(KeyboardInterrupt):
+            _stream(hubbed, dst, Chaos())
+        with pytest.raises(AmedError, match="incomplete"):
+            amed.load(dst)
+    stop[0] = None
+    _stream(hubbed, dst, Chaos())
+    _same_bytes(ref, dst)
+    assert not stream.default_download_dir(dst).exists()
+
+
+def test_download_prints_the_checkpoints_and_sizes_first(hubbed, tmp_path, monkeypatch, capsys, _hub_env):
+    import sys
+
+    from amed.app import cli
+
+    _, repo, _, fake, _, _ = hubbed
+    monkeypatch.setenv("HF_ENDPOINT", fake.url)
+    monkeypatch.setattr(sys, "argv", ["amed", "download", repo, "--dry-run", "--local-dir", str(tmp_path / "d")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main()
+    err = capsys.readouterr().err
+    lines = {ln.split()[0]: ln for ln in err.splitlines() if ln.startswith("  MedAIBase/")}
+    assert set(lines) == {"MedAIBase/AntAngelMed", "MedAIBase/AntAngelMed-FP8", "MedAIBase/AntAngelMed-INT4"}
+    assert "206 GB" in lines["MedAIBase/AntAngelMed"] and "~104 GB" in lines["MedAIBase/AntAngelMed-FP8"]
+    assert "~56 GB" in lines["MedAIBase/AntAngelMed-INT4"] and "<- this one" in lines[repo]
