@@ -233,7 +233,9 @@ def virtualize(raw: dict[str, TensorInfo], cfg, scheme: Scheme, where: str, part
     each. `partial`: a streamed checkpoint whose other shards are not here yet (skip incomplete ones)."""
     tensors = dict(raw)
     virtuals: dict[str, Virtual] = {}
-    linear = {s.hf for s in tensor_table(cfg) if len(s.shape) == 2 and s.kind not in ("router", "embed")}
+    table = tensor_table(cfg)
+    shapes = {s.hf: s.shape for s in table}
+    linear = {s.hf for s in table if len(s.shape) == 2 and s.kind not in ("router", "embed")}
     bases = {k[:-len(".weight_packed")] for k in raw if k.endswith(".weight_packed")}
     bases |= {k[:-len(".weight_scale_inv")] for k in raw if k.endswith(".weight_scale_inv")}
     if scheme.method == "fp8":
@@ -258,7 +260,7 @@ def virtualize(raw: dict[str, TensorInfo], cfg, scheme: Scheme, where: str, part
             raise AmedError(f"tensor '{miss}' is missing from {where}: the quantized '{hf}' is incomplete.")
         if hf in raw and scheme.method != "fp8":
             raise AmedError(f"{where} holds both '{hf}' and its packed form: the checkpoint is inconsistent.")
-        v = _check_virtual(hf, parts, cfg, scheme, where)
+        v = _check_virtual(hf, parts, shapes.get(hf), scheme, where)
         for n in names.values():
             tensors.pop(n, None)
         tensors[hf] = TensorInfo(hf, v.parts[next(iter(v.parts))].path, "BF16", v.shape, 0,
@@ -280,9 +282,7 @@ def virtualize(raw: dict[str, TensorInfo], cfg, scheme: Scheme, where: str, part
     return tensors, virtuals
 
 
-def _check_virtual(hf: str, parts: dict, cfg, scheme: Scheme, where: str) -> Virtual:
-    shapes = {s.hf: s.shape for s in tensor_table(cfg)}
-    shape = shapes.get(hf)
+def _check_virtual(hf: str, parts: dict, shape, scheme: Scheme, where: str) -> Virtual:
     if scheme.method == "fp8":
         w, s = parts[""], parts["_scale_inv"]
         if w.dtype != "F8_E4M3" or len(w.shape) != 2:
