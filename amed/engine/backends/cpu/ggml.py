@@ -238,6 +238,101 @@ def dequant_row(r, typ, k, h2f, y):
         raise ValueError("dequant_row: unsupported ggml type")
 
 
+# ---- one row . x, without a buffer (decode: a few tokens) ---------------------------------------
+# Each block's integer levels are multiplied into x and the block's scale applied once; the loops
+# over a block's bytes have no branches, so LLVM vectorizes them.
+
+FM = {"reassoc", "contract"}
+
+
+@njit(fastmath=FM, **JIT)
+def _dot_q4_0(r, x, nb, h2f):
+    acc = F32(0.0)
+    for b in range(nb):
+        o, i = b * 18 + 2, b * 32
+        s = F32(0.0)
+        for j in range(16):
+            q = np.int32(r[o + j])
+            s += x[i + j] * F32((q & 15) - 8) + x[i + 16 + j] * F32((q >> 4) - 8)
+        acc += _h(r, b * 18, h2f) * s
+    return acc
+
+
+@njit(fastmath=FM, **JIT)
+def _dot_q8_0(r, x, nb, h2f):
+    ri = r.view(np.int8)
+    acc = F32(0.0)
+    for b in range(nb):
+        o, i = b * 34 + 2, b * 32
+        s = F32(0.0)
+        for j in range(32):
+            s += x[i + j] * F32(ri[o + j])
+        acc += _h(r, b * 34, h2f) * s
+    return acc
+
+
+@njit(fastmath=FM, **JIT)
+def _dot_q4_k(r, x, nb, h2f):
+    acc = F32(0.0)
+    for b in range(nb):
+        o = b * 144
+        d, dmin = _h(r, o, h2f), _h(r, o + 2, h2f)
+        for j in range(4):
+            q, i = o + 16 + 32 * j, b * 256 + 64 * j
+            s1 = s2 = x1 = x2 = F32(0.0)
+            for l in range(32):
+                v = np.int32(r[q + l])
+                s1 += x[i + l] * F32(v & 15)
+                s2 += x[i + 32 + l] * F32(v >> 4)
+                x1 += x[i + l]
+                x2 += x[i + 32 + l]
+            sc1, mn1 = _scale_min_k4(2 * j, r, o + 4)
+            sc2, mn2 = _scale_min_k4(2 * j + 1, r, o + 4)
+            acc += d * (F32(sc1) * s1 + F32(sc2) * s2) - dmin * (F32(mn1) * x1 + F32(mn2) * x2)
+    return acc
+
+
+@njit(fastmath=FM, **JIT)
+def _dot_q6_k(r, x, nb, h2f):
+    ri = r.view(np.int8)
+    acc = F32(0.0)
+    for b in range(nb):
+        o = b * 210
+        d = _h(r, o + 208, h2f)
+        blk = F32(0.0)
+        for half in range(2):
+            ql, qh, sc = o + half * 64, o + 128 + half * 32, o + 192 + half * 8
+            i = b * 256 + half * 128
+            for g in range(2):
+                s1 = s2 = s3 = s4 = F32(0.0)
+                for l in range(16 * g, 16 * g + 16):
+                    h = np.int32(r[qh + l])
+                    a, c = np.int32(r[ql + l]), np.int32(r[ql + l + 32])
+                    s1 += x[i + l] * F32(((a & 15) | ((h & 3) << 4)) - 32)
+                    s2 += x[i + l + 32] * F32(((c & 15) | (((h >> 2) & 3) << 4)) - 32)
+                    s3 += x[i + l + 64] * F32(((a >> 4) | (((h >> 4) & 3) << 4)) - 32)
+                    s4 += x[i + l + 96] * F32(((c >> 4) | (((h >> 6) & 3) << 4)) - 32)
+                blk += (F32(ri[sc + g]) * s1 + F32(ri[sc + g + 2]) * s2 + F32(ri[sc + g + 4]) * s3
+                        + F32(ri[sc + g + 6]) * s4)
+        acc += d * blk
+    return acc
+
+
+FUSED = (2, 8, 12, 14)             # Q4_0, Q8_0, Q4_K, Q6_K: the types of Q4_0, Q8_0 and Q4_K_M files
+FUSED_T = 4                        # up to this many tokens the fused dots beat dequantize-then-dot
+
+
+@njit(**JIT)
+def _row_dot(r, typ, x, k, h2f):
+    if typ == 2:
+        return _dot_q4_0(r, x, k // 32, h2f)
+    if typ == 8:
+        return _dot_q8_0(r, x, k // 32, h2f)
+    if typ == 12:
+        return _dot_q4_k(r, x, k // 256, h2f)
+    return _dot_q6_k(r, x, k // 256, h2f)
+
+
 # ---- matrices ----------------------------------------------------------------------------------
 
 @njit(fastmath={"reassoc", "contract"}, **JIT)
@@ -258,6 +353,11 @@ def matmul_ggml(x, raw, typ, h2f, out):
     N = raw.shape[0]
     if out.shape[0] != T or out.shape[1] != N:
         raise ValueError("matmul_ggml: shapes do not match (x [T, K], W [N, K], out [T, N])")
+    if T <= FUSED_T and (typ == 2 or typ == 8 or typ == 12 or typ == 14):   # FUSED
+        for n in prange(N):
+            for t in range(T):
+                out[t, n] = _row_dot(raw[n], typ, x[t], K, h2f)
+        return
     for c in prange((N + ROWS - 1) // ROWS):
         buf = np.empty(K, np.float32)
         for n in range(c * ROWS, min(N, c * ROWS + ROWS)):
