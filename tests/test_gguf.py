@@ -193,11 +193,12 @@ def test_kernels_equal_gguf_dequantize():
         out = np.empty((7, 512), np.float32)
         ggml.rows_ggml(raw, tid, 512, np.arange(7), ggml.H2F, out)
         np.testing.assert_array_equal(out, ref, err_msg=name)
-        x = rng.standard_normal((3, 512)).astype(np.float32)
-        y = np.empty((3, 7), np.float32)
-        ggml.matmul_ggml(x, raw, tid, ggml.H2F, y)
-        np.testing.assert_allclose(y, x.astype(np.float64) @ ref.T.astype(np.float64), rtol=1e-5, atol=1e-5,
-                                   err_msg=name)
+        for T in (1, ggml.FUSED_T + 2):                 # fused row dots (decode), dequantize-then-dot
+            x = rng.standard_normal((T, 512)).astype(np.float32)
+            y = np.empty((T, 7), np.float32)
+            ggml.matmul_ggml(x, raw, tid, ggml.H2F, y)
+            np.testing.assert_allclose(y, x.astype(np.float64) @ ref.T.astype(np.float64), rtol=1e-5, atol=1e-5,
+                                       err_msg=name)
 
 
 def test_bf16_file_equals_checkpoint(files):
@@ -241,6 +242,25 @@ def test_tokenizer_and_template_from_gguf(files):
     assert tok.encode_chat(msgs) == ref.encode_chat(msgs)
     assert tok.decode(ref.encode(text)) == text
     assert ref.stop_ids <= tok.stop_ids | {4} and tok.token_to_id("<|role_end|>") in tok.stop_ids
+
+
+def test_ling_pretokenizer():
+    """tokenizer.ggml.pre 'bailingmoe2' (Ling 2.0's split: digits one by one) round-trips text."""
+    from amed.formats.gguf import Header, gguf_tokenizer
+
+    tokens = [chr(c) for c in range(33, 127)] + ["Ġ", "Ċ", "<|role_end|>", "Ġw", "or"]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "bailingmoe2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.merges": ["Ġ w", "o r"], "tokenizer.ggml.eos_token_id": len(tokens) - 3,
+            "tokenizer.ggml.token_type": np.array([1] * (len(tokens) - 3) + [3, 1, 1], np.int32)}
+    tok, kw = gguf_tokenizer(Header(Path("x.gguf"), 0, 3, meta, {}, 0, 32))
+    text = "Hi world's 123!\n<|role_end|>"
+    enc = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(enc.ids, skip_special_tokens=False) == text
+    assert ["1", "2", "3"] == [t for t in enc.tokens if t.isdigit()] and "Ġw" in enc.tokens
+    assert enc.ids[-1] == len(tokens) - 3 and kw["eos_token"] == "<|role_end|>"
+    meta["tokenizer.ggml.model"] = "llama"
+    with pytest.raises(AmedError, match="tokenizer of kind"):
+        gguf_tokenizer(Header(Path("x.gguf"), 0, 3, meta, {}, 0, 32))
 
 
 def amed_cli(*args, env=None, timeout=120):
