@@ -260,14 +260,16 @@ def _dot_q4_0(r, x, nb, h2f):
 
 @njit(fastmath=FM, **JIT)
 def _dot_q8_0(r, x, nb, h2f):
-    ri = r.view(np.int8)
+    # int8 q = (u ^ 128) - 128 for its byte u: unsigned loads vectorize here, int8 ones did not
+    # (1.7x on one core)
     acc = F32(0.0)
     for b in range(nb):
         o, i = b * 34 + 2, b * 32
-        s = F32(0.0)
+        s = xs = F32(0.0)
         for j in range(32):
-            s += x[i + j] * F32(ri[o + j])
-        acc += _h(r, b * 34, h2f) * s
+            s += x[i + j] * F32(np.int32(r[o + j]) ^ 128)
+            xs += x[i + j]
+        acc += _h(r, b * 34, h2f) * (s - F32(128.0) * xs)
     return acc
 
 
