@@ -1,7 +1,8 @@
 """amed: run AntAngelMed (BailingMoeV2) on your own CPU.
 
 Public API:
-    model = amed.load(path)          # a Hugging Face checkpoint dir or an amed store
+    model = amed.load(path)          # a Hugging Face checkpoint dir, an amed store, a GGUF file
+                                     # or "ollama:NAME:TAG" (the GGUF blob ollama pulled)
     model = amed.load(path, max_ram="16G")   # store larger than RAM: bounded expert cache + prefetch
     model.logits(ids)                # float32 [len, vocab], fresh context
     model.reset(); model.forward(ids)  # incremental: returns last-position logits
@@ -78,9 +79,13 @@ def kernel_cache_cold(cache_dir: str | None = None) -> bool:
 
 
 def load(path, **kwargs):
-    """Open a model directory (HF checkpoint or amed store) for inference."""
+    """Open a model (HF checkpoint or amed store directory, GGUF file, `ollama:NAME:TAG`) for inference."""
     from amed.engine.model import load as _load
 
+    if isinstance(path, str) and path.startswith("ollama:"):
+        from amed.formats.gguf import resolve_ollama
+
+        path = resolve_ollama(path)
     return _load(path, **kwargs)
 
 

@@ -286,6 +286,7 @@ def test_cli_chat_show_and_ollama(files, tmp_path):
     os.environ["OLLAMA_MODELS"] = str(root)
     try:
         assert resolve_ollama("ollama:MedAIBase/AntAngelMed:100b") == root / "blobs" / f"sha256-{digest}"
+        assert amed.load("ollama:MedAIBase/AntAngelMed:100b").config.num_experts == 16
         for bad in ("ollama:MedAIBase/AntAngelMed:7b", "ollama:../x", "ollama:", "ollama:a/b/c/d"):
             with pytest.raises(AmedError):
                 resolve_ollama(bad)
