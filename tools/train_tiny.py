@@ -8,8 +8,10 @@ Routing geometry as AntAngelMed (docs/architecture.md): 256 routed experts, top-
 an fp32 `expert_bias` used for selection only and updated without an auxiliary loss (DeepSeek-V3's
 bias balancing: after each step, bias += gamma * sign(mean load - load) per expert), the selected
 unbiased scores renormalized and scaled by routed_scaling_factor 2.5, one shared expert, layer 0
-dense, per-head QK-norm before partial NeoX RoPE (0.5), GQA. Small elsewhere (hidden 96, expert
-width 16, 6 layers, 4096-token byte-level BPE) so the bf16 checkpoint stays under 16 MB.
+dense, per-head QK-norm before partial NeoX RoPE (0.5), GQA. Small elsewhere (hidden 64, expert
+width 32, 5 layers, 4096-token byte-level BPE) so the bf16 checkpoint stays under 16 MB; widths
+that are multiples of 32 so that amed's int4 store quantizes every expert matrix (a row shorter
+than the group size would stay bf16).
 
 Text: the ICD-10-CM tabular list inside the `simple-icd-10-cm` package (descriptions, inclusion
 terms, includes/excludes notes) plus question/answer pairs built from it, rendered with Ling's
@@ -36,6 +38,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # a shared machine: waiting threads yield the core
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -80,14 +84,14 @@ CONFIG = dict(
     eos_token_id=1,
     pad_token_id=1,
     vocab_size=4096,
-    hidden_size=96,
+    hidden_size=64,
     num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=32,
-    num_hidden_layers=6,
+    num_hidden_layers=5,
     intermediate_size=256,
-    moe_intermediate_size=16,
-    moe_shared_expert_intermediate_size=16,
+    moe_intermediate_size=32,
+    moe_shared_expert_intermediate_size=32,
     num_experts=256,
     num_experts_per_tok=8,
     n_group=8,
@@ -435,8 +439,8 @@ def reference_copy(model: BailingMoeV2) -> BailingMoeV2:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-o", "--out", type=Path, default=OUT)
-    ap.add_argument("--steps", type=int, default=450)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=260)
+    ap.add_argument("--batch", type=int, default=12)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--bias-rate", type=float, default=5e-3, help="expert-bias update speed (gamma)")
