@@ -45,3 +45,46 @@ def golden_store(tmp_path_factory, golden_dir):
             built[key] = out
         return built[key]
     return get
+
+
+@pytest.fixture
+def amed_cli(capsys, monkeypatch):
+    """amed_cli(*args, stdin="", cwd=None, tty=False) -> (exit code, stdout, stderr): `amed ARGS` run in
+    this process (stdin bytes: a piped byte stream, as a shell gives it; `tty`: what stdin.isatty()
+    says). A traceback on stderr fails the test."""
+    import io
+
+    import numba
+
+    from amed.app import cli
+
+    threads = numba.get_num_threads()
+
+    def run(*args, stdin="", cwd=None, tty=False):
+        monkeypatch.setattr(sys, "argv", ["amed", *map(str, args)])
+        fake = io.TextIOWrapper(io.BytesIO(stdin)) if isinstance(stdin, bytes) else io.StringIO(stdin)
+        fake.isatty = lambda: tty
+        monkeypatch.setattr(sys, "stdin", fake)
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        finally:
+            numba.set_num_threads(threads)
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err
+        return code, out, err
+    return run
+
+
+@pytest.fixture
+def amed_run(amed_cli):
+    """As amed_cli, with stderr joined into one line (Rich may wrap a sentence)."""
+    def run(*args, **kw):
+        code, out, err = amed_cli(*args, **kw)
+        return code, out, " ".join(err.split())
+    return run

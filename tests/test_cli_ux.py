@@ -20,32 +20,6 @@ from amed.app import cli
 ENV = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
 
 
-@pytest.fixture
-def amed_cli(capsys, monkeypatch):
-    """amed_cli(*args, stdin="") -> (exit code, stdout, stderr), running `amed ARGS` in this process
-    (stdin bytes: a piped byte stream, as a shell gives it)."""
-    import numba
-
-    threads = numba.get_num_threads()
-
-    def run(*args, stdin=""):
-        monkeypatch.setattr(sys, "argv", ["amed", *map(str, args)])
-        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)) if isinstance(stdin, bytes)
-                            else io.StringIO(stdin))
-        capsys.readouterr()
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code or 0
-        finally:
-            numba.set_num_threads(threads)
-        out, err = capsys.readouterr()
-        assert "Traceback" not in err
-        return code, out, err
-    return run
-
-
 def one_sentence(err: str) -> str:
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
     assert len(lines) == 1, err

@@ -5,7 +5,6 @@ nothing amed did not write was changed or deleted. Also the output-folder lock (
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -16,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from amed import hub
-from amed.app import cli
 from amed.app.synth import write_synthetic_checkpoint
 from amed.errors import AmedError
 from amed.formats.store import MANIFEST
@@ -59,25 +57,6 @@ def my_ckpt(ckpt, tmp_path) -> Path:
     shutil.copytree(ckpt, d, ignore=shutil.ignore_patterns(".amed"))
     (d / "results.json").write_text('{"mine": true}')
     return d
-
-
-@pytest.fixture
-def amed_run(capsys, monkeypatch):
-    """amed_run(*args, stdin="", cwd=None) -> (exit code, stdout, stderr as one line), in-process."""
-    def run(*args, stdin="", cwd=None):
-        monkeypatch.setattr(sys, "argv", ["amed", *map(str, args)])
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        if cwd is not None:
-            monkeypatch.chdir(cwd)
-        capsys.readouterr()
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code or 0
-        out, err = capsys.readouterr()
-        return code, out, " ".join(err.split())
-    return run
 
 
 def one_sentence(err: str) -> str:

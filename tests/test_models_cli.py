@@ -5,7 +5,6 @@ answers, a synthetic tokenizer that decodes every id, and `rm`'s prompt."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -39,25 +38,6 @@ def home_store(ckpt, tmp_path) -> Path:
     st = tmp_path / "home" / "stores" / "tiny-q4"
     quantize_model(ckpt, st, Settings())
     return st
-
-
-@pytest.fixture
-def amed_run(capsys, monkeypatch):
-    """amed_run(*args, stdin="", tty=False) -> (exit code, stdout, stderr as one line), in-process."""
-    def run(*args, stdin="", tty=False):
-        monkeypatch.setattr(sys, "argv", ["amed", *map(str, args)])
-        fake = io.StringIO(stdin)
-        fake.isatty = lambda: tty
-        monkeypatch.setattr(sys, "stdin", fake)
-        capsys.readouterr()
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code or 0
-        out, err = capsys.readouterr()
-        return code, out, " ".join(err.split())
-    return run
 
 
 def one_sentence(err: str) -> str:
