@@ -230,6 +230,16 @@ def test_quantized_file_matches_reference(files, which):
     m.use_experts()
     np.testing.assert_array_equal(m.logits(ids), got)
     assert sorted(calls) == sorted(m.experts.touched)
+    # under a memory budget: the expert cache (own slots, or the file mapping) gives the same logits
+    from amed.engine.experts import ExpertOptions
+
+    stride = max(i["stride"] for i in m.source.experts_info.values())
+    for io in ("slots", "mmap"):
+        m.use_experts(ExpertOptions(expert_budget=2 * k * stride, io=io, lookahead="on"))
+        assert m.experts.cache.bounded
+        np.testing.assert_allclose(m.logits(ids), got, rtol=0, atol=1e-5, err_msg=io)
+        assert m.experts.cache.stats.evictions > 0 or len(m.experts.touched) <= 2 * k
+    m.experts.close()
 
 
 def test_tokenizer_and_template_from_gguf(files):

@@ -438,6 +438,17 @@ class GGUF:
         self._watch = Watched("restart the command once that has finished, or download the file again if it "
                               "stays damaged")
         self._watch.add(self.path, fd)
+        # The expert cache's view (engine/experts): files by name (this file is "": path / "" is
+        # the path), and per MoE layer where its experts lie. An expert is three byte ranges, one
+        # in each stacked tensor (expert_ranges); `stride` is their sum.
+        self.maps = {"": self.map}
+        self.experts_info = {}
+        for L in range(cfg.num_hidden_layers):
+            stacked = [self.tensors.get(f"blk.{L}.ffn_{m}_exps.weight") for m in ("gate", "up", "down")]
+            if cfg.is_moe_layer(L) and all(stacked):
+                self.experts_info[str(L)] = {
+                    "file": "", "offset": min(t.start for t in stacked), "count": cfg.num_experts,
+                    "stride": sum(t.nbytes // cfg.num_experts for t in stacked)}
         if hasattr(mmap, "MADV_RANDOM"):       # no read-around: unrouted experts stay on disk
             self.map.madvise(mmap.MADV_RANDOM)
         if hasattr(mmap, "MADV_WILLNEED"):     # dense weights: read ahead
@@ -505,6 +516,38 @@ class GGUF:
         if t.type_name == "F16":
             return raw.view(np.float16).astype(np.float32)
         return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)     # BF16 (checked at open)
+
+    def expert_ranges(self, layer: int, e: int) -> list[tuple[str, int, int]]:
+        """(file, offset, length) of expert e's bytes in gate, up and down."""
+        out = []
+        for m in ("gate", "up", "down"):
+            t = self.tensors[f"blk.{layer}.ffn_{m}_exps.weight"]
+            per = t.nbytes // t.shape[0]
+            out.append(("", t.start + e * per, per))
+        return out
+
+    def expert_in(self, layer: int, e: int, buf) -> tuple:
+        """(gate, up, down) of expert e over a copy of its three ranges, back to back in `buf`
+        (a slot of the expert cache)."""
+        out, at = [], 0
+        for m in ("gate", "up", "down"):
+            t = self.tensors[f"blk.{layer}.ffn_{m}_exps.weight"]
+            E, N, K = t.shape
+            per = t.nbytes // E
+            raw = np.frombuffer(buf, dtype=np.uint8, count=per, offset=at)
+            raw.flags.writeable = False           # as over the file's map: one compiled kernel signature
+            out.append(self._as_matrix(t, raw, (N, K)))
+            at += per
+        return tuple(out)
+
+    def under_memory_pressure(self) -> None:
+        """The model is larger than the memory budget: the default advice again (see Store's),
+        the token embeddings excepted (read one row per token)."""
+        if hasattr(mmap, "MADV_NORMAL"):
+            self.map.madvise(mmap.MADV_NORMAL)
+            t = self.tensors["token_embd.weight"]
+            a = t.start // mmap.PAGESIZE * mmap.PAGESIZE
+            self.map.madvise(mmap.MADV_RANDOM, a, t.end - a)
 
     def prefetch_experts(self, layer: int, experts) -> None:
         """Ask the kernel to start reading the chosen experts (MADV_WILLNEED): each is one byte

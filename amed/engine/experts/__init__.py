@@ -97,17 +97,12 @@ class ExpertProvider:
     cache = None          # an ExpertCache (residency, statistics) where there is one
     lookahead = None      # a LookAhead where one runs
 
-    def __init__(self, bind, prefetch=None):
+    def __init__(self, bind):
         self._bind = bind                 # (layer, e) -> SwiGLU
         self._views: dict = {}
         self.touched: set[tuple[int, int]] = set()
-        self._first_read = prefetch       # (layer, experts) -> None: start reading experts never used
 
     def start(self, layer: int, experts: list[int], h) -> list[int]:
-        if self._first_read is not None:
-            new = [e for e in experts if (layer, e) not in self.touched]
-            if new:
-                self._first_read(layer, new)
         return experts
 
     def finish(self, layer: int) -> None:
@@ -202,8 +197,8 @@ def _host_experts(model, o: ExpertOptions, log=None) -> ExpertProvider:
         return swiglu(*store.expert(L, e))
 
     info = getattr(store, "experts_info", None)
-    if not info:            # a checkpoint, a GGUF file (its own read-ahead of an expert's byte ranges)
-        return ExpertProvider(bind, getattr(store, "prefetch_experts", None) if o.prefetch else None)
+    if not info:
+        return ExpertProvider(bind)
     expert_total = sum(i["stride"] * i["count"] for i in info.values())
     dense = store.dense_nbytes()
     kv = model.state.nbytes
@@ -227,7 +222,11 @@ def _host_experts(model, o: ExpertOptions, log=None) -> ExpertProvider:
         store.under_memory_pressure()
     bases = {f: map_address(m) for f, m in store.maps.items()}
 
+    ranges = getattr(store, "expert_ranges", None)     # a GGUF file: one range per stacked tensor
+
     def span(L, e):
+        if ranges is not None:
+            return [(bases[f] + off, n) for f, off, n in ranges(L, e)]
         f, off, stride = store.expert_region(L, e)
         return bases[f] + off, stride
 

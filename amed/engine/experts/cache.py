@@ -259,11 +259,18 @@ class _Unordered:
 
 # ---- the cache -----------------------------------------------------------------------------------
 
+def spans(span) -> list:
+    """An expert's byte ranges: `span` is one (address, length) or a list of them (a GGUF file's
+    expert: one range in each of its layer's three stacked tensors)."""
+    return span if isinstance(span, list) else [span]
+
+
 class ExpertCache:
     """Residency of routed experts under a byte budget (None: unbounded, counting only).
 
-    `span(layer, e)` -> (address, length) of the expert's bytes in our mapping, `region(layer)` ->
-    (lo, hi) addresses of the layer's whole expert region (eviction never leaves it)."""
+    `span(layer, e)` -> (address, length) of the expert's bytes in our mapping (or a list of
+    them, see `spans`), `region(layer)` -> (lo, hi) addresses of the layer's whole expert region
+    (eviction never leaves it)."""
 
     def __init__(self, budget: int | None, span, region, *, prefetch: bool = True,
                  evict: str = "dontneed", populate: bool = True, readers: int = 4, guess_readers: int = 2,
@@ -308,7 +315,11 @@ class ExpertCache:
     def cost(self, layer: int, e: int) -> int:
         """Bytes an expert is charged: its own plus what the kernel's fault-around may map of its
         neighbours (up to 64 KiB either side)."""
-        return self.span(layer, e)[1] + 2 * FAULT_AROUND
+        return self.nbytes(layer, e) + 2 * FAULT_AROUND
+
+    def nbytes(self, layer: int, e: int) -> int:
+        """The expert's own bytes."""
+        return sum(n for _, n in spans(self.span(layer, e)))
 
     def _admit(self, key) -> int:
         n = self.cost(*key)
@@ -348,34 +359,37 @@ class ExpertCache:
 
     def _drop(self, key) -> None:
         """Give an evicted expert's memory back: its pages leave our mapping."""
-        addr, length = self.span(*key)
         lo, hi = self.region(key[0])
-        # widen by the fault-around window so pages mapped next to the expert go too, but never
-        # past the expert region: the dense weights before it must stay resident
-        a, b = max(lo, addr - FAULT_AROUND), min(hi, addr + length + FAULT_AROUND)
-        if self.record_releases:
-            self.released.append((key, a, b))
-        madvise(a, b - a, self._advice)
+        for addr, length in spans(self.span(*key)):
+            # widen by the fault-around window so pages mapped next to the expert go too, but never
+            # past the expert region: the dense weights before it must stay resident
+            a, b = max(lo, addr - FAULT_AROUND), min(hi, addr + length + FAULT_AROUND)
+            if self.record_releases:
+                self.released.append((key, a, b))
+            madvise(a, b - a, self._advice)
 
     def _read_ahead(self, key, priority: int) -> None:
-        addr, length = self.span(*key)
+        ranges = spans(self.span(*key))
         if self.pool is None:
-            madvise(addr, length, MADV_WILLNEED)    # queue the whole range as one large read, now
+            for addr, length in ranges:
+                madvise(addr, length, MADV_WILLNEED)    # queue the whole range as one large read, now
             return
         token = object()
         with self._lock:
             self._queued[key] = token
-        self.pool.submit(priority, self._populate, key, token, addr, length)
+        self.pool.submit(priority, self._populate, key, token, ranges)
 
-    def _populate(self, key, token, addr: int, length: int) -> None:   # reader thread
+    def _populate(self, key, token, ranges: list) -> None:   # reader thread
         with self._lock:
             if self._queued.get(key) is not token:     # evicted (or re-admitted) before its turn
                 return
             del self._queued[key]
             self._running.add(key)
         try:
-            madvise(addr, length, MADV_WILLNEED)        # one large read for the whole expert
-            madvise(addr, length, MADV_POPULATE_READ)   # wait for it and map the pages
+            for addr, length in ranges:
+                madvise(addr, length, MADV_WILLNEED)        # one large read for the whole expert
+            for addr, length in ranges:
+                madvise(addr, length, MADV_POPULATE_READ)   # wait for it and map the pages
         finally:
             with self._lock:
                 self._running.discard(key)
@@ -459,7 +473,7 @@ class ExpertCache:
         kind = self._fresh.pop(key, None)
         if kind is not None:
             setattr(st, kind, getattr(st, kind) + 1)
-            st.miss_bytes += self.span(*key)[1]
+            st.miss_bytes += self.nbytes(*key)
             self.order.use(key)
             if key in self._queued:            # its reader has not started: this thread faults it in now
                 with self._lock:
@@ -469,7 +483,7 @@ class ExpertCache:
             self.order.use(key)
         else:
             st.demand += 1
-            st.miss_bytes += self.span(*key)[1]
+            st.miss_bytes += self.nbytes(*key)
             self._admit(key)
             self.order.use(key)
 

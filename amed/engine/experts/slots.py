@@ -31,8 +31,12 @@ class SlotCache(ExpertCache):
     def __init__(self, budget: int, store, bind, *, prefetch: bool = True, readers: int = 4, guess_readers: int = 2,
                  half_life: float = HALF_LIFE_TOKENS * 64, recent: int = 64):
         def span(L, e):
+            if ranges is not None:                  # a GGUF file: one range per stacked tensor
+                return [(off, n) for _, off, n in ranges(L, e)]
             _, off, stride = store.expert_region(L, e)
             return off, stride
+
+        ranges = getattr(store, "expert_ranges", None)
 
         def region(L):
             i = store.experts_info[str(L)]
@@ -228,16 +232,35 @@ class SlotCache(ExpertCache):
         (_may_read), so a guess never shares the disk with a read the model waits for, and a
         wrong one stops early. Chunks of 1 MiB read as fast as one whole read on this VM."""
         L, e = key
-        fname, off, length = self.store.expert_region(L, e)
+        ranges = getattr(self.store, "expert_ranges", None)
+        if ranges is not None:                   # several ranges (a GGUF expert): back to back in the slot
+            at = 0
+            for fname, off, length in ranges(L, e):
+                if not self._read_range(key, fname, off, length, at, yielding):
+                    return                               # abandoned: not loaded
+                at += length
+        elif not self._read_range(key, *self.store.expert_region(L, e), 0, yielding):
+            return
+        with self._cv:
+            if key in self._slot_of:
+                self._loaded.add(key)
+            if key in self._want:
+                self._want.discard(key)
+                self._cv.notify_all()
+
+    def _read_range(self, key, fname: str, off: int, length: int, at0: int, yielding: bool) -> bool:
+        """Copy `length` bytes at `off` of the store file `fname` to byte `at0` of key's slot;
+        False when a guessed read was abandoned on the way."""
+        L, e = key
         cached = self._in_page_cache(fname, off, length)
         fd, direct = self._fd(fname, direct=not cached)
-        buf = memoryview(self._slots[self._slot_of[key]])[:length]
+        buf = memoryview(self._slots[self._slot_of[key]])[at0:at0 + length]
         step = GUESS_CHUNK if yielding else length
         n = 0
         try:
             for at in range(0, length, step):
                 if yielding and not self._may_read(key):
-                    return                               # abandoned: not loaded
+                    return False                         # abandoned: not loaded
                 got = os.preadv(fd, [buf[at:at + step]], off + at)
                 n += got
                 if got < min(step, length - at):
@@ -246,7 +269,7 @@ class SlotCache(ExpertCache):
             if direct and err.errno == errno.EINVAL:    # O_DIRECT refused at read time: buffered
                 os.close(fd)
                 self._fds[fname, True] = (os.open(str(self.store.path / fname), os.O_RDONLY), False)
-                return self._read(key, yielding)
+                return self._read_range(key, fname, off, length, at0, yielding)
             raise AmedError(f"cannot read expert {e} of layer {L} from {self.store.path / fname}: "
                             f"{err.strerror}.") from None
         finally:
@@ -256,12 +279,7 @@ class SlotCache(ExpertCache):
                             f"cut short); re-run `amed quantize`.")
         if not direct and not cached:    # read from disk without O_DIRECT: keep no second copy
             os.posix_fadvise(fd, off, length, os.POSIX_FADV_DONTNEED)
-        with self._cv:
-            if key in self._slot_of:
-                self._loaded.add(key)
-            if key in self._want:
-                self._want.discard(key)
-                self._cv.notify_all()
+        return True
 
     def use(self, layer: int, e: int):
         """Account for the use (ExpertCache.use), make sure the bytes are in the slot, and return
