@@ -9,8 +9,6 @@ float64 forward on the dequantized weights.
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -273,16 +271,11 @@ def test_ling_pretokenizer():
         gguf_tokenizer(Header(Path("x.gguf"), 0, 3, meta, {}, 0, 32))
 
 
-def amed_cli(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "amed", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
-
-
-def test_cli_chat_show_and_ollama(files, tmp_path):
-    r = amed_cli("chat", "-m", str(files["mix"]), "-p", "hello", "-n", "4", "--temp", "0")
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = amed_cli("show", str(files["mix"]))
-    assert r.returncode == 0 and "GGUF version 3" in r.stdout and "Q4_0" in r.stdout, r.stdout + r.stderr
+def test_cli_chat_show_and_ollama(files, tmp_path, amed_cli, monkeypatch):
+    code, out, err = amed_cli("chat", "-m", files["mix"], "-p", "hello", "-n", "4", "--temp", "0")
+    assert code == 0 and out.strip(), err[-2000:]
+    code, out, err = amed_cli("show", files["mix"])
+    assert code == 0 and "GGUF version 3" in out and "Q4_0" in out, out + err
     # an ollama tree: manifests/registry.ollama.ai/NAMESPACE/NAME/TAG -> blobs/sha256-HEX
     root = tmp_path / "ollama"
     digest = "ab" * 32
@@ -293,17 +286,16 @@ def test_cli_chat_show_and_ollama(files, tmp_path):
     man.write_text(json.dumps({"schemaVersion": 2, "layers": [
         {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "cd" * 32},
         {"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:" + digest}]}))
-    os.environ["OLLAMA_MODELS"] = str(root)
-    try:
-        assert resolve_ollama("ollama:MedAIBase/AntAngelMed:100b") == root / "blobs" / f"sha256-{digest}"
-        assert amed.load("ollama:MedAIBase/AntAngelMed:100b").config.num_experts == 16
-        for bad in ("ollama:MedAIBase/AntAngelMed:7b", "ollama:../x", "ollama:", "ollama:a/b/c/d"):
-            with pytest.raises(AmedError):
-                resolve_ollama(bad)
-    finally:
-        del os.environ["OLLAMA_MODELS"]
-    r = amed_cli("show", "ollama:MedAIBase/AntAngelMed:100b", env={"OLLAMA_MODELS": str(root)})
-    assert r.returncode == 0 and "gguf" in r.stdout, r.stdout + r.stderr
+    monkeypatch.setenv("OLLAMA_MODELS", str(root))
+    assert resolve_ollama("ollama:MedAIBase/AntAngelMed:100b") == root / "blobs" / f"sha256-{digest}"
+    assert amed.load("ollama:MedAIBase/AntAngelMed:100b").config.num_experts == 16
+    for bad in ("ollama:MedAIBase/AntAngelMed:7b", "ollama:../x", "ollama:", "ollama:a/b/c/d"):
+        with pytest.raises(AmedError):
+            resolve_ollama(bad)
+    code, out, err = amed_cli("show", "ollama:MedAIBase/AntAngelMed:100b")
+    assert code == 0 and "gguf" in out, out + err
+    code, out, err = amed_cli("chat", "-m", "ollama:MedAIBase/AntAngelMed:100b", "-p", "hi", "-n", "2")
+    assert code == 0, err
 
 
 def one_sentence(path):
