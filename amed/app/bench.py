@@ -157,11 +157,13 @@ def disk_read_gbs(store, cache_file: Path | None = None, refresh: bool = False, 
     if dev in cached and not refresh:
         return float(cached[dev])
     plan = []                                  # (file, offset, length), spread evenly
+    plen = max(4096, stride // 4096 * 4096)    # a store's stride: itself
     first = int.from_bytes(os.urandom(4), "little")    # new places each time: a VM host's cache
     for j in range(max(1, nbytes // stride)):          # of the last probe cannot serve this one
         i = layers[j % len(layers)]
         e = (first + (j // len(layers)) * 7919) % i["count"]
-        plan.append((i["file"], i["offset"] + e * i["stride"], i["stride"]))
+        pos = i["offset"] + e * i["stride"]   # O_DIRECT reads whole pages (a GGUF expert is not aligned)
+        plan.append((i["file"], pos // 4096 * 4096, plen))
     fds = {}
     direct = getattr(os, "O_DIRECT", 0)
     for f in {f for f, _, _ in plan}:
@@ -173,9 +175,9 @@ def disk_read_gbs(store, cache_file: Path | None = None, refresh: bool = False, 
         for fd in fds.values():
             os.close(fd)
         fds = {f: os.open(store.path / f, os.O_RDONLY) for f, _, _ in plan}
-    bufs = [mmap.mmap(-1, stride, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) for _ in range(threads)]
+    bufs = [mmap.mmap(-1, plen, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) for _ in range(threads)]
     for b in bufs:
-        b.write(b"\0" * stride)                # fault the buffers in before timing
+        b.write(b"\0" * plen)                  # fault the buffers in before timing
 
     def read(k):
         f, pos, length = plan[k]
