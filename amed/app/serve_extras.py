@@ -86,7 +86,7 @@ def routes(*, model_id: str, state: dict, ready, guarded, read_body, run_job, ct
     from starlette.routing import Route
 
     from amed import __version__
-    from amed.app.serve import ApiError
+    from amed.app.serve_errors import ApiError
 
     started = time.time()
     cached: dict = {}
