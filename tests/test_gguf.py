@@ -338,6 +338,14 @@ def test_hostile_headers(files, tmp_path):
     msg = try_bytes(good[:tpos] + struct.pack("<I", 16) + good[tpos + 4:])       # IQ2_XXS
     assert msg is not None and ("IQ2_XXS" in msg or "multiple" in msg or "past" in msg or "overlap" in msg)
     assert "offset" in try_bytes(good[:tpos + 4] + struct.pack("<Q", 3) + good[tpos + 12:])
+    # metadata that would describe a huge model: refused at once, from the tensor table of the file
+    import time
+    for key, value, words in (("bailingmoe2.expert_count", 4000, "shape"), ("bailingmoe2.block_count", 1000, "layers")):
+        at = good.index(key.encode()) + len(key)
+        assert struct.unpack_from("<I", good, at)[0] == 4                        # a uint32 value follows
+        t0 = time.perf_counter()
+        msg = try_bytes(good[:at + 4] + struct.pack("<I", value) + good[at + 8:])
+        assert words in msg and time.perf_counter() - t0 < 2, msg
     # random mutations of the header bytes: one sentence or a working file, never a crash
     rng = np.random.default_rng(7)
     end = h.data_start
