@@ -276,6 +276,8 @@ def test_cli_chat_show_and_ollama(files, tmp_path, amed_cli, monkeypatch):
     assert code == 0 and out.strip(), err[-2000:]
     code, out, err = amed_cli("show", files["mix"])
     assert code == 0 and "GGUF version 3" in out and "Q4_0" in out, out + err
+    code, out, err = amed_cli("rm", "-y", files["mix"])
+    assert code != 0 and "GGUF file amed did not write" in " ".join(err.split()) and files["mix"].exists()
     # an ollama tree: manifests/registry.ollama.ai/NAMESPACE/NAME/TAG -> blobs/sha256-HEX
     root = tmp_path / "ollama"
     digest = "ab" * 32

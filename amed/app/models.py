@@ -214,6 +214,9 @@ def amed_files(path: Path) -> tuple[str, list[str]]:
     missing or unreadable: then nothing is known to be amed's."""
     from amed.quant.convert import LOCK, owned_files
 
+    if path.is_file():
+        raise AmedError(f"{path} is a GGUF file amed did not write; nothing removed (remove it yourself if you "
+                        f"mean to).")
     if (path / MANIFEST).exists():
         try:
             man = read_manifest(path)
