@@ -296,7 +296,7 @@ def test_warmup_compiles_ahead(amed_cli):
 # ---- chat: -f, --stop, --json, /load, --chat-template, --no-template -----------------------------
 
 def test_stop_strings_cut_across_pieces():
-    from amed.app.chat import StopStrings
+    from amed.generate import StopStrings
 
     c = StopStrings(["</end>", "STOP"])
     shown = [c.feed(p) for p in ("Hello wor", "ld </e", "nd> more")]

@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from amed.app.serve import create_app, model_loader, uvicorn_server  # noqa: E402
-from amed.app.chat import StopStrings  # noqa: E402
+from amed.generate import StopStrings  # noqa: E402
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "TERM": "dumb"}
 PROMPT = "What helps a headache?"

@@ -132,6 +132,26 @@ def test_chat_ndjson_framing_as_ollama_documents(server, store):
     assert status == 200 and oa["choices"][0]["message"]["content"] == streamed
 
 
+def test_the_same_answer_reports_the_same_counts_everywhere(server, store, amed_cli):
+    """One greedy answer that ends on the stop token: `amed chat --json`, OpenAI's usage and ollama's
+    eval_count all count every sampled token, the stop token included (as llama-server and ollama
+    do), and agree on the prompt's length."""
+    code, out, err = amed_cli("chat", "-m", store, "-p", "hi", "--temp", "0", "-n", "200", "-c", CTX, "--json")
+    assert code == 0, err
+    rec = json.loads(out)
+    messages = [{"role": "user", "content": "hi"}]
+    status, oa = server.post("/v1/chat/completions", {"messages": messages, "temperature": 0, "max_tokens": 200})
+    assert status == 200
+    status, ol = server.post("/api/chat", {"messages": messages, "stream": False,
+                                           "options": {"temperature": 0, "num_predict": 200}})
+    assert status == 200
+    assert rec["answer"] == oa["choices"][0]["message"]["content"] == ol["message"]["content"]
+    assert rec["finish_reason"] == oa["choices"][0]["finish_reason"] == ol["done_reason"] == "stop"
+    assert rec["generated_tokens"] == oa["usage"]["completion_tokens"] == ol["eval_count"]
+    assert oa["timings"]["predicted_n"] == ol["eval_count"]
+    assert rec["prompt_tokens"] == oa["usage"]["prompt_tokens"] == ol["prompt_eval_count"]
+
+
 def test_generate_ndjson_raw_context_and_load(server, store):
     name = store.name + ":latest"                                                 # ollama's tagged name
     status, ctype, text = server.raw("POST", "/api/generate", {"model": name, "prompt": PROMPT, "options": GREEDY})

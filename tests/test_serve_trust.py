@@ -18,9 +18,10 @@ import pytest
 pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from amed.app.serve import (MAX_STOP_CHARS, MAX_STOPS, StopMatcher, allowed_origins, create_app,  # noqa: E402
+from amed.app.serve import (MAX_STOP_CHARS, MAX_STOPS, allowed_origins, create_app,  # noqa: E402
                             model_loader, resolve_api_key)
 from amed.errors import AmedError  # noqa: E402
+from amed.generate import StopStrings  # noqa: E402
 from test_serve import ENV, PROMPT, Server  # noqa: E402
 
 CTX = 1024
@@ -308,14 +309,14 @@ def first_completed_stop(stops, text):
     return text, False
 
 
-def test_stop_matcher_equals_the_reference():
+def test_stop_strings_equals_the_reference():
     rng = random.Random(7)
     for _ in range(3000):
         stops = ["".join(rng.choice("ab") for _ in range(rng.randint(0, 5))) for _ in range(rng.randint(0, 3))]
         text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
         cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
         pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
-        m, out = StopMatcher(stops), []
+        m, out = StopStrings(stops), []
         for p in pieces:
             out.append(m.feed(p))
             if m.hit:
@@ -324,9 +325,9 @@ def test_stop_matcher_equals_the_reference():
         assert got == first_completed_stop(stops, text), (stops, pieces)
 
 
-def test_stop_matcher_is_linear_on_adversarial_stops():
+def test_stop_strings_is_linear_on_adversarial_stops():
     stops = ["a" * (MAX_STOP_CHARS - 1) + "b"] * (MAX_STOPS - 1) + ["ab" * (MAX_STOP_CHARS // 2)]
-    m = StopMatcher(stops)
+    m = StopStrings(stops)
     t0 = time.perf_counter()
     shown = sum(len(m.feed("aaa")) for _ in range(2000))           # 6000 characters, all could start a stop
     assert time.perf_counter() - t0 < 2.0

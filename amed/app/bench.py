@@ -21,6 +21,7 @@ import numpy as np
 from amed.errors import AmedError
 from amed.app.quality import kl_divergence  # noqa: F401  (its old home; tests and bench/ import it here)
 from amed.engine.experts.memory import current_rss_bytes, proc_field
+from amed.generate import Batch, Sequence
 
 SAMPLE_TEXT = (
     "A 58-year-old man presents to the emergency department with crushing substernal chest pain "
@@ -288,6 +289,10 @@ def run_bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, reps: int
 
     cache = model.experts.cache
     rng = np.random.default_rng(1)
+
+    def next_token(logits, history) -> int:
+        """Greedy, or random ids: routing as varied as it gets (worst case for a cache)."""
+        return int(rng.integers(vocab)) if random_ids else int(logits.argmax())
     at = f" @ d{depth}" if depth else ""
     pp = Result(f"pp{n_prompt}{at}", n_prompt)
     tg = Result(f"tg{n_gen}{at}", n_gen)
@@ -300,13 +305,17 @@ def run_bench(model, tokenizer, n_prompt: int = 512, n_gen: int = 128, reps: int
             pp.seconds.append(time.perf_counter() - t)
         if n_gen:
             start()
-            logits = model.forward([ids[0]])
+            # the generation loop's own steps: the first token (untimed) comes from the prefill of
+            # one token, then n_gen decode steps of one token each are timed
+            seq = Sequence([*context, ids[0]], next_token, max_tokens=n_gen + 1, cached=context)
+            batch = Batch(model, prefill_chunk=None)
+            batch.add(seq)
+            batch.step()
             st0 = cache.stats.copy() if cache is not None else None
             io0 = disk_read_bytes()
             t = time.perf_counter()
-            for _ in range(n_gen):     # random ids: routing as varied as it gets (worst case for a cache)
-                nxt = int(rng.integers(vocab)) if random_ids else int(logits.argmax())
-                logits = model.forward([nxt])
+            while seq.finish_reason is None:
+                batch.step()
             tg.seconds.append(time.perf_counter() - t)
             io1 = disk_read_bytes()
             tg_disk += (io1 - io0) if io0 is not None and io1 is not None else 0

@@ -32,33 +32,6 @@ HELP = """commands:
 Ctrl-C stops an answer and keeps the conversation."""
 
 
-class StopStrings:
-    """Cut the answer at the first of `stops` (--stop): text that could still be the start of a stop
-    string is held back until the next piece shows it is not."""
-
-    def __init__(self, stops):
-        self.stops = [s for s in stops if s]
-        self.buf = ""
-        self.hit = False
-
-    def feed(self, text: str) -> str:
-        """Add generated text; return what can be shown now (sets `hit` at a stop string)."""
-        if not self.stops:
-            return text
-        self.buf += text
-        cut = min((i for i in (self.buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.buf, self.hit = self.buf[:cut], "", True
-            return out
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.buf.endswith(s[:k])), default=0)
-        out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
-        return out
-
-    def flush(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
-
-
 def load_conversation(path: str) -> "Conversation":
     """A conversation saved by /save ({"messages": [...]}); one clear sentence if it is not one."""
     path = os.path.expanduser(path)
@@ -139,27 +112,19 @@ class ChatSession:
             self.conv.turns.append({"role": "user", "content": text})
             ids = self._fit()
         pieces = []
-        cutter = StopStrings(self.stops)
-        stream = self.gen.stream(ids, self.sampler, self.max_tokens, self.tok.stop_ids, self.ctx_size)
-
-        def show(piece: str) -> None:
-            if piece:
-                pieces.append(piece)
-                out.write(piece)
-                out.flush()
+        stream = self.gen.stream(ids, self.sampler, self.max_tokens, self.tok.stop_ids, self.ctx_size,
+                                 stops=self.stops)
         try:
             for step in stream:
                 self.last = step
-                show(cutter.feed(step.text))
-                if cutter.hit:
-                    stream.close()
-                    step.finish_reason = "stop"
-                    break
+                if step.text:
+                    pieces.append(step.text)
+                    out.write(step.text)
+                    out.flush()
         except KeyboardInterrupt:       # landed outside the generator's own handler
             stream.close()
             if self.last is not None:
                 self.last.finish_reason = "interrupted"
-        show(cutter.flush())
         self.conv.turns.append({"role": "assistant", "content": "".join(pieces)})
         return self.last
 

@@ -36,11 +36,11 @@ from pathlib import Path
 from amed.app.serve_errors import ApiError, client_message
 from amed.app.serve_guard import IDLE_TIMEOUT, Guard, is_loopback
 from amed.app.serve_requests import MAX_STOP_CHARS, MAX_STOPS, Api, parse_body
-from amed.app.serve_scheduler import Job, Scheduler, StopMatcher
+from amed.app.serve_scheduler import Job, Scheduler
 from amed.app.serve_shapes import ChatChunks, TextChunks
 from amed.errors import AmedError
 
-__all__ = ["ApiError", "Api", "Guard", "Job", "Scheduler", "StopMatcher", "MAX_STOPS", "MAX_STOP_CHARS",
+__all__ = ["ApiError", "Api", "Guard", "Job", "Scheduler", "MAX_STOPS", "MAX_STOP_CHARS",
            "create_app", "model_loader", "allowed_origins", "resolve_api_key", "uvicorn_server", "run_command"]
 
 PAGE = Path(__file__).parent / "static" / "chat.html"

@@ -5,7 +5,7 @@
                   POST /api/show, GET /api/ps, GET /api/version
     llama-server  POST /tokenize, /detokenize; GET /slots, /props
 
-Generation goes the OpenAI endpoints' way (serve.py's Api.job -> Scheduler -> run_job): this module
+Generation goes the OpenAI endpoints' way (serve_requests.Api.job -> Scheduler -> run_job): this module
 only turns ollama's request into that job and run_job's events into ollama's shapes. run_job
 frames a stream as server-sent events; `ndjson()` re-frames it as one JSON object per line.
 
@@ -362,17 +362,17 @@ def routes(*, model_id: str, state: dict, ready, guarded, read_body, run_job, ct
         sched, api = ready()
         out = []
         for s in list(sched.slots):
-            job = s.job
-            busy = job is not None
+            job, seq = s.job, s.seq
+            busy = job is not None and seq is not None
             out.append({
                 "id": s.index, "id_task": -1, "n_ctx": ctx_size, "speculative": False, "is_processing": busy,
                 "n_cached": len(s.cached),
                 "params": sampling(job.params if busy else api.defaults,
                                    job.max_tokens if busy else None, job.stops if busy else ()),
                 "next_token": {"has_next_token": busy, "n_prompt_tokens": len(job.prompt) if busy else 0,
-                               "n_prompt_todo": len(s.todo) if busy else 0,
+                               "n_prompt_todo": len(seq.todo) if busy else 0,
                                "n_decoded": job.completion_tokens if busy else 0,
-                               "n_remain": max(0, s.budget - job.completion_tokens) if busy else -1}})
+                               "n_remain": max(0, seq.budget - job.completion_tokens) if busy else -1}})
         if request.query_params.get("fail_on_no_slot") in ("1", "true") and all(o["is_processing"] for o in out):
             raise ApiError(503, "no slot available", "unavailable_error")
         return JSONResponse(out)

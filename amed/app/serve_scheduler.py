@@ -1,6 +1,8 @@
-"""`amed serve`'s engine thread: the Scheduler admits jobs into slots (each a sequence with its own
-State and the tokens in its KV cache), prefills in chunks and decodes every active slot in one
-batched forward (Model.forward_batch). Events go back to the request through each job's `emit`.
+"""`amed serve`'s engine thread: the Scheduler admits jobs into slots (each with its own State and
+the tokens in its KV cache, so a follow-up turn prefills only its new tokens) and runs their
+Sequences in one generation Batch (amed/generate.py: chunked prefill, one batched decode step for
+all). It is the queue, the slot choice, cancellation and errors around that loop; each Step goes
+back to its request through the job's `emit`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from amed.app.serve_errors import ApiError, client_message
-
-PREFILL_CHUNK = 256        # prompt tokens per engine step: other sequences decode between chunks
+from amed.generate import Batch, Sequence, common_prefix
 
 
 @dataclass
@@ -39,85 +40,14 @@ class Job:
 
 @dataclass
 class Slot:
-    """A sequence the engine runs: its State, the tokens in its KV cache, and its current job."""
+    """A place for one sequence: its State, the tokens in its KV cache (kept between jobs, so a
+    conversation's next turn prefills only its new tokens), and its current job and Sequence."""
     index: int
     state: object = None                   # engine State, made on first use
     cached: list = field(default_factory=list)
     job: Job | None = None
-    todo: list = field(default_factory=list)      # prompt tokens still to prefill
-    next: int | None = None                # sampled token to forward in the next decode step
-    history: list = field(default_factory=list)   # prompt + generated (repetition penalty)
-    sampler: object = None
-    decoder: object = None
-    stopper: object = None
-    budget: int = 0
+    seq: Sequence | None = None
     last_used: float = 0.0
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n, limit = 0, min(len(a), len(b))
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
-
-
-class StopMatcher:
-    """Cut an answer at its first stop string, in time linear in the text: one KMP automaton per
-    stop string (its state: how much of the stop the text ends with), so each new character costs
-    O(1) per stop, however long the stops are. Text that could still be the start of a stop is held
-    back until the next piece shows it is not. Same interface as chat's StopStrings; the stop that
-    is complete first wins (the longest one, where several end on the same character)."""
-
-    def __init__(self, stops):
-        self.stops = [s for s in stops if s]
-        self.fail = [self._table(s) for s in self.stops]
-        self.state = [0] * len(self.stops)
-        self.buf = ""                     # held back: len(buf) == max(state)
-        self.hit = False
-
-    @staticmethod
-    def _table(s: str) -> list[int]:
-        """KMP failure function: fail[i] = length of the longest proper border of s[:i + 1]."""
-        fail, k = [0] * len(s), 0
-        for i in range(1, len(s)):
-            while k and s[i] != s[k]:
-                k = fail[k - 1]
-            if s[i] == s[k]:
-                k += 1
-            fail[i] = k
-        return fail
-
-    def feed(self, text: str) -> str:
-        """Add generated text; return what can be shown now (sets `hit` at a stop string)."""
-        if not self.stops:
-            return text
-        if self.hit:
-            return ""
-        held = len(self.buf)
-        self.buf += text
-        for i, ch in enumerate(text):
-            done = 0
-            for j, s in enumerate(self.stops):
-                k, fail = self.state[j], self.fail[j]
-                while k and s[k] != ch:
-                    k = fail[k - 1]
-                if s[k] == ch:
-                    k += 1
-                if k == len(s):
-                    done = max(done, k)
-                    k = fail[k - 1]
-                self.state[j] = k
-            if done:                      # the stop ends at buf[held + i]: show what comes before it
-                out, self.buf, self.hit = self.buf[:held + i + 1 - done], "", True
-                return out
-        keep = max(self.state)
-        out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
-        return out
-
-    def flush(self) -> str:
-        out, self.buf = self.buf, ""
-        self.state = [0] * len(self.stops)
-        return out
 
 
 class Scheduler:
@@ -127,14 +57,14 @@ class Scheduler:
         self.model, self.tok = model, tokenizer
         self.ctx_size = ctx_size
         self.slots = [Slot(i) for i in range(max(1, parallel))]
+        self.batch = Batch(model)          # the generation loop: chunked prefill, batched decode
         self.waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="amed-engine", daemon=True)
         self.died: str | None = None       # why the engine thread ended, if it ever does unasked
         self.counters = dict(requests=0, prompt_tokens=0, prefill_tokens=0, prefill_seconds=0.0,
-                             completion_tokens=0, decode_tokens=0, decode_seconds=0.0, decode_steps=0,
-                             errors=0, cancelled=0)
+                             completion_tokens=0, errors=0, cancelled=0)
         self.started = time.time()
 
     # ---- called from the server ----
@@ -168,7 +98,7 @@ class Scheduler:
             self._cond.notify()
 
     def stats(self) -> dict:
-        c = dict(self.counters)
+        c = {**self.counters, **self.batch.stats}
         cache = getattr(self.model.experts, "cache", None)
         expert = None
         if cache is not None:
@@ -236,87 +166,53 @@ class Scheduler:
 
         if slot.state is None:
             slot.state = self.model.state if slot.index == 0 else self.model.new_state(self.ctx_size)
-        n = min(common_prefix(job.prompt, slot.cached), len(job.prompt) - 1)   # run >= 1 token
-        slot.state.truncate(n)
-        slot.cached = slot.cached[:n]
-        slot.todo = list(job.prompt[n:])
-        slot.job, slot.next = job, None
-        slot.history = list(job.prompt)
-        slot.sampler = make_sampler(job.params)
-        slot.decoder = self.tok.stream()
-        slot.stopper = StopMatcher(job.stops)
-        slot.budget = min(job.max_tokens, self.ctx_size - len(job.prompt))
-        job.prefill_tokens = len(slot.todo)
-        job.t_start = time.perf_counter()
+        seq = Sequence(job.prompt, make_sampler(job.params), tokenizer=self.tok, max_tokens=job.max_tokens,
+                       stop_ids=self.tok.stop_ids, stops=job.stops, ignore_eos=job.ignore_eos,
+                       ctx_size=self.ctx_size, state=slot.state, cached=slot.cached)
+        slot.cached = seq.cached           # grows in place as the batch forwards tokens
+        slot.job, slot.seq = job, seq
+        self.batch.add(seq)
+        job.prefill_tokens = seq.prefill_tokens
+        job.t_start = seq.t_start
         self.counters["prompt_tokens"] += len(job.prompt)
-        self.counters["prefill_tokens"] += len(slot.todo)
+        self.counters["prefill_tokens"] += seq.prefill_tokens
 
     def _step(self) -> None:
         for s in self.slots:
             if s.job is not None and s.job.cancelled.is_set():
                 self.counters["cancelled"] += 1
                 self._free(s)
-        for s in [s for s in self.slots if s.job is not None and s.todo]:
-            t0 = time.perf_counter()
+        owner = {id(s.seq): s for s in self.slots if s.seq is not None}
+        for seq, step in self.batch.step():
+            s = owner[id(seq)]
+            if s.job is None:               # already failed
+                continue
             try:
-                chunk, s.todo = s.todo[:PREFILL_CHUNK], s.todo[PREFILL_CHUNK:]
-                logits = self.model.forward(chunk, state=s.state)
-                s.cached += chunk
-                if not s.todo:
-                    self._sampled(s, logits)
+                if step.finish_reason == "error":
+                    raise seq.error
+                self._progress(s, step)
             except Exception as e:          # this sequence fails, the others go on
                 self._fail(s, e)
-            self.counters["prefill_seconds"] += time.perf_counter() - t0
-        batch = [s for s in self.slots if s.job is not None and s.next is not None]
-        if batch:
-            t0 = time.perf_counter()
-            logits = self.model.forward_batch([s.next for s in batch], [s.state for s in batch])
-            for s, row in zip(batch, logits):
-                s.cached.append(s.next)
-                s.next = None
-                try:
-                    self._sampled(s, row)
-                except Exception as e:
-                    self._fail(s, e)
-            self.counters["decode_seconds"] += time.perf_counter() - t0
-            self.counters["decode_tokens"] += len(batch)
-            self.counters["decode_steps"] += 1
 
-    def _sampled(self, s: Slot, logits) -> None:
-        """Sample the slot's next token from `logits` and stream it; finish on a stop token, a
-        stop string or the token budget, else queue the token for the next decode step."""
-        job = s.job
-        tok = s.sampler(logits, s.history)
-        if not job.t_first:
-            job.t_first = time.perf_counter()
-        if tok in self.tok.stop_ids and not job.ignore_eos:
-            return self._finish(s, "stop")
-        s.history.append(tok)
-        job.completion_tokens += 1
-        self.counters["completion_tokens"] += 1
-        text = s.stopper.feed(s.decoder.step(tok))
-        if text:
-            job.emit("text", text)
-        if s.stopper.hit:
-            return self._finish(s, "stop")
-        if job.completion_tokens >= s.budget:
-            return self._finish(s, "length")
-        s.next = tok
+    def _progress(self, s: Slot, step) -> None:
+        """Pass one Step of the slot's sequence to its job: the text, and at the end its summary."""
+        job, seq = s.job, s.seq
+        self.counters["completion_tokens"] += seq.generated - job.completion_tokens
+        job.completion_tokens = seq.generated
+        if seq.t_first and not job.t_first:
+            job.t_first = seq.t_first
+        if step.text:
+            job.emit("text", step.text)
+        if step.finish_reason is not None:
+            self._finish(s, step.finish_reason)
 
     def _finish(self, s: Slot, reason: str) -> None:
         job = s.job
-        text = ""
-        if not s.stopper.hit:                       # the held-back tail, unless a stop string cut it
-            text = s.stopper.feed(s.decoder.flush())
-            text += "" if s.stopper.hit else s.stopper.flush()
-        stopped = s.stopper.hit
-        if text:
-            job.emit("text", text)
         now = time.perf_counter()
         first = job.t_first or now
         decode_s = now - first
         job.emit("done", dict(
-            finish_reason="stop" if stopped else reason,
+            finish_reason=reason,
             usage=dict(prompt_tokens=len(job.prompt), completion_tokens=job.completion_tokens,
                        total_tokens=len(job.prompt) + job.completion_tokens),
             timings=dict(prompt_n=job.prefill_tokens, prompt_ms=1e3 * (first - job.t_start),
@@ -327,8 +223,9 @@ class Scheduler:
         self._free(s)
 
     def _free(self, s: Slot) -> None:
-        s.job, s.next, s.todo = None, None, []
-        s.sampler = s.decoder = s.stopper = None
+        if s.seq is not None:
+            self.batch.remove(s.seq)
+        s.job, s.seq = None, None
         s.last_used = time.perf_counter()
 
     def _fail(self, s: Slot, e: Exception) -> None:
@@ -354,4 +251,3 @@ class Scheduler:
             if s.state is not None:
                 s.state.reset()
             s.cached = []
-
