@@ -72,3 +72,33 @@ def test_stop_and_length(golden):
     text, last = generate(model, tok, prompt, greedy(), max_tokens=3, stop_ids=[])
     assert last.finish_reason == "length" and last.generated_tokens == 3
     assert last.prefill_tps > 0
+
+
+def test_a_batch_of_sequences_answers_as_each_alone(golden):
+    """Three sequences stepped together (chunked prefill, batched decode) give the tokens each gives
+    alone; a stop token ends one early and is counted, a stop string cuts another's text."""
+    from amed.generate import Batch, Sequence
+
+    model, tok = golden
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in ("hi", "Is fever dangerous?", "ok")]
+    alone = [[s.token for s in Generator(model, tok).stream(p, greedy(), 10, ()) if s.token is not None]
+             for p in prompts]
+    stop_id = alone[1][4]                                 # the second answer ends at its 5th token
+    text2 = tok.decode(alone[2])
+    stop_str = text2[len(text2) // 2:len(text2) // 2 + 2]
+    batch = Batch(model, prefill_chunk=7)
+    seqs = [batch.add(Sequence(p, greedy(), tokenizer=tok, max_tokens=10, stop_ids=ids, stops=st,
+                               state=model.new_state()))
+            for p, ids, st in zip(prompts, ((), (stop_id,), ()), ((), (), (stop_str,)))]
+    tokens, texts, last = [[], [], []], ["", "", ""], [None] * 3
+    while batch.seqs:
+        for seq, step in batch.step():
+            i = seqs.index(seq)
+            texts[i] += step.text
+            if step.token is not None:
+                tokens[i].append(step.token)
+            last[i] = step
+    assert tokens[0] == alone[0] and last[0].finish_reason == "length" and last[0].generated_tokens == 10
+    assert tokens[1] == alone[1][:4] and last[1].finish_reason == "stop" and last[1].generated_tokens == 5
+    assert last[2].finish_reason == "stop" and texts[2] == text2[:text2.index(stop_str)]
+    assert batch.stats["decode_steps"] > 0 and batch.stats["decode_tokens"] > batch.stats["decode_steps"]

@@ -63,8 +63,8 @@ class Scheduler:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="amed-engine", daemon=True)
         self.died: str | None = None       # why the engine thread ended, if it ever does unasked
-        self.counters = dict(requests=0, prompt_tokens=0, prefill_tokens=0, prefill_seconds=0.0,
-                             completion_tokens=0, errors=0, cancelled=0)
+        self.counters = dict(requests=0, prompt_tokens=0, prefill_tokens=0, completion_tokens=0, errors=0,
+                             cancelled=0)          # the time counters are the batch's (self.batch.stats)
         self.started = time.time()
 
     # ---- called from the server ----
