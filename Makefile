@@ -16,7 +16,7 @@ test: install
 demo: install
 	bash bench/demo.sh
 
-# retrain the committed small BailingMoeV2 (tests/data/trained) on ICD-10-CM text: torch CPU, ~20 min
+# retrain the committed small BailingMoeV2 (tests/data/trained) on ICD-10-CM text: torch CPU, ~20 min on 2 cores
 trained:
 	$(PY) -m pip install -q -e ".[train]"
 	$(PY) tools/train_tiny.py -o tests/data/trained

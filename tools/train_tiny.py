@@ -439,8 +439,8 @@ def reference_copy(model: BailingMoeV2) -> BailingMoeV2:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-o", "--out", type=Path, default=OUT)
-    ap.add_argument("--steps", type=int, default=260)
-    ap.add_argument("--batch", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--bias-rate", type=float, default=5e-3, help="expert-bias update speed (gamma)")
