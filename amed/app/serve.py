@@ -24,6 +24,7 @@ server starts.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import math
@@ -68,7 +69,7 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
     from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
     from starlette.routing import Route
 
     from amed.app.serve_extras import routes as extra_routes
@@ -81,6 +82,7 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
         if not state["draining"]:
             state["draining"], state["deadline"] = True, time.monotonic() + grace
     state["shutdown"] = shutdown
+    run = functools.partial(run_job, deadline=lambda: state["deadline"])
 
     def load() -> None:
         try:
@@ -101,10 +103,6 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
         yield
         if state["sched"] is not None:
             await asyncio.to_thread(state["sched"].stop)
-
-    def error(e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status,
-                            headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
 
     def ready() -> tuple[Scheduler, Api]:
         if state["error"]:
@@ -133,9 +131,9 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
                 authorize(request)
                 return await handler(request)
             except ApiError as e:
-                return error(e)
+                return error_response(e)
             except Exception as e:  # never a traceback to the client, never a dead server
-                return error(ApiError(500, client_message(e), "server_error"))
+                return error_response(ApiError(500, client_message(e), "server_error"))
         return endpoint
 
     async def read_body(request: Request) -> dict:
@@ -186,88 +184,6 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
                 lines.append(f"amed_{key} {v}")
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
-    async def run_job(request: Request, job: Job, sched: Scheduler, stream: bool, chunks):
-        """Submit the job and answer: SSE chunks (stream) or one JSON object. `chunks` knows the
-        endpoint's shapes: chunks.delta(text), .final(done), .usage(done), .whole(text, done)."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def emit(kind, value):
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, (kind, value))
-            except RuntimeError:        # the event loop is gone (server shutting down)
-                job.cancel()
-        job.emit = emit
-        sched.submit(job)
-
-        checked = [loop.time()]
-
-        async def next_event():
-            """The next event; ("gone", None) when the client went away (the job is cancelled,
-            which frees its slot at the engine's next step). Checked every 0.25 s, also while
-            events keep coming (a non-stream answer sends nothing until it is complete). Past a
-            shutdown's grace period: an error (the job is cancelled)."""
-            while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    event = None
-                if state["deadline"] is not None and time.monotonic() > state["deadline"]:
-                    job.cancel()
-                    sched.wake()
-                    return "error", ApiError(503, "the server is shutting down; the answer was cut short.",
-                                             "server_error", code="shutting_down")
-                if event is None or loop.time() - checked[0] > 0.25:
-                    checked[0] = loop.time()
-                    if await request.is_disconnected():
-                        job.cancel()
-                        sched.wake()
-                        return "gone", None
-                if event is not None:
-                    return event
-
-        if not stream:
-            parts = []
-            try:
-                while True:
-                    kind, value = await next_event()
-                    if kind == "gone":
-                        return Response(status_code=499)        # nobody is listening
-                    if kind == "text":
-                        parts.append(value)
-                    elif kind == "error":
-                        return error(value)
-                    else:
-                        return JSONResponse(chunks.whole("".join(parts), value))
-            finally:
-                job.cancel()
-
-        async def sse():
-            try:
-                for c in chunks.opening():
-                    yield f"data: {json.dumps(c)}\n\n"
-                while True:
-                    kind, value = await next_event()
-                    if kind == "gone":
-                        return
-                    if kind == "text":
-                        yield f"data: {json.dumps(chunks.delta(value))}\n\n"
-                    elif kind == "error":
-                        yield f"data: {json.dumps(value.body())}\n\n"
-                        break
-                    else:
-                        yield f"data: {json.dumps(chunks.final(value))}\n\n"
-                        if chunks.include_usage:
-                            yield f"data: {json.dumps(chunks.usage(value))}\n\n"
-                        break
-                yield "data: [DONE]\n\n"
-            finally:                    # finished, or the client went away mid-stream
-                job.cancel()
-                sched.wake()
-
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
     def generation_endpoint(prompt_of, field: str, chunks):
         """A POST handler: the request's prompt (Api.chat_prompt / completion_prompt, read from
         `field`) as a job, answered in `chunks`' shape."""
@@ -281,7 +197,7 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
             flags = stream_flags(body, chunks)
             async with prompt_slots:            # tokenizing may take a while: never on the event loop
                 job = await run_in_threadpool(make_job, api, body)
-            return await run_job(request, job, sched, *flags)
+            return await run(request, job, sched, *flags)
         return handle
 
     chat_completions = generation_endpoint(Api.chat_prompt, "messages", ChatChunks)
@@ -306,10 +222,10 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
             e = ApiError(405, f"{request.method} is not allowed on {request.url.path}.", code="method_not_allowed")
         else:
             e = ApiError(exc.status_code, str(exc.detail))
-        return error(e)
+        return error_response(e)
 
     async def server_error(request: Request, exc: Exception):
-        return error(ApiError(500, client_message(exc), "server_error"))
+        return error_response(ApiError(500, client_message(exc), "server_error"))
 
     routes = [
         Route("/", page), Route("/health", health),
@@ -320,13 +236,110 @@ def create_app(model_id: str, loader, *, parallel: int = 4, ctx_size: int = 4096
         Route("/completions", guarded(completions), methods=["POST"]),
         Route("/stats", guarded(stats)), Route("/metrics", guarded(metrics)),
         *extra_routes(model_id=model_id, state=state, ready=ready, guarded=guarded, read_body=read_body,
-                      run_job=run_job, ctx_size=ctx_size, parallel=parallel),     # ollama's, llama-server's
+                      run_job=run, ctx_size=ctx_size, parallel=parallel),     # ollama's, llama-server's
     ]
     guard = Middleware(Guard, host=host, max_body=max_body, origins=cors_origins, state=state)
     app = Starlette(routes=routes, lifespan=lifespan, middleware=[guard],
                     exception_handlers={HTTPException: not_found, Exception: server_error})
     app.state.amed = state
     return app
+
+
+def error_response(e: ApiError):
+    """An ApiError as its JSON response (a 401 also says how to authenticate)."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(e.body(), status_code=e.status,
+                        headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
+
+
+async def run_job(request, job: Job, sched: Scheduler, stream: bool, chunks, *, deadline=lambda: None):
+    """Submit the job and answer: SSE chunks (stream) or one JSON object. `chunks` knows the
+    endpoint's shapes: chunks.delta(text), .final(done), .usage(done), .whole(text, done).
+    `deadline()`: the time.monotonic() at which a shutdown's grace period ends (None: none begun)."""
+    import asyncio
+
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def emit(kind, value):
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+        except RuntimeError:        # the event loop is gone (server shutting down)
+            job.cancel()
+    job.emit = emit
+    sched.submit(job)
+
+    checked = [loop.time()]
+
+    async def next_event():
+        """The next event; ("gone", None) when the client went away (the job is cancelled,
+        which frees its slot at the engine's next step). Checked every 0.25 s, also while
+        events keep coming (a non-stream answer sends nothing until it is complete). Past a
+        shutdown's grace period: an error (the job is cancelled)."""
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                event = None
+            end = deadline()
+            if end is not None and time.monotonic() > end:
+                job.cancel()
+                sched.wake()
+                return "error", ApiError(503, "the server is shutting down; the answer was cut short.",
+                                         "server_error", code="shutting_down")
+            if event is None or loop.time() - checked[0] > 0.25:
+                checked[0] = loop.time()
+                if await request.is_disconnected():
+                    job.cancel()
+                    sched.wake()
+                    return "gone", None
+            if event is not None:
+                return event
+
+    if not stream:
+        parts = []
+        try:
+            while True:
+                kind, value = await next_event()
+                if kind == "gone":
+                    return Response(status_code=499)        # nobody is listening
+                if kind == "text":
+                    parts.append(value)
+                elif kind == "error":
+                    return error_response(value)
+                else:
+                    return JSONResponse(chunks.whole("".join(parts), value))
+        finally:
+            job.cancel()
+
+    async def sse():
+        try:
+            for c in chunks.opening():
+                yield f"data: {json.dumps(c)}\n\n"
+            while True:
+                kind, value = await next_event()
+                if kind == "gone":
+                    return
+                if kind == "text":
+                    yield f"data: {json.dumps(chunks.delta(value))}\n\n"
+                elif kind == "error":
+                    yield f"data: {json.dumps(value.body())}\n\n"
+                    break
+                else:
+                    yield f"data: {json.dumps(chunks.final(value))}\n\n"
+                    if chunks.include_usage:
+                        yield f"data: {json.dumps(chunks.usage(value))}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+        finally:                    # finished, or the client went away mid-stream
+            job.cancel()
+            sched.wake()
+
+    return StreamingResponse(sse(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 # ---------------------------------------------------------------------------------------------
