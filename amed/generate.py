@@ -6,8 +6,8 @@ at once: it prefills (in chunks, so a long prompt does not stall the others) and
 token for every sequence in one batched forward (Model.forward_batch: the dense weights and the
 experts the sequences share are read once per step). Each step gives back, per sequence, the
 `Step`s it produced: a token and its text piece, and at the end a summary with the finish reason.
-`amed chat` and `amed bench` run one sequence (`Generator`); `amed serve`'s scheduler runs a
-`Batch` of many.
+`amed chat` runs one sequence at a time (`Generator`), `amed bench` times a Batch's decode steps,
+and `amed serve`'s scheduler runs a `Batch` of many.
 
 Counting: `generated_tokens` (the server's `usage.completion_tokens`, ollama's `eval_count`)
 counts every token sampled, the stop token included, as llama-server's `n_decoded` and ollama's
