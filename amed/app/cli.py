@@ -470,9 +470,9 @@ def check_text(text: Optional[str], what: str) -> None:
             fail(f"{what} is not UTF-8 text; convert it first, e.g. with iconv -t UTF-8.")
 
 
-ModelOpt = Annotated[Optional[Path], typer.Option("-m", "--model", help="Store or checkpoint: a directory or a "
-                                                  "name from `amed list` (default: $AMED_MODEL, then the default "
-                                                  "store).")]
+ModelOpt = Annotated[Optional[Path], typer.Option("-m", "--model", help="Store or checkpoint: a directory, a "
+                                                  "name from `amed list`, a .gguf file or ollama:NAME:TAG "
+                                                  "(default: $AMED_MODEL, then the default store).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads, 1 to the number of cores "
                                                   "(default, 0 or -1: all cores).")]
 DeviceOpt = Annotated[str, typer.Option(
