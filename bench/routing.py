@@ -14,6 +14,9 @@ per layer:
     through the same group-limited top-k) for each token; it cannot be measured for the first MoE
     layer, whose predecessor is the dense layer (no look-ahead runs there).
 Random baselines: recall and reuse of independent uniform choices are 8/256 = 3.1%.
+
+`--compare STORE` adds, per layer, the share of the 8 experts that STORE (e.g. a quantized copy)
+chooses alike on the same text: where quantization moves the router's choice.
 """
 
 from __future__ import annotations
@@ -99,14 +102,21 @@ def record(model, ids, ctx: int, decode: bool = False):
     return {L: np.concatenate(v) for L, v in inputs.items()}, starts
 
 
-def measure(model, ids, ctx: int = 256) -> dict:
-    c = model.config
+def chosen_experts(model, ids, ctx: int):
     inputs, starts = record(model, ids, ctx)
+    return inputs, {L: route(model, L, inputs[L]) for L in sorted(inputs)}, starts
+
+
+def measure(model, ids, ctx: int = 256, other=None) -> dict:
+    c = model.config
+    inputs, chosen, starts = chosen_experts(model, ids, ctx)
     layers = sorted(inputs)
-    chosen = {L: route(model, L, inputs[L]) for L in layers}
+    same = chosen_experts(other, ids, ctx)[1] if other is not None else None
     out = {"tokens": int(len(ids)), "ctx": ctx, "layers": {}}
     for L in layers:
         row = {**skew(chosen[L], c.num_experts), "reuse": reuse(chosen[L], starts)}
+        if same is not None:
+            row["same_choice"] = lookahead_recall(same[L], chosen[L])
         if L - 1 in inputs:           # look-ahead from the previous MoE layer's input
             row["lookahead_recall"] = lookahead_recall(route(model, L, inputs[L - 1]), chosen[L])
         out["layers"][L] = row
@@ -125,6 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("-f", "--file", required=True)
     ap.add_argument("-c", "--ctx-size", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=0)
+    ap.add_argument("--compare", metavar="STORE", help="also: how many of the experts STORE chooses alike")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -133,7 +144,8 @@ def main(argv=None) -> int:
     if args.max_tokens:
         ids = ids[: args.max_tokens]
     model = amed.load(args.model, ctx_size=args.ctx_size)
-    res = measure(model, ids, args.ctx_size)
+    other = amed.load(args.compare, ctx_size=args.ctx_size) if args.compare else None
+    res = measure(model, ids, args.ctx_size, other)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -144,7 +156,8 @@ def main(argv=None) -> int:
     for L, r in res["layers"].items():
         la = f"{r['lookahead_recall']:.1%}" if "lookahead_recall" in r else "—"
         print(f"| {L} | {r['top10pct_share']:.1%} | {r['entropy']:.3f} | {r['max_over_mean']:.2f} | "
-              f"{r['unused']} | {r['reuse']:.1%} | {la} |")
+              f"{r['unused']} | {r['reuse']:.1%} | {la} |"
+              + (f" same choice in {args.compare}: {r['same_choice']:.1%}" if "same_choice" in r else ""))
     print(f"mean look-ahead recall {res['mean_lookahead_recall']:.1%}, mean reuse {res['mean_reuse']:.1%}")
     return 0
 
