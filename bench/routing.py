@@ -9,10 +9,13 @@ per layer:
     of 256; 10% if use were even), the normalized entropy of the use distribution (1 = even), and
     the busiest expert's use over the mean;
   * reuse: the share of a token's 8 experts that the previous token (same window) also used;
-  * look-ahead recall: the share of layer L+1's 8 experts that amed's router look-ahead guesses
-    (engine/experts/lookahead.py: layer L+1's router and expert bias applied to layer L's MoE input,
-    through the same group-limited top-k) for each token; it cannot be measured for the first MoE
-    layer, whose predecessor is the dense layer (no look-ahead runs there).
+  * look-ahead recall: the share of layer L's 8 experts that amed's router look-ahead guesses
+    (engine/experts/lookahead.py: layer L's router and expert bias applied to layer L-1's MoE
+    input, through the same group-limited top-k), per token; not measurable for the first MoE
+    layer, whose predecessor is the dense layer (no look-ahead runs there);
+  * recall from L-1's output: the same router applied one step later, to layer L's attention
+    input (layer L-1's MoE output added; only layer L's attention missing): how much of the miss
+    that MoE output accounts for.
 Random baselines: recall and reuse of independent uniform choices are 8/256 = 3.1%.
 
 `--compare STORE` adds, per layer, the share of the 8 experts that STORE (e.g. a quantized copy)
@@ -76,17 +79,24 @@ def route(model, L: int, h: np.ndarray) -> np.ndarray:
     return idx
 
 
-def record(model, ids, ctx: int, decode: bool = False):
+def record(model, ids, ctx: int, decode: bool = False, attn_inputs: dict | None = None):
     """Run ids through the model in windows of ctx tokens (one token per forward with `decode`);
-    returns ({layer: MoE input [N, H]}, window start offsets)."""
+    returns ({layer: MoE input [N, H]}, window start offsets). `attn_inputs`, a dict, also gets
+    each layer's attention input (the RMSNorm of the residual stream after the layer before)."""
     inputs: dict[int, list] = {}
-    orig = model._moe
+    orig, orig_attn = model._moe, model._attention
 
     def moe(L, lw, h):
         inputs.setdefault(L, []).append(np.array(model.backend.to_host(h), np.float32))
         return orig(L, lw, h)
 
+    def attention(s, L, lw, h):
+        attn_inputs.setdefault(L, []).append(np.array(model.backend.to_host(h), np.float32))
+        return orig_attn(s, L, lw, h)
+
     model._moe = moe
+    if attn_inputs is not None:
+        model._attention = attention
     starts = []
     try:
         for a in range(0, len(ids), ctx):
@@ -99,17 +109,22 @@ def record(model, ids, ctx: int, decode: bool = False):
                 model.forward(ids[a:a + ctx], all_logits=False)
     finally:
         del model._moe
+        if attn_inputs is not None:
+            del model._attention
+            for L, v in attn_inputs.items():
+                attn_inputs[L] = np.concatenate(v)
     return {L: np.concatenate(v) for L, v in inputs.items()}, starts
 
 
-def chosen_experts(model, ids, ctx: int):
-    inputs, starts = record(model, ids, ctx)
+def chosen_experts(model, ids, ctx: int, attn_inputs: dict | None = None):
+    inputs, starts = record(model, ids, ctx, attn_inputs=attn_inputs)
     return inputs, {L: route(model, L, inputs[L]) for L in sorted(inputs)}, starts
 
 
 def measure(model, ids, ctx: int = 256, other=None) -> dict:
     c = model.config
-    inputs, chosen, starts = chosen_experts(model, ids, ctx)
+    attn: dict = {}
+    inputs, chosen, starts = chosen_experts(model, ids, ctx, attn)
     layers = sorted(inputs)
     same = chosen_experts(other, ids, ctx)[1] if other is not None else None
     out = {"tokens": int(len(ids)), "ctx": ctx, "layers": {}}
@@ -119,6 +134,9 @@ def measure(model, ids, ctx: int = 256, other=None) -> dict:
             row["same_choice"] = lookahead_recall(same[L], chosen[L])
         if L - 1 in inputs:           # look-ahead from the previous MoE layer's input
             row["lookahead_recall"] = lookahead_recall(route(model, L, inputs[L - 1]), chosen[L])
+            # the same router on layer L-1's output (its MoE added; only layer L's attention
+            # missing): how much of the miss the MoE output of L-1 accounts for
+            row["recall_from_block_output"] = lookahead_recall(route(model, L, attn[L]), chosen[L])
         out["layers"][L] = row
     rec = [r["lookahead_recall"] for r in out["layers"].values() if "lookahead_recall" in r]
     out["mean_lookahead_recall"] = float(np.mean(rec)) if rec else float("nan")
@@ -151,10 +169,11 @@ def main(argv=None) -> int:
         return 0
     print(f"{res['tokens']} tokens, windows of {res['ctx']}; random baseline for recall and reuse: "
           f"{8 / 256:.1%}")
-    print("| layer | top-10% experts' share | entropy | max/mean | unused | reuse | look-ahead recall |")
-    print("|---|---|---|---|---|---|---|")
+    print("| layer | top-10% experts' share | entropy | max/mean | unused | reuse | look-ahead recall "
+          "| recall from L-1's output |")
+    print("|---|---|---|---|---|---|---|---|")
     for L, r in res["layers"].items():
-        la = f"{r['lookahead_recall']:.1%}" if "lookahead_recall" in r else "—"
+        la = f"{r['lookahead_recall']:.1%} | {r['recall_from_block_output']:.1%}" if "lookahead_recall" in r else "— | —"
         print(f"| {L} | {r['top10pct_share']:.1%} | {r['entropy']:.3f} | {r['max_over_mean']:.2f} | "
               f"{r['unused']} | {r['reuse']:.1%} | {la} |"
               + (f" same choice in {args.compare}: {r['same_choice']:.1%}" if "same_choice" in r else ""))
