@@ -5,6 +5,9 @@ from pathlib import Path
 # CUDA tests run in Numba's CUDA simulator unless told otherwise (NUMBA_ENABLE_CUDASIM=0 on a GPU
 # machine: bench/gpu_check.sh). Numba reads this when numba.cuda is first imported.
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+# `amed bench` probes memory bandwidth (1 GiB, ~1 s) on every run; tests take a given figure instead
+# (test_bench.py tests the probe itself)
+os.environ.setdefault("AMED_MEMBW_GBS", "20")
 
 import pytest
 

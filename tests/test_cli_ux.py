@@ -244,9 +244,9 @@ def test_quantize_error_leaves_stdout_empty(amed_cli, golden_dir, golden_store):
     assert code == 1 and out == ""
 
 
-def test_bench_small_model_size_and_cached_bandwidth(amed_cli, golden_dir, tmp_path, monkeypatch):
+def test_bench_small_model_size_and_given_bandwidth(amed_cli, golden_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("AMED_HOME", str(tmp_path))
-    (tmp_path / "membw.json").write_text(json.dumps({"read_gbs": 20.0}))
+    monkeypatch.setenv("AMED_MEMBW_GBS", "20")
     code, out, err = amed_cli("bench", "-m", golden_dir, "-p", "4", "-n", "2", "-r", "1", "-t", "1")
     assert code == 0, err
     assert "measuring memory bandwidth" not in err
@@ -380,7 +380,7 @@ def test_load_a_saved_conversation(golden_dir, tmp_path, monkeypatch, capsys):
 
 def test_bench_list_values(amed_cli, golden_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("AMED_HOME", str(tmp_path))
-    (tmp_path / "membw.json").write_text(json.dumps({"read_gbs": 20.0}))
+    monkeypatch.setenv("AMED_MEMBW_GBS", "20")
     code, out, err = amed_cli("bench", "-m", golden_dir, "-p", "4,6", "-n", "2", "-t", "1,2", "-r", "1",
                               "-o", "json")
     assert code == 0, err
@@ -591,7 +591,7 @@ def test_bench_ctx_size_has_help_and_an_effect(amed_cli, golden_dir, tmp_path, m
     bench = get_command(cli.app).commands["bench"]
     assert [p.help for p in bench.params if p.name == "ctx_size"][0]
     monkeypatch.setenv("AMED_HOME", str(tmp_path))
-    (tmp_path / "membw.json").write_text(json.dumps({"read_gbs": 20.0}))
+    monkeypatch.setenv("AMED_MEMBW_GBS", "20")
     # the golden model was trained on 4096 tokens: -c lets a bench run past that, with a warning
     code, out, err = amed_cli("bench", "-m", golden_dir, "-c", "5000", "-d", "4100", "-p", "4", "-n", "1",
                               "-r", "1", "-o", "json")
