@@ -116,6 +116,66 @@ def check_field(key: str, v):
     return v
 
 
+# ---- rope_scaling: plain RoPE or YaRN -------------------------------------------------------
+# The YaRN keys as Hugging Face transformers reads them (_compute_yarn_parameters); the defaults
+# of beta_fast/beta_slow apply where a key is absent, null or 0 (HF's `.get(...) or 32`).
+YARN_KEYS = {
+    # key: (kind, low, high)
+    "factor": ("num", 1.0, 1e4),
+    "original_max_position_embeddings": ("int", 1, 1 << 24),
+    "beta_fast": ("num", 0.0, 1e6),
+    "beta_slow": ("num", 0.0, 1e6),
+    "mscale": ("num", 0.0, 1e6),
+    "mscale_all_dim": ("num", 0.0, 1e6),
+    "attention_factor": ("num", 0.0, 1e6),
+    "truncate": ("bool", None, None),
+}
+
+
+def yarn_parameters(rs: dict | None, max_position_embeddings: int) -> dict | None:
+    """rope_scaling (config.json's object) checked: None for plain RoPE (absent, {} or type
+    'default'), the normalized YaRN parameters for type 'yarn' (factor, original_max_position_
+    embeddings, beta_fast, beta_slow, mscale, mscale_all_dim, attention_factor, truncate), and an
+    AmedError in one sentence for any other type or a bad value."""
+    if not rs:
+        return None
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default") and not any(k in rs for k in ("factor", "original_max_position_embeddings")):
+        return None
+    if kind != "yarn":
+        shown = repr(kind) if len(repr(kind)) <= 40 else repr(kind)[:40] + "..."
+        raise AmedError(f"config.json: 'rope_scaling' has type {shown}; amed supports plain RoPE "
+                        f"(no rope_scaling) or type 'yarn' only.")
+    out = {}
+    for key, (kind, lo, hi) in YARN_KEYS.items():
+        v = rs.get(key)
+        if v is None:
+            out[key] = None
+            continue
+        if kind == "bool":
+            ok = isinstance(v, bool)
+        elif kind == "int":
+            ok = _is_int(v) and lo <= v <= hi
+        else:
+            ok = ((_is_int(v) and abs(v) <= 1 << 60) or isinstance(v, float)) and math.isfinite(float(v)) \
+                and lo <= float(v) <= hi and (float(v) > 0 or key in ("beta_fast", "beta_slow", "mscale",
+                                                                        "mscale_all_dim"))
+            v = float(v) if ok else v
+        if not ok:
+            shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:40] + "..."
+            what = {"bool": "true or false", "int": f"an integer between {lo} and {hi}",
+                    "num": f"a number between {lo} and {hi}" + (" (above 0)" if lo == 0.0 else "")}[kind]
+            raise AmedError(f"config.json: 'rope_scaling' {key} must be {what}, not {shown}.")
+        out[key] = v
+    if out["factor"] is None:
+        raise AmedError("config.json: 'rope_scaling' of type 'yarn' needs a 'factor' (for example 4.0).")
+    if out["original_max_position_embeddings"] is None:   # older transformers' default
+        out["original_max_position_embeddings"] = max_position_embeddings
+    out["beta_fast"] = out["beta_fast"] or 32.0
+    out["beta_slow"] = out["beta_slow"] or 1.0
+    out["truncate"] = True if out["truncate"] is None else out["truncate"]
+    return out
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -244,8 +304,7 @@ class ModelConfig:
         if rot <= 0 or rot > self.head_size or rot % 2:
             bad("partial_rotary_factor" if self.rotary_dim is None else "rotary_dim",
                 f"gives a rotary dimension of {rot}; it must be even and at most head_dim ({self.head_size})")
-        if self.rope_scaling not in (None, {}) and (self.rope_scaling or {}).get("type", (self.rope_scaling or {}).get("rope_type")) not in (None, "default"):
-            bad("rope_scaling", f"is {self.rope_scaling}; only plain RoPE is supported for now")
+        yarn_parameters(self.rope_scaling, self.max_position_embeddings)   # raises on a bad one
 
     # ---- derived quantities -------------------------------------------------------------
     @property
@@ -258,6 +317,33 @@ class ModelConfig:
             return int(self.rotary_dim)
         f = 1.0 if self.partial_rotary_factor is None else float(self.partial_rotary_factor)
         return int(self.head_size * f)
+
+    @property
+    def yarn(self) -> dict | None:
+        """The YaRN parameters (yarn_parameters) when rope_scaling asks for YaRN, else None."""
+        return yarn_parameters(self.rope_scaling, self.max_position_embeddings)
+
+    @property
+    def context_limit(self) -> int:
+        """The longest context the config allows: factor x original_max_position_embeddings with
+        YaRN (at least max_position_embeddings), else max_position_embeddings."""
+        y = self.yarn
+        if y is None:
+            return self.max_position_embeddings
+        return max(self.max_position_embeddings, int(y["factor"] * y["original_max_position_embeddings"]))
+
+    def context_note(self, ctx_size: int) -> str | None:
+        """One sentence when ctx_size runs past what the config allows (context_limit), else None."""
+        limit = self.context_limit
+        if ctx_size <= limit:
+            return None
+        if self.yarn is not None:
+            return (f"-c {ctx_size} is above the {limit} tokens this config's YaRN allows (factor "
+                    f"{self.yarn['factor']:g} x original_max_position_embeddings "
+                    f"{self.yarn['original_max_position_embeddings']}): answers past that point may degrade.")
+        return (f"-c {ctx_size} is above the {limit} tokens the model was trained on: answers past that "
+                f"point may degrade (a YaRN rope_scaling in config.json, e.g. {{\"type\": \"yarn\", "
+                f"\"factor\": 4.0, \"original_max_position_embeddings\": {limit}}}, extends it).")
 
     @property
     def q_dim(self) -> int:

@@ -36,6 +36,42 @@ def select_experts(logits, bias, n_group, topk_group, k, scale):
     return idx, w
 
 
+def yarn_inv_freq(cfg, rot):
+    """(inv_freq [rot/2], cos/sin scale) for cfg["rope_scaling"] of type yarn, written from Hugging
+    Face transformers' _compute_yarn_parameters (modeling_rope_utils.py) with dim = rot."""
+    import math
+    rs = cfg["rope_scaling"]
+    base, dim = cfg["rope_theta"], rot
+    factor = rs["factor"]
+    orig = rs.get("original_max_position_embeddings", cfg["max_position_embeddings"])
+
+    def get_mscale(scale, mscale=1):
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is None:
+        if rs.get("mscale") and rs.get("mscale_all_dim"):
+            attention_factor = get_mscale(factor, rs["mscale"]) / get_mscale(factor, rs["mscale_all_dim"])
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def find_correction_dim(num_rotations):
+        return (dim * math.log(orig / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = find_correction_dim(beta_fast), find_correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (np.arange(0, dim, 2) / dim)
+    extra, inter = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    extra_factor = 1 - ramp
+    return inter * (1 - extra_factor) + extra * extra_factor, attention_factor
+
+
 def forward(t, cfg, ids):
     t = {k: np.asarray(v, dtype=np.float64) for k, v in t.items()}
     H, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -45,9 +81,11 @@ def forward(t, cfg, ids):
     T = len(ids)
     x = t["model.word_embeddings.weight"][ids]
     pos = np.arange(T)
-    inv = 1.0 / theta ** (np.arange(0, rot, 2) / rot)
+    inv, scale = 1.0 / theta ** (np.arange(0, rot, 2) / rot), 1.0
+    if (cfg.get("rope_scaling") or {}).get("type", (cfg.get("rope_scaling") or {}).get("rope_type")) == "yarn":
+        inv, scale = yarn_inv_freq(cfg, rot)
     ang = np.concatenate([pos[:, None] * inv[None]] * 2, axis=1)          # [T, rot]
-    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    cos, sin = scale * np.cos(ang)[:, None, :], scale * np.sin(ang)[:, None, :]
 
     def rope(v):                                                           # v [T, heads, d]
         r = v[..., :rot]

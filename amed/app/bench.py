@@ -469,11 +469,12 @@ def check_context(plan: BenchPlan, config, available: int | None = None) -> int:
     from amed.engine.experts.memory import fmt_size, mem_available
 
     need = context_needed(plan)
-    trained = config.max_position_embeddings
+    trained = config.context_limit
     if need > (plan.ctx_size or trained):
         fix = ("lower -d, -p or -n, or raise -c" if plan.ctx_size else
                "lower -d, -p or -n (-c N benches past the trained context)")
-        what = f"-c {plan.ctx_size}" if plan.ctx_size else f"the {trained} tokens the model was trained on"
+        what = (f"-c {plan.ctx_size}" if plan.ctx_size else f"the {trained} tokens the model was trained on"
+                if config.yarn is None else f"the {trained} tokens this config's YaRN allows")
         raise AmedError(f"these tests need {need} tokens of context (-d {plan.depth} plus the largest -p/-n), "
                         f"more than {what}; {fix}.")
     kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_size * 4 * need
@@ -571,10 +572,11 @@ def run_command(path: Path, plan: BenchPlan, console, set_threads) -> None:
     if not sizes:
         raise AmedError("nothing to measure: -p and -n are both 0.")
     config = model_config(path)
-    trained = config.max_position_embeddings
+    trained = config.context_limit
     need = check_context(plan, config)           # before the load: -d 99999999 is one sentence, not a hang
     if need > trained:
-        console.print(f"[yellow]-c {plan.ctx_size} is above the {trained} tokens the model was trained on: "
+        what = "the model was trained on" if config.yarn is None else "this config's YaRN allows"
+        console.print(f"[yellow]-c {plan.ctx_size} is above the {trained} tokens {what}: "
                       f"speed is measured, but answers that long may degrade.[/]")
     random_ids, ram, prefetches, lookaheads = plan.random_ids, plan.max_ram, plan.prefetch, plan.lookahead
     counts = plan.threads or [numba.config.NUMBA_NUM_THREADS]

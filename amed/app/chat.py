@@ -334,10 +334,9 @@ def run_command(path, err: Console, *, prompt: str | None = None, system_prompt:
     m = load(path, ctx_size=ctx_size, max_ram=max_ram, prefetch=prefetch, device=device, gpu_experts=gpu_experts,
              log=lambda msg: err.print(f"[yellow]{msg}[/]"))
     load_s = time.perf_counter() - t0
-    trained = m.config.max_position_embeddings
-    if ctx_size > trained:
-        err.print(f"[yellow]-c {ctx_size} is above the {trained} tokens the model was trained on: answers past "
-                  f"that point may degrade.[/]")
+    note = m.config.context_note(ctx_size)
+    if note:
+        err.print(f"[yellow]{note}[/]")
     tok = Tokenizer.from_dir(path)
     if chat_template is not None:
         tok.use_template(chat_template)

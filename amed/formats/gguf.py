@@ -352,8 +352,24 @@ def config_dict(h: Header) -> dict:
     if shexp is not None:
         d["moe_shared_expert_intermediate_size"] = _get(h, k("expert_shared_feed_forward_length"), int)
     scaling = h.meta.get(k("rope.scaling.type"))
-    if scaling not in (None, "none", "linear") or (scaling == "linear"
-                                                   and h.meta.get(k("rope.scaling.factor"), 1.0) != 1.0):
+    if scaling == "yarn":
+        # as llama.cpp's converter writes YaRN from config.json's rope_scaling
+        d["rope_scaling"] = {"type": "yarn", "factor": _get(h, k("rope.scaling.factor"), float),
+                             "original_max_position_embeddings": _get(
+                                 h, k("rope.scaling.original_context_length"), int, d["max_position_embeddings"],
+                                 required=False)}
+        for key, meta in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+            if h.meta.get(k("rope.scaling." + meta)) is not None:
+                d["rope_scaling"][key] = _get(h, k("rope.scaling." + meta), float)
+        for meta, neutral in (("yarn_ext_factor", (1.0, -1.0)), ("yarn_attn_factor", (1.0,)),
+                              ("yarn_log_multiplier", ())):
+            v = h.meta.get(k("rope.scaling." + meta))
+            if v is not None and not (isinstance(v, (int, float, np.number)) and float(v) in neutral):
+                raise AmedError(f"{h.path}: metadata '{k('rope.scaling.' + meta)}' is {v!r}; amed's YaRN "
+                                f"follows Hugging Face's and reads only factor, original_context_length "
+                                f"and yarn_beta_fast/yarn_beta_slow.")
+    elif scaling not in (None, "none", "linear") or (scaling == "linear"
+                                                     and h.meta.get(k("rope.scaling.factor"), 1.0) != 1.0):
         d["rope_scaling"] = {"type": str(scaling), "factor": h.meta.get(k("rope.scaling.factor"))}
     for key, meta in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")):
         v = h.meta.get(meta)
