@@ -195,3 +195,12 @@ def test_context_note():
     assert y.context_note(64) is None
     note = y.context_note(65)
     assert "64 tokens this config's YaRN allows" in note and "factor 4 x" in note
+
+
+def test_show_names_rope_scaling(yarn_ckpt):
+    from amed.app.models import show
+
+    lines = dict(show(yarn_ckpt[0]))
+    assert '"factor": 4.0' in lines["rope_scaling"] and '"type": "yarn"' in lines["rope_scaling"]
+    assert "rope_scaling" not in dict(show(helpers.write_checkpoint(
+        yarn_ckpt[0].parent / "plain", helpers.TINY, helpers.random_tensors(helpers.TINY))))

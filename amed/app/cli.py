@@ -677,7 +677,8 @@ def bench(
                                             "(prompt and decode: the most varied routing).")] = False,
     ctx_size: Annotated[Optional[int], typer.Option(
         "-c", "--ctx-size", help="The context every test must fit in: -d plus the largest -p or -n (default: the "
-        "model's trained context, max_position_embeddings). Raise it to bench past the trained context.")] = None,
+        "model's trained context, max_position_embeddings, or factor x original with YaRN). Raise it to bench "
+        "past the trained context.")] = None,
     max_ram: MaxRamOpt = None,
     prefetch: Annotated[str, typer.Option("--prefetch", help="Expert prefetch: on, off, or on,off to compare "
                                           "them side by side.", rich_help_panel="Memory")] = "on",

@@ -205,6 +205,8 @@ def show(path: Path) -> list[tuple[str, str]]:
     lines += [(k, str(cfg[k])) for k in ("architectures", "num_hidden_layers", "hidden_size", "num_experts",
                                          "num_experts_per_tok", "vocab_size", "max_position_embeddings")
               if k in cfg]
+    if isinstance(cfg.get("rope_scaling"), dict) and cfg["rope_scaling"]:      # YaRN: the longer context
+        lines.append(("rope_scaling", json.dumps(cfg["rope_scaling"], sort_keys=True)))
     return lines
 
 
