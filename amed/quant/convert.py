@@ -391,11 +391,9 @@ def prepare_output(dst: Path, man: dict, force: bool) -> dict | None:
     finished files go into man["files"]; the old manifest is returned), or something else (refused).
     --force replaces only what amed wrote there (the files the old manifest lists); a folder that
     is not an amed store, or a file of the user's where the store would write, is refused even with
-    --force. Creates `dst`."""
+    --force. Runs under store_lock(dst), which made `dst` and checked it is writable."""
     old = None
-    if dst.exists() and not dst.is_dir():
-        raise AmedError(f"{dst} exists and is not a directory; choose another -o.")
-    present = {p.name for p in dst.iterdir() if p.name != LOCK} if dst.is_dir() else set()
+    present = {p.name for p in dst.iterdir() if p.name != LOCK}
     if present:
         if MANIFEST not in present:
             raise AmedError(f"{dst} is not empty and is not an amed store"
@@ -430,12 +428,6 @@ def prepare_output(dst: Path, man: dict, force: bool) -> dict | None:
             old = None
         else:                 # resume, or repair a complete store: rewrite what is missing or damaged
             man["files"] = intact
-    try:
-        dst.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise AmedError(f"cannot create {dst}: {(e.strerror or str(e)).lower()}; choose another -o.") from None
-    if not os.access(dst, os.W_OK | os.X_OK):
-        raise AmedError(f"cannot write into {dst}: permission denied; choose another -o.")
     return old
 
 
