@@ -54,3 +54,41 @@ def write_checkpoint(path: Path, cfg: dict, tensors: dict[str, np.ndarray], shar
         weight_map.update({n: fname for n in part})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path
+
+
+def start_amed_serve(model, *args, env=None, stdout=None, ready_within: float = 120.0):
+    """(process, port): `amed serve -m MODEL --port P ARGS...` started on a free loopback port and
+    waited for until /health answers 200 (the process is killed if it dies or never gets there).
+    stdout: a pipe unless given (subprocess.DEVNULL); stderr is always a pipe; text mode."""
+    import http.client
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    p = subprocess.Popen([sys.executable, "-m", "amed", "serve", "-m", str(model), "--port", str(port),
+                          *map(str, args)], env=env,
+                         stdout=subprocess.PIPE if stdout is None else stdout, stderr=subprocess.PIPE, text=True)
+    t0, status = time.time(), None
+    try:
+        while status != 200:
+            assert p.poll() is None, p.communicate()[1]
+            assert time.time() - t0 < ready_within, "amed serve did not become ready"
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                c.request("GET", "/health")
+                status = c.getresponse().status
+                c.close()
+            except OSError:
+                pass
+            time.sleep(0.1)
+    except BaseException:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+        raise
+    return p, port

@@ -15,6 +15,8 @@ import urllib.parse
 
 import pytest
 
+import helpers
+
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -430,25 +432,8 @@ def test_failed_load_is_reported(store):
 
 # ---- the command --------------------------------------------------------------------------------------
 def test_amed_serve_command(store):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    p = subprocess.Popen([sys.executable, "-m", "amed", "serve", "-m", str(store), "--port", str(port),
-                          "-np", "1", "-c", "256"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    p, port = helpers.start_amed_serve(store, "-np", "1", "-c", "256", env=ENV)
     try:
-        t0, status = time.time(), None
-        while time.time() - t0 < 120 and status != 200:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                c.request("GET", "/health")
-                status = c.getresponse().status
-                c.close()
-            except OSError:
-                assert p.poll() is None, p.communicate()[1]
-            time.sleep(0.1)
-        assert status == 200
         # the same port again: one clear sentence, no traceback
         r = subprocess.run([sys.executable, "-m", "amed", "serve", "-m", str(store), "--port", str(port)],
                            env=ENV, capture_output=True, text=True, timeout=60)

@@ -15,6 +15,8 @@ from datetime import datetime
 
 import pytest
 
+import helpers
+
 uvicorn = pytest.importorskip("uvicorn")
 
 from amed.app.serve import create_app, model_loader  # noqa: E402
@@ -344,25 +346,9 @@ def test_amed_ps_against_a_running_server(store, tmp_path):
     r = amed("ps", home=home)                            # a stale file (its process is gone) is dropped
     assert r.returncode == 0 and "no amed server is running" in r.stderr and not list(run.iterdir())
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    p = subprocess.Popen([sys.executable, "-m", "amed", "serve", "-m", str(store), "--port", str(port), "-np", "2",
-                          "-c", "128"], env={**ENV, "AMED_HOME": str(home)}, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
+    p, port = helpers.start_amed_serve(store, "-np", "2", "-c", "128", env={**ENV, "AMED_HOME": str(home)},
+                                       stdout=subprocess.DEVNULL, ready_within=90)
     try:
-        t0, status = time.time(), None
-        while status != 200:
-            assert time.time() - t0 < 90 and p.poll() is None, p.stderr.read() if p.poll() is not None else ""
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                c.request("GET", "/health")
-                status = c.getresponse().status
-                c.close()
-            except OSError:
-                pass
-            time.sleep(0.1)
         assert (run / f"serve-{p.pid}.json").is_file()
         r = amed("ps", "--json", home=home)
         assert r.returncode == 0, r.stderr

@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+import helpers
+
 pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
@@ -482,25 +484,8 @@ def test_shutdown_stops_admitting_and_ends_streams_after_the_grace(store, loaded
 
 
 def test_sigterm_with_an_active_stream(store):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    p = subprocess.Popen([sys.executable, "-m", "amed", "serve", "-m", str(store), "--port", str(port), "-np", "1",
-                          "-c", "1024", "--grace", "0.5"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    p, port = helpers.start_amed_serve(store, "-np", "1", "-c", "1024", "--grace", "0.5", env=ENV)
     try:
-        t0, status = time.time(), None
-        while time.time() - t0 < 120 and status != 200:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                c.request("GET", "/health")
-                status = c.getresponse().status
-                c.close()
-            except OSError:
-                assert p.poll() is None, p.communicate()[1]
-                time.sleep(0.1)
-        assert status == 200
         c, r = open_stream(port, 1000)
         p.send_signal(signal.SIGTERM)
         events = sse_events(r)
